@@ -1,0 +1,153 @@
+//! The `generate`, `eval ppl` and `info` subcommands.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
+use anyq_engine::{generate as run_generation, perplexity as run_perplexity, Sampler, SamplingParams, TextStream};
+use anyq_models::TokenizerBundle;
+
+use crate::progress::{bar, load_with_progress};
+use crate::{GenerateArgs, PplArgs};
+
+fn tokenizer_of(bundle: Option<&TokenizerBundle>, model: &Path) -> anyhow::Result<&TokenizerBundle> {
+    bundle.with_context(|| format!("{} has no tokenizer (GGUF tokenizer metadata or tokenizer.json)", model.display()))
+}
+
+/// Prompt ids: the chat template's rendering as is, or the raw prompt with BOS where the
+/// tokenizer asks for it.
+fn prompt_ids(bundle: &TokenizerBundle, args: &GenerateArgs) -> anyhow::Result<Vec<u32>> {
+    let tokenizer = &bundle.tokenizer;
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    if args.chat {
+        let source = bundle.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
+        let template = ChatTemplate::new(source, &token_text(bundle.special.bos), &token_text(bundle.special.eos))?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        let text = template.render(&messages, true)?;
+        let encoding = tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
+        return Ok(encoding.get_ids().to_vec());
+    }
+    let encoding = tokenizer.encode(args.prompt.as_str(), false).map_err(anyhow::Error::msg)?;
+    let mut ids = Vec::with_capacity(encoding.len() + 1);
+    if let (true, Some(bos)) = (bundle.special.add_bos, bundle.special.bos) {
+        ids.push(bos);
+    }
+    ids.extend_from_slice(encoding.get_ids());
+    Ok(ids)
+}
+
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let loaded = load_with_progress(&args.model)?;
+    let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
+    let ids = prompt_ids(bundle, &args)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut sampler = Sampler::new(params);
+    let mut stream = TextStream::new(&bundle.tokenizer);
+    let mut stdout = std::io::stdout();
+    if !args.chat {
+        write!(stdout, "{}", args.prompt)?;
+    }
+    let mut write_error = None;
+    let generation = run_generation(&loaded.model, &ids, args.max_tokens, &mut sampler, &bundle.special.stop, &mut |id| {
+        let piece = match stream.push(id) {
+            Ok(piece) => piece,
+            Err(e) => {
+                write_error = Some(anyhow::anyhow!("cannot decode token {id}: {e}"));
+                return false;
+            }
+        };
+        if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+            write_error = Some(e.into());
+            return false;
+        }
+        true
+    })?;
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    writeln!(stdout)?;
+    let s = &generation.stats;
+    eprintln!(
+        "prefill: {} tokens, {:.1} tokens/s | decode: {} tokens, {:.1} tokens/s | stop: {:?}",
+        s.prompt_tokens,
+        s.prefill_tokens_per_sec(),
+        s.generated_tokens,
+        s.decode_tokens_per_sec(),
+        generation.stop
+    );
+    Ok(())
+}
+
+pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
+    let loaded = load_with_progress(&args.model)?;
+    let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
+    if args.ctx > loaded.model.config.max_position_embeddings {
+        bail!("--ctx {} exceeds the model's context of {}", args.ctx, loaded.model.config.max_position_embeddings);
+    }
+    let ids = bundle.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    let windows = args.max_windows.map_or(ids.len() / args.ctx, |m| m.min(ids.len() / args.ctx));
+    let progress = bar(windows, "ppl");
+    let started = std::time::Instant::now();
+    let report = run_perplexity(&loaded.model, &ids, args.ctx, args.max_windows, &|done, _| progress.set_position(done as u64))?;
+    progress.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!("text: {} ({} tokens)", args.text.display(), ids.len());
+    println!(
+        "windows: {} x {} tokens, {} tokens predicted, {:.1} tokens/s",
+        report.nll_per_window.len(),
+        report.ctx,
+        report.tokens_predicted,
+        (report.nll_per_window.len() * report.ctx) as f64 / secs
+    );
+    println!("ppl: {:.4}", report.ppl);
+    Ok(())
+}
+
+pub fn info(model: &Path) -> anyhow::Result<()> {
+    let loaded = load_with_progress(model)?;
+    let c = &loaded.model.config;
+    println!("source: {}", loaded.source.display());
+    println!("architecture: {:?}", c.architecture);
+    println!(
+        "layers {} | hidden {} | ffn {} | heads {} / kv {} | head dim {} | vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    );
+    println!(
+        "rope theta {} ({:?}{}) | rms eps {} | context {} | tied embeddings {} | qkv bias {}",
+        c.rope_theta,
+        c.rope_style,
+        if c.rope_freq_factors.is_some() { ", scaled" } else { "" },
+        c.rms_norm_eps,
+        c.max_position_embeddings,
+        c.tie_word_embeddings,
+        c.qkv_bias
+    );
+    println!("weights in memory: {:.1} MiB (f32)", loaded.model.weight_bytes() as f64 / (1 << 20) as f64);
+    match &loaded.tokenizer {
+        Some(b) => println!(
+            "tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}",
+            b.tokenizer.get_vocab_size(true),
+            b.special.bos,
+            b.special.eos,
+            if b.chat_template.is_some() { "yes" } else { "no (ChatML fallback)" }
+        ),
+        None => println!("tokenizer: none"),
+    }
+    Ok(())
+}

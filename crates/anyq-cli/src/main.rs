@@ -1,0 +1,112 @@
+//! `anyq`: quantized LLM inference from the command line.
+
+mod bench;
+mod commands;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "anyq", version, about = "Quantize large language models and run them fast")]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print a model's configuration and size.
+    Info {
+        /// A .gguf file, or a Hugging Face model folder.
+        model: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A .gguf file, or a Hugging Face model folder.
+    model: PathBuf,
+    #[arg(long, short)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity on a text file (WikiText-2 protocol: non-overlapping windows of --ctx tokens).
+    Ppl(PplArgs),
+}
+
+#[derive(Args)]
+struct PplArgs {
+    model: PathBuf,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Evaluate only the first N windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s on the CPU (llama-bench's pp/tg tests).
+    Cpu(bench::CpuBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate(args),
+        Command::Eval(EvalCommand::Ppl(args)) => commands::perplexity(args),
+        Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
+        Command::Info { model } => commands::info(&model),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! CPU kernels. Each works on row-major slices; parallelism comes from rayon's pool, whose
+//! size the caller sets once (`--threads`).
+
+mod attention;
+mod matmul;
+mod ops;
+
+pub use attention::{causal_attention, causal_attention_reference, AttentionShape};
+pub use matmul::{matmul_xwt, matmul_xwt_reference};
+pub use ops::{add_inplace, dot, rms_norm, silu_mul, softmax_inplace, Rope, RopeStyle};

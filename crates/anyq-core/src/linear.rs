@@ -1,0 +1,63 @@
+//! The linear layer abstraction that every weight format implements: models call `forward`
+//! and never learn how the weight is stored.
+
+use crate::cpu::matmul_xwt;
+
+/// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
+pub trait Linear: Send + Sync {
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// `x` is `[m, in_features]`, `out` is `[m, out_features]` and is overwritten.
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]);
+    /// Bytes the stored weight occupies (what a decode step must read).
+    fn weight_bytes(&self) -> usize;
+}
+
+/// A full-precision weight `[out, in]` with an optional bias.
+#[derive(Clone, Debug)]
+pub struct DenseLinear {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl DenseLinear {
+    /// `weight` is `[out_features, in_features]`; the caller has checked the shapes.
+    pub fn new(weight: Vec<f32>, bias: Option<Vec<f32>>, out_features: usize, in_features: usize) -> Self {
+        assert_eq!(weight.len(), out_features * in_features, "DenseLinear: weight shape");
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), out_features, "DenseLinear: bias shape");
+        }
+        Self { weight, bias, in_features, out_features }
+    }
+
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+}
+
+impl Linear for DenseLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        matmul_xwt(x, &self.weight, out, m, self.out_features, self.in_features);
+        if let Some(bias) = &self.bias {
+            for row in out.chunks_exact_mut(self.out_features) {
+                for (y, b) in row.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)) * std::mem::size_of::<f32>()
+    }
+}

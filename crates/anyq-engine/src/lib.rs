@@ -1,0 +1,11 @@
+//! The engine: generation (sampling, streaming), perplexity evaluation and chat templates,
+//! on top of the model layer.
+
+pub mod chat;
+pub mod generate;
+pub mod perplexity;
+pub mod sampling;
+
+pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
+pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
+pub use sampling::{argmax, Sampler, SamplingParams};

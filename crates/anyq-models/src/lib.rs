@@ -1,0 +1,13 @@
+//! Model architectures and their loaders: GGUF files and Hugging Face folders become a
+//! `LlamaModel` whose linear layers are `anyq_core::Linear`s.
+
+pub mod config;
+pub mod error;
+pub mod llama;
+pub mod loader;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::LoadError;
+pub use llama::{ForwardError, KvCache, LlamaModel};
+pub use loader::{load_model, LoadedModel, TokenizerBundle};

@@ -1,0 +1,234 @@
+//! The LLaMA family (LLaMA 2/3, Mistral, Qwen2, SmolLM): pre-norm decoder blocks of grouped-query
+//! attention with RoPE and a SwiGLU MLP. Differences between members are config values.
+
+use std::sync::Arc;
+
+use anyq_core::cpu::{add_inplace, causal_attention, rms_norm, silu_mul, AttentionShape, Rope};
+use anyq_core::{DenseLinear, Linear};
+
+use crate::config::ModelConfig;
+use crate::error::LoadError;
+use crate::loader::WeightSource;
+
+struct Block {
+    attn_norm: Vec<f32>,
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+    mlp_norm: Vec<f32>,
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+pub struct LlamaModel {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`; also the output projection when embeddings are tied.
+    embed_tokens: Arc<DenseLinear>,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    lm_head: Arc<dyn Linear>,
+    rope: Rope,
+}
+
+/// Keys and values of every layer for one sequence, `[len, n_kv_heads · head_dim]` per layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets positions from `len` on (e.g. to re-run a prompt suffix).
+    pub fn truncate(&mut self, len: usize, kv_width: usize) {
+        self.len = self.len.min(len);
+        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            layer.truncate(self.len * kv_width);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{needed} positions exceed the model's context of {max}")]
+    ContextExceeded { needed: usize, max: usize },
+    #[error("no tokens to run")]
+    Empty,
+}
+
+impl LlamaModel {
+    /// Builds the model from named weights (Hugging Face names), checking every shape.
+    pub fn load(config: ModelConfig, weights: &dyn WeightSource, progress: &dyn Fn(usize, usize)) -> Result<Self, LoadError> {
+        let c = &config;
+        let (h, kv_width, q_width) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim);
+        let loader = Loader { weights };
+        let embed_tokens = Arc::new(loader.linear("model.embed_tokens.weight", None, c.vocab_size, h)?);
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            progress(i, c.num_layers);
+            let p = format!("model.layers.{i}");
+            let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>, LoadError> {
+                if c.qkv_bias {
+                    Ok(Some(loader.vector(&format!("{p}.self_attn.{name}.bias"), n)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let linear = |name: &str, b: Option<Vec<f32>>, out: usize, inp: usize| -> Result<Box<dyn Linear>, LoadError> {
+                Ok(Box::new(loader.linear(&format!("{p}.{name}.weight"), b, out, inp)?))
+            };
+            blocks.push(Block {
+                attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q_proj: linear("self_attn.q_proj", bias("q_proj", q_width)?, q_width, h)?,
+                k_proj: linear("self_attn.k_proj", bias("k_proj", kv_width)?, kv_width, h)?,
+                v_proj: linear("self_attn.v_proj", bias("v_proj", kv_width)?, kv_width, h)?,
+                o_proj: linear("self_attn.o_proj", None, h, q_width)?,
+                mlp_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate_proj: linear("mlp.gate_proj", None, c.intermediate_size, h)?,
+                up_proj: linear("mlp.up_proj", None, c.intermediate_size, h)?,
+                down_proj: linear("mlp.down_proj", None, h, c.intermediate_size)?,
+            });
+        }
+        progress(c.num_layers, c.num_layers);
+        let norm = loader.vector("model.norm.weight", h)?;
+        let lm_head: Arc<dyn Linear> = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            Arc::new(loader.linear("lm_head.weight", None, c.vocab_size, h)?)
+        };
+        let rope = Rope::new(c.rope_style, c.head_dim, c.rope_theta, c.rope_freq_factors.as_deref());
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, rope })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { keys: vec![Vec::new(); self.config.num_layers], values: vec![Vec::new(); self.config.num_layers], len: 0 }
+    }
+
+    /// Bytes of all weights (what one decode step reads).
+    pub fn weight_bytes(&self) -> usize {
+        let block_bytes: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj].iter().map(|l| l.weight_bytes()).sum::<usize>()
+                    + 4 * (b.attn_norm.len() + b.mlp_norm.len())
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
+        self.embed_tokens.weight_bytes() + block_bytes + head + 4 * self.norm.len()
+    }
+
+    /// Runs `tokens` at the positions after those in `cache`, appends their keys and values to
+    /// it, and returns the final-norm hidden states `[tokens.len(), hidden]`.
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let (t, h) = (tokens.len(), c.hidden_size);
+        if t == 0 {
+            return Err(ForwardError::Empty);
+        }
+        let past = cache.len;
+        if past + t > c.max_position_embeddings {
+            return Err(ForwardError::ContextExceeded { needed: past + t, max: c.max_position_embeddings });
+        }
+        let mut x = Vec::with_capacity(t * h);
+        let table = self.embed_tokens.weight();
+        for &id in tokens {
+            let row = id as usize;
+            if row >= c.vocab_size {
+                return Err(ForwardError::TokenOutOfRange { id, vocab: c.vocab_size });
+            }
+            x.extend_from_slice(&table[row * h..(row + 1) * h]);
+        }
+
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (cos, sin) = self.rope.tables(past..past + t);
+        let shape = AttentionShape { queries: t, past, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let mut normed = vec![0.0; t * h];
+        let mut q = vec![0.0; t * q_width];
+        let mut k = vec![0.0; t * kv_width];
+        let mut v = vec![0.0; t * kv_width];
+        let mut attn = vec![0.0; t * q_width];
+        let mut gate = vec![0.0; t * c.intermediate_size];
+        let mut up = vec![0.0; t * c.intermediate_size];
+        let mut out = vec![0.0; t * h];
+
+        for (layer, b) in self.blocks.iter().enumerate() {
+            normed.copy_from_slice(&x);
+            rms_norm(&mut normed, &b.attn_norm, c.rms_norm_eps);
+            b.q_proj.forward(&normed, t, &mut q);
+            b.k_proj.forward(&normed, t, &mut k);
+            b.v_proj.forward(&normed, t, &mut v);
+            self.rope.apply(&mut q, c.num_heads, &cos, &sin);
+            self.rope.apply(&mut k, c.num_kv_heads, &cos, &sin);
+            cache.keys[layer].extend_from_slice(&k);
+            cache.values[layer].extend_from_slice(&v);
+            causal_attention(&q, &cache.keys[layer], &cache.values[layer], &mut attn, shape);
+            b.o_proj.forward(&attn, t, &mut out);
+            add_inplace(&mut x, &out);
+
+            normed.copy_from_slice(&x);
+            rms_norm(&mut normed, &b.mlp_norm, c.rms_norm_eps);
+            b.gate_proj.forward(&normed, t, &mut gate);
+            b.up_proj.forward(&normed, t, &mut up);
+            silu_mul(&mut gate, &up);
+            b.down_proj.forward(&gate, t, &mut out);
+            add_inplace(&mut x, &out);
+        }
+        cache.len += t;
+        rms_norm(&mut x, &self.norm, c.rms_norm_eps);
+        Ok(x)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `[rows, hidden]`.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let rows = hidden.len() / self.config.hidden_size;
+        let mut logits = vec![0.0; rows * self.config.vocab_size];
+        self.lm_head.forward(hidden, rows, &mut logits);
+        logits
+    }
+
+    /// Runs `tokens` and returns the logits of the last one.
+    pub fn forward_last(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ForwardError> {
+        let hidden = self.forward_hidden(tokens, cache)?;
+        Ok(self.logits(&hidden[hidden.len() - self.config.hidden_size..]))
+    }
+}
+
+/// Fetches weights by name and checks their shapes, naming the tensor when one is wrong.
+struct Loader<'a> {
+    weights: &'a dyn WeightSource,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let err = |message: String| LoadError::Tensor { path: self.weights.source_path(), tensor: name.to_string(), message };
+        let tensor = self.weights.tensor(name)?.ok_or_else(|| err("missing".into()))?;
+        // A 1-D weight may be stored as [1, n] by some converters; compare element layouts.
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        if squeeze(tensor.shape()) != squeeze(shape) {
+            return Err(err(format!("expected shape {shape:?}, got {:?}", tensor.shape())));
+        }
+        Ok(tensor.into_data())
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, LoadError> {
+        self.get(name, &[n])
+    }
+
+    fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<DenseLinear, LoadError> {
+        Ok(DenseLinear::new(self.get(name, &[out, inp])?, bias, out, inp))
+    }
+}

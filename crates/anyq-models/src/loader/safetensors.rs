@@ -1,0 +1,76 @@
+//! Hugging Face model folders: `config.json` plus `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. F32, F16 and BF16 tensors are widened to f32.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyq_core::Tensor;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::WeightSource;
+use crate::error::LoadError;
+
+pub struct SafetensorsWeights {
+    files: Vec<(PathBuf, Mmap)>,
+    /// tensor name → index into `files`
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsWeights {
+    /// Opens `model.safetensors` or the shards named by `model.safetensors.index.json` in `dir`.
+    pub fn open_folder(dir: &Path) -> Result<Self, LoadError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::Format { path: index_path.clone(), message: e.to_string() })?;
+            let map = json["weight_map"].as_object().ok_or_else(|| LoadError::Format {
+                path: index_path.clone(),
+                message: "no weight_map object".into(),
+            })?;
+            let names: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            names.into_iter().collect()
+        } else {
+            vec!["model.safetensors".to_string()]
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+            // SAFETY: read-only map of a file anyq does not modify while loaded.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.clone(), source })?;
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Format { path: path.clone(), message: e.to_string() })?;
+            for tensor_name in tensors.names() {
+                index.insert(tensor_name.to_string(), files.len());
+            }
+            files.push((path, mmap));
+        }
+        Ok(Self { files, index })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
+        let Some(&file) = self.index.get(name) else { return Ok(None) };
+        let (path, mmap) = &self.files[file];
+        let err = |message: String| LoadError::Tensor { path: path.clone(), tensor: name.to_string(), message };
+        let tensors = SafeTensors::deserialize(mmap).map_err(|e| err(e.to_string()))?;
+        let view = tensors.tensor(name).map_err(|e| err(e.to_string()))?;
+        let bytes = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => return Err(err(format!("dtype {other:?} is not supported (F32, F16 and BF16 are)"))),
+        };
+        Tensor::new(view.shape().to_vec(), data).map(Some).map_err(|e| err(e.to_string()))
+    }
+
+    fn source_path(&self) -> PathBuf {
+        self.files.first().map(|(p, _)| p.clone()).unwrap_or_default()
+    }
+}

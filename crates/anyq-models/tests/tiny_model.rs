@@ -1,0 +1,340 @@
+//! A tiny random-weight LLaMA written both as a Hugging Face folder and as a llama.cpp-style
+//! GGUF: the two loaders must give the same logits, the KV cache must reproduce a full
+//! prefill, and damaged files must give errors that name what is wrong.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyq_models::loader::gguf::GgufWriter;
+use anyq_models::loader::gguf_meta::MetaValue;
+use anyq_models::{load_model, LoadError, LoadedModel};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+const VOCAB: usize = 64;
+const HIDDEN: usize = 32;
+const FFN: usize = 48;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+
+struct Weights {
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+fn pseudo_random(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| (((i * 7 + seed * 131) as f32 * 12.9898).sin() * 43758.547).fract() * scale).collect()
+}
+
+fn tiny_weights(qkv_bias: bool) -> Weights {
+    let mut tensors = Vec::new();
+    let mut seed = 0;
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        let data = pseudo_random(n, seed, scale).into_iter().map(|v| v + offset).collect();
+        tensors.push((name, shape, data));
+    };
+    add("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0, 0.0);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), vec![HIDDEN], 0.2, 1.0);
+        add(format!("{p}.self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0);
+        if qkv_bias {
+            add(format!("{p}.self_attn.q_proj.bias"), vec![HEADS * HEAD_DIM], 0.3, 0.0);
+            add(format!("{p}.self_attn.k_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.3, 0.0);
+            add(format!("{p}.self_attn.v_proj.bias"), vec![KV_HEADS * HEAD_DIM], 0.3, 0.0);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], 0.3, 0.0);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], 0.2, 1.0);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN], 0.3, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN], 0.3, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FFN], 0.3, 0.0);
+    }
+    add("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
+    add("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.5, 0.0);
+    Weights { tensors }
+}
+
+fn hf_config(arch: &str, qkv_bias: bool) -> String {
+    format!(
+        r#"{{"model_type":"{arch}","vocab_size":{VOCAB},"hidden_size":{HIDDEN},"intermediate_size":{FFN},
+        "num_hidden_layers":{LAYERS},"num_attention_heads":{HEADS},"num_key_value_heads":{KV_HEADS},
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":128,"attention_bias":{qkv_bias}}}"#
+    )
+}
+
+fn write_hf_folder(dir: &Path, weights: &Weights, arch: &str, qkv_bias: bool, dtype: Dtype) {
+    std::fs::write(dir.join("config.json"), hf_config(arch, qkv_bias)).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let raw = match dtype {
+                Dtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::BF16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                _ => unreachable!("test writes F32 or BF16"),
+            };
+            (name.clone(), shape.clone(), raw)
+        })
+        .collect();
+    let views: HashMap<String, TensorView> =
+        bytes.iter().map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// llama.cpp's converter permutes Q and K rows of each head from "rotate half" order to adjacent
+/// pairs: new row 2i + s = old row s·d/2 + i.
+fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..HEAD_DIM / 2 {
+            for s in 0..2 {
+                let from = (h * HEAD_DIM + s * HEAD_DIM / 2 + i) * cols;
+                let to = (h * HEAD_DIM + 2 * i + s) * cols;
+                out[to..to + cols].copy_from_slice(&data[from..from + cols]);
+            }
+        }
+    }
+    out
+}
+
+fn gguf_writer(weights: &Weights, arch: &str) -> GgufWriter {
+    let mut w = GgufWriter::default();
+    let u32v = |v: usize| MetaValue::U32(v as u32);
+    w.metadata("general.architecture", MetaValue::String(arch.into()))
+        .metadata(&format!("{arch}.embedding_length"), u32v(HIDDEN))
+        .metadata(&format!("{arch}.feed_forward_length"), u32v(FFN))
+        .metadata(&format!("{arch}.block_count"), u32v(LAYERS))
+        .metadata(&format!("{arch}.attention.head_count"), u32v(HEADS))
+        .metadata(&format!("{arch}.attention.head_count_kv"), u32v(KV_HEADS))
+        .metadata(&format!("{arch}.attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5))
+        .metadata(&format!("{arch}.rope.freq_base"), MetaValue::F32(10000.0))
+        .metadata(&format!("{arch}.context_length"), u32v(128));
+    for (name, shape, data) in &weights.tensors {
+        let gguf = gguf_name(name);
+        let data = match (arch, name.contains("q_proj.weight"), name.contains("k_proj.weight")) {
+            ("llama", true, _) => permute_rows(data, HEADS, HIDDEN),
+            ("llama", _, true) => permute_rows(data, KV_HEADS, HIDDEN),
+            _ => data.clone(),
+        };
+        w.tensor(&gguf, shape, data);
+    }
+    w
+}
+
+fn gguf_name(hf: &str) -> String {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let rest = rest
+        .replace("self_attn.q_proj", "attn_q")
+        .replace("self_attn.k_proj", "attn_k")
+        .replace("self_attn.v_proj", "attn_v")
+        .replace("self_attn.o_proj", "attn_output")
+        .replace("mlp.gate_proj", "ffn_gate")
+        .replace("mlp.up_proj", "ffn_up")
+        .replace("mlp.down_proj", "ffn_down")
+        .replace("post_attention_layernorm", "ffn_norm")
+        .replace("input_layernorm", "attn_norm");
+    format!("blk.{layer}.{rest}")
+}
+
+fn load(path: &Path) -> Result<LoadedModel, LoadError> {
+    load_model(path, &|_, _| {})
+}
+
+const TOKENS: [u32; 11] = [1, 5, 9, 33, 2, 63, 0, 17, 17, 40, 8];
+
+fn all_logits(loaded: &LoadedModel, tokens: &[u32]) -> Vec<f32> {
+    let model = &loaded.model;
+    let hidden = model.forward_hidden(tokens, &mut model.new_cache()).unwrap();
+    model.logits(&hidden)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn gguf_with_permuted_qk_matches_hf_folder() {
+    for (arch, bias) in [("llama", false), ("qwen2", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = tiny_weights(bias);
+        write_hf_folder(dir.path(), &weights, arch, bias, Dtype::F32);
+        let gguf_path = dir.path().join("tiny.gguf");
+        gguf_writer(&weights, arch).write(&gguf_path).unwrap();
+
+        let hf = load(dir.path()).unwrap();
+        let gguf = load(&gguf_path).unwrap();
+        assert_eq!(gguf.model.config.qkv_bias, bias);
+        assert!(gguf.tokenizer.is_none(), "no tokenizer metadata was written");
+        let (a, b) = (all_logits(&hf, &TOKENS), all_logits(&gguf, &TOKENS));
+        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.1, "logits should not be trivially small");
+        // Same weights, same f32 arithmetic but RoPE pairs in another order: rounding only.
+        assert!(max_abs_diff(&a, &b) < 1e-5 * scale.max(1.0), "{arch}: diff {}", max_abs_diff(&a, &b));
+    }
+}
+
+#[test]
+fn bf16_folder_loads_and_differs_only_by_bf16_rounding() {
+    let dir32 = tempfile::tempdir().unwrap();
+    let dir16 = tempfile::tempdir().unwrap();
+    let weights = tiny_weights(false);
+    write_hf_folder(dir32.path(), &weights, "llama", false, Dtype::F32);
+    write_hf_folder(dir16.path(), &weights, "llama", false, Dtype::BF16);
+    let (a, b) = (all_logits(&load(dir32.path()).unwrap(), &TOKENS), all_logits(&load(dir16.path()).unwrap(), &TOKENS));
+    let d = max_abs_diff(&a, &b);
+    assert!(d > 0.0 && d < 0.1, "bf16 rounding should change logits a little, not a lot: {d}");
+}
+
+#[test]
+fn kv_cache_decode_equals_full_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf_writer(&tiny_weights(false), "llama").write(&path).unwrap();
+    let loaded = load(&path).unwrap();
+    let model = &loaded.model;
+    let full = all_logits(&loaded, &TOKENS);
+    // Prefill 4 tokens, then decode the rest one at a time: every step's logits must equal the
+    // corresponding row of the full prefill.
+    let mut cache = model.new_cache();
+    let mut incremental = model.logits(&model.forward_hidden(&TOKENS[..4], &mut cache).unwrap());
+    for &t in &TOKENS[4..] {
+        incremental.extend(model.forward_last(&[t], &mut cache).unwrap());
+    }
+    assert_eq!(cache.len(), TOKENS.len());
+    assert!(max_abs_diff(&full, &incremental) < 1e-5, "diff {}", max_abs_diff(&full, &incremental));
+}
+
+#[test]
+fn bad_tokens_and_context_overflow_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf_writer(&tiny_weights(false), "llama").write(&path).unwrap();
+    let loaded = load(&path).unwrap();
+    let model = &loaded.model;
+    let err = model.forward_hidden(&[1, VOCAB as u32], &mut model.new_cache()).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let err = model.forward_hidden(&vec![1; 129], &mut model.new_cache()).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
+
+fn error_of(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    match load(&path) {
+        Ok(_) => panic!("a damaged file loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Offset of a tensor-table entry's fields, found by the name's bytes.
+fn field_after_name(bytes: &[u8], name: &str) -> usize {
+    let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap();
+    at + name.len()
+}
+
+#[test]
+fn damaged_gguf_files_give_errors_naming_the_problem() {
+    let good = gguf_writer(&tiny_weights(false), "llama").to_bytes();
+
+    for cut in [0, 3, 10, 30, 200, good.len() / 2, good.len() - 1] {
+        let e = error_of(&good[..cut]);
+        assert!(e.contains("bad.gguf") && (e.contains("truncated") || e.contains("magic")), "cut at {cut}: {e}");
+    }
+
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    assert!(error_of(&bad_magic).contains("not a GGUF file"));
+
+    let mut v1 = good.clone();
+    v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(error_of(&v1).contains("version 1"));
+
+    // Tensor entry: name, n_dims (u32), dims (u64 each), type (u32), offset (u64).
+    let name = "blk.1.ffn_up.weight";
+    let dims_at = field_after_name(&good, name) + 4;
+    let type_at = dims_at + 2 * 8;
+
+    let mut bogus_offset = good.clone();
+    bogus_offset[type_at + 4..type_at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let e = error_of(&bogus_offset);
+    assert!(e.contains(name) && e.contains("past the end"), "{e}");
+
+    let mut bad_type = good.clone();
+    bad_type[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let e = error_of(&bad_type);
+    assert!(e.contains(name) && e.contains("type id 99"), "{e}");
+
+    let mut huge_count = good.clone();
+    huge_count[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(error_of(&huge_count).contains("tensor count"));
+}
+
+#[test]
+fn wrong_architecture_shape_or_missing_tensor_are_errors() {
+    let weights = tiny_weights(false);
+    let e = error_of(&gguf_writer(&weights, "gpt2").to_bytes());
+    assert!(e.contains("unsupported architecture") && e.contains("gpt2"), "{e}");
+
+    let mut missing = Weights { tensors: weights.tensors.clone() };
+    missing.tensors.retain(|(n, _, _)| n != "model.layers.1.mlp.down_proj.weight");
+    let e = error_of(&gguf_writer(&missing, "llama").to_bytes());
+    assert!(e.contains("blk.1.ffn_down.weight") || e.contains("model.layers.1.mlp.down_proj.weight"), "{e}");
+    assert!(e.contains("missing"), "{e}");
+
+    let mut wrong_shape = Weights { tensors: weights.tensors.clone() };
+    let entry = wrong_shape.tensors.iter_mut().find(|(n, _, _)| n == "model.layers.0.mlp.up_proj.weight").unwrap();
+    entry.1 = vec![FFN / 2, HIDDEN * 2];
+    let e = error_of(&gguf_writer(&wrong_shape, "llama").to_bytes());
+    assert!(e.contains("up_proj") && e.contains("expected shape [48, 32]"), "{e}");
+}
+
+#[test]
+fn damaged_hf_folders_give_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = tiny_weights(false);
+    write_hf_folder(dir.path(), &weights, "llama", false, Dtype::F32);
+    let file = dir.path().join("model.safetensors");
+    let good = std::fs::read(&file).unwrap();
+
+    std::fs::write(&file, &good[..good.len() / 2]).unwrap();
+    let e = load(dir.path()).err().expect("truncated safetensors loaded").to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    std::fs::write(&file, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}").unwrap();
+    assert!(load(dir.path()).is_err());
+
+    std::fs::remove_file(&file).unwrap();
+    let e = load(dir.path()).err().expect("missing weights loaded").to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    std::fs::write(dir.path().join("config.json"), hf_config("baichuan", false)).unwrap();
+    let e = load(dir.path()).err().expect("unknown architecture loaded").to_string();
+    assert!(e.contains("baichuan"), "{e}");
+}
+
+#[test]
+fn hf_integer_dtype_is_rejected_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), hf_config("llama", false)).unwrap();
+    let raw = vec![0u8; VOCAB * HIDDEN * 4];
+    let view = TensorView::new(Dtype::I32, vec![VOCAB, HIDDEN], &raw).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.path().join("model.safetensors")).unwrap();
+    let e = load(dir.path()).err().expect("I32 weights loaded").to_string();
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("I32"), "{e}");
+}

@@ -1,0 +1,3 @@
+//! Quantization formats and algorithms; knows nothing of models.
+
+pub mod ggml;
