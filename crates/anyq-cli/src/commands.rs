@@ -11,7 +11,7 @@ use anyq_models::TokenizerBundle;
 use crate::progress::{bar, load_with_progress};
 use crate::{GenerateArgs, PplArgs};
 
-fn tokenizer_of(bundle: Option<&TokenizerBundle>, model: &Path) -> anyhow::Result<&TokenizerBundle> {
+fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow::Result<&'a TokenizerBundle> {
     bundle.with_context(|| format!("{} has no tokenizer (GGUF tokenizer metadata or tokenizer.json)", model.display()))
 }
 

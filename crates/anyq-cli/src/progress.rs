@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use anyq_models::{load_model, LoadedModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -23,8 +22,7 @@ pub fn load_with_progress(path: &Path) -> anyhow::Result<LoadedModel> {
     let loaded = load_model(path, &|done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })
-    .with_context(|| format!("cannot load model {}", path.display()))?;
+    })?;
     bar.finish_and_clear();
     Ok(loaded)
 }

@@ -426,7 +426,7 @@ pub fn tokenizer_from_hf_folder(dir: &Path) -> Result<Option<TokenizerBundle>, L
             match std::fs::read_to_string(&jinja) {
                 Ok(s) => Some(s),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(source) => return Err(LoadError::Io { path: jinja, source }),
+                Err(error) => return Err(LoadError::Io { path: jinja, error }),
             }
         }
     };
@@ -449,7 +449,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, LoadError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(LoadError::Io { path: path.to_path_buf(), source }),
+        Err(error) => return Err(LoadError::io(path)(error)),
     };
     serde_json::from_str(&text)
         .map(Some)

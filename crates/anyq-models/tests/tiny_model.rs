@@ -338,3 +338,34 @@ fn hf_integer_dtype_is_rejected_by_name() {
     let e = load(dir.path()).err().expect("I32 weights loaded").to_string();
     assert!(e.contains("model.embed_tokens.weight") && e.contains("I32"), "{e}");
 }
+
+#[test]
+fn sharded_hf_folder_matches_single_file() {
+    let single = tempfile::tempdir().unwrap();
+    let sharded = tempfile::tempdir().unwrap();
+    let weights = tiny_weights(false);
+    write_hf_folder(single.path(), &weights, "llama", false, Dtype::F32);
+    std::fs::write(sharded.path().join("config.json"), hf_config("llama", false)).unwrap();
+    // Two shards, split as transformers does by size, and the index that names each tensor's shard.
+    let (first, second) = weights.tensors.split_at(weights.tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, tensors) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let raw: Vec<(String, Vec<usize>, Vec<u8>)> =
+            tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+        let views: Vec<(String, TensorView)> =
+            raw.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &sharded.path().join(shard)).unwrap();
+        for (n, _, _) in tensors {
+            weight_map.insert(n.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let (a, b) = (all_logits(&load(single.path()).unwrap(), &TOKENS), all_logits(&load(sharded.path()).unwrap(), &TOKENS));
+    assert_eq!(a, b, "the same weights from one file or two shards");
+
+    std::fs::remove_file(sharded.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load(sharded.path()).err().expect("a missing shard loaded").to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}

@@ -140,10 +140,9 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let io = |source| LoadError::Io { path: path.to_path_buf(), source };
-        let file = File::open(path).map_err(io)?;
+        let file = File::open(path).map_err(LoadError::io(path))?;
         // SAFETY: the map is read-only; anyq never writes model files while they are loaded.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(LoadError::io(path))?;
         let mut cur = Cursor { bytes: &mmap, pos: 0, path };
 
         if cur.take(4, "magic")? != MAGIC {
@@ -298,8 +297,7 @@ impl GgufWriter {
     }
 
     pub fn write(&self, path: &Path) -> Result<(), LoadError> {
-        let io = |source| LoadError::Io { path: path.to_path_buf(), source };
-        File::create(path).and_then(|mut f| f.write_all(&self.to_bytes())).map_err(io)
+        File::create(path).and_then(|mut f| f.write_all(&self.to_bytes())).map_err(LoadError::io(path))
     }
 }
 

@@ -84,7 +84,7 @@ pub fn load_model(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<Loaded
             return load_hf_folder(path, progress);
         }
         let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?
+            .map_err(LoadError::io(path))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
             .collect();
@@ -128,7 +128,7 @@ fn load_gguf(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedModel
 
 fn load_hf_folder(dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
+    let text = std::fs::read_to_string(&config_path).map_err(LoadError::io(&config_path))?;
     let config = ModelConfig::from_hf_json(&text).map_err(|e| match e {
         LoadError::Metadata(m) => LoadError::Format { path: config_path.clone(), message: m },
         other => other,

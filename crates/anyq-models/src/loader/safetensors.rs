@@ -24,7 +24,7 @@ impl SafetensorsWeights {
     pub fn open_folder(dir: &Path) -> Result<Self, LoadError> {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
+            let text = std::fs::read_to_string(&index_path).map_err(LoadError::io(&index_path))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| LoadError::Format { path: index_path.clone(), message: e.to_string() })?;
             let map = json["weight_map"].as_object().ok_or_else(|| LoadError::Format {
@@ -40,9 +40,9 @@ impl SafetensorsWeights {
         let mut index = HashMap::new();
         for name in shard_names {
             let path = dir.join(&name);
-            let file = File::open(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+            let file = File::open(&path).map_err(LoadError::io(&path))?;
             // SAFETY: read-only map of a file anyq does not modify while loaded.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.clone(), source })?;
+            let mmap = unsafe { Mmap::map(&file) }.map_err(LoadError::io(&path))?;
             let tensors = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Format { path: path.clone(), message: e.to_string() })?;
             for tensor_name in tensors.names() {
                 index.insert(tensor_name.to_string(), files.len());
