@@ -15,8 +15,8 @@ fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow
     bundle.with_context(|| format!("{} has no tokenizer (GGUF tokenizer metadata or tokenizer.json)", model.display()))
 }
 
-/// Prompt ids: the chat template's rendering as is, or the raw prompt with BOS where the
-/// tokenizer asks for it.
+/// Prompt ids: the chat template's rendering as is (templates write their own BOS), or the raw
+/// prompt with the tokenizer's special tokens.
 fn prompt_ids(bundle: &TokenizerBundle, args: &GenerateArgs) -> anyhow::Result<Vec<u32>> {
     let tokenizer = &bundle.tokenizer;
     let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
@@ -32,13 +32,9 @@ fn prompt_ids(bundle: &TokenizerBundle, args: &GenerateArgs) -> anyhow::Result<V
         let encoding = tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
         return Ok(encoding.get_ids().to_vec());
     }
-    let encoding = tokenizer.encode(args.prompt.as_str(), false).map_err(anyhow::Error::msg)?;
-    let mut ids = Vec::with_capacity(encoding.len() + 1);
-    if let (true, Some(bos)) = (bundle.special.add_bos, bundle.special.bos) {
-        ids.push(bos);
-    }
-    ids.extend_from_slice(encoding.get_ids());
-    Ok(ids)
+    // The tokenizer's post-processor adds BOS where the model asks for it.
+    let encoding = tokenizer.encode(args.prompt.as_str(), true).map_err(anyhow::Error::msg)?;
+    Ok(encoding.get_ids().to_vec())
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {

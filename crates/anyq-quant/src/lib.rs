@@ -1,3 +1,4 @@
 //! Quantization formats and algorithms; knows nothing of models.
 
 pub mod ggml;
+pub mod ggml_linear;
