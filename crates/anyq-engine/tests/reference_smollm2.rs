@@ -121,3 +121,21 @@ fn top_logits_agree_with_llama_cpp_within_its_activation_quantization() {
         assert_eq!(anyq_engine::argmax(&logits) as u64, top[0][0].as_u64().unwrap(), "{:?}: top token", prompt["text"]);
     }
 }
+
+#[test]
+fn streamed_text_equals_the_whole_decode_even_when_tokens_split_characters() {
+    let tokenizer = &model().tokenizer.as_ref().unwrap().tokenizer;
+    // Byte-level BPE splits the CJK characters and emoji into several tokens each.
+    let text = " café naïve — “quoted” 日本語 🦀 end.\n  two  spaces";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    assert!(ids.len() > text.chars().count() / 2);
+    let mut stream = anyq_engine::TextStream::new(tokenizer);
+    let mut pieces = Vec::new();
+    for &id in &ids {
+        let piece = stream.push(id).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "a piece held a broken character: {piece:?}");
+        pieces.push(piece);
+    }
+    assert_eq!(pieces.concat(), text);
+    assert!(pieces.iter().any(String::is_empty), "some tokens hold partial characters and print nothing");
+}

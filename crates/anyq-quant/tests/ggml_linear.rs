@@ -1,0 +1,357 @@
+//! `GgmlLinear` against the product with its dequantized weight, on random blocks of every
+//! type and odd shapes; construction errors; and an ignored benchmark against `DenseLinear`
+//! (run with `cargo test --release -p anyq-quant -- --ignored --nocapture`).
+
+use std::time::{Duration, Instant};
+
+use anyq_core::cpu::matmul_xwt_reference;
+use anyq_core::{DenseLinear, Linear};
+use anyq_quant::ggml::{GgmlError, GgmlType};
+use anyq_quant::ggml_linear::GgmlLinear;
+use half::{bf16, f16};
+
+/// xorshift: tests need varied data, not a quality generator.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    fn floats(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+/// Every type, found through the id table.
+fn all_types() -> Vec<GgmlType> {
+    (0..=255).filter_map(GgmlType::from_id).collect()
+}
+
+/// Byte offsets of each type's scale fields within a block: (is f32, offset). As in the
+/// fixtures script, every other byte of a block is random.
+fn scale_fields(ty: GgmlType) -> &'static [(bool, usize)] {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 => &[(false, 0)],
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[(false, 0), (false, 2)],
+        Q2_K => &[(false, 80), (false, 82)],
+        Q3_K => &[(false, 108)],
+        Q6_K => &[(false, 208)],
+        Q8_K => &[(true, 0)],
+        F32 | F16 | BF16 => &[],
+    }
+}
+
+/// Random weight bytes for `n_elements` of `ty`, every value finite: random blocks whose
+/// scales are set to `scale`·[-1, 1), except that some blocks get a large scale (×100) and
+/// some an f16 subnormal one; float types get values in `scale`·[-1, 1).
+fn random_weight(ty: GgmlType, n_elements: usize, scale: f32, rng: &mut Rng) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 => return rng.floats(n_elements).iter().flat_map(|v| (v * scale).to_le_bytes()).collect(),
+        GgmlType::F16 => {
+            return rng.floats(n_elements).iter().flat_map(|v| f16::from_f32(v * scale).to_le_bytes()).collect()
+        }
+        GgmlType::BF16 => {
+            return rng.floats(n_elements).iter().flat_map(|v| bf16::from_f32(v * scale).to_le_bytes()).collect()
+        }
+        _ => {}
+    }
+    let mut bytes: Vec<u8> = (0..ty.bytes_for(n_elements).unwrap()).map(|_| rng.next() as u8).collect();
+    for (i, block) in bytes.chunks_exact_mut(ty.type_size()).enumerate() {
+        for &(is_f32, offset) in scale_fields(ty) {
+            let mut v = scale * rng.uniform();
+            if i % 13 == 7 {
+                v *= 100.0;
+            }
+            let h = if i % 11 == 5 { f16::from_bits((rng.next() as u16 & 0x83FF) | 1) } else { f16::from_f32(v) };
+            if is_f32 {
+                block[offset..offset + 4].copy_from_slice(&h.to_f32().to_le_bytes());
+            } else {
+                block[offset..offset + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+    }
+    bytes
+}
+
+fn dequantized(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Vec<f32> {
+    let mut w = vec![0.0; n_elements];
+    ty.dequantize(bytes, &mut w).unwrap();
+    w
+}
+
+/// The plain product: dequantize the whole weight, then the f64-accumulated triple loop.
+fn reference(ty: GgmlType, bytes: &[u8], bias: Option<&[f32]>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let w = dequantized(ty, bytes, n * k);
+    let mut y = matmul_xwt_reference(x, &w, m, n, k);
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(n) {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+    }
+    y
+}
+
+/// Max |Δ| ≤ 1e-5 · max(1, max |y_ref|). Both sides multiply the same f32 weights and
+/// activations and differ only in summation order (the reference sums exactly in f64); the
+/// kernels sum in at least eight independent lanes, so the f32 rounding error grows like
+/// √k·ε·|y|, far below this bound for the k tested here (≤ 1536), while a wrong element,
+/// block or row moves the result by the size of a term.
+fn assert_close(what: &str, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len(), "{what}: lengths");
+    let scale = expected.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(g.is_finite() && (g - e).abs() <= 1e-5 * scale, "{what}: element {i}: got {g}, expected {e} (scale {scale})");
+    }
+}
+
+fn check(ty: GgmlType, ms: &[usize], ns: &[usize], ks: &[usize]) {
+    let mut rng = Rng::new(ty.id() as u64 + 1);
+    for &k in ks {
+        for &n in ns {
+            let bytes = random_weight(ty, n * k, 2.0, &mut rng);
+            let bias = (n % 2 == 1).then(|| rng.floats(n));
+            let linear = GgmlLinear::new(ty, bytes.clone(), bias.clone(), n, k).unwrap();
+            assert_eq!((linear.out_features(), linear.in_features()), (n, k));
+            for &m in ms {
+                let x = rng.floats(m * k);
+                let mut out = vec![f32::NAN; m * n];
+                linear.forward(&x, m, &mut out);
+                let expected = reference(ty, &bytes, bias.as_deref(), &x, m, n, k);
+                assert_close(&format!("{ty} m={m} n={n} k={k}"), &out, &expected);
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_types_match_reference_on_odd_shapes() {
+    for ty in all_types().into_iter().filter(|&t| GgmlLinear::supports(t)) {
+        check(ty, &[1, 2, 7, 64, 130], &[1, 37, 1000], &[32, 96, 256, 576]);
+    }
+}
+
+#[test]
+fn other_types_match_reference() {
+    for ty in all_types().into_iter().filter(|&t| !GgmlLinear::supports(t)) {
+        let ks: &[usize] = match ty.block_size() {
+            1 => &[1, 37, 576, 1100],
+            32 => &[32, 96, 576, 1088],
+            _ => &[256, 512, 1536],
+        };
+        check(ty, &[1, 2, 7, 130], &[1, 37, 300], ks);
+    }
+}
+
+#[test]
+fn supported_types() {
+    let fast: Vec<GgmlType> = all_types().into_iter().filter(|&t| GgmlLinear::supports(t)).collect();
+    assert_eq!(fast, [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]);
+}
+
+#[test]
+fn dequantize_row_is_the_row_of_the_dequantized_weight() {
+    let mut rng = Rng::new(5);
+    for ty in all_types() {
+        let (n, k) = (5, 2 * ty.block_size().max(32));
+        let bytes = random_weight(ty, n * k, 1.0, &mut rng);
+        let whole = dequantized(ty, &bytes, n * k);
+        let linear = GgmlLinear::new(ty, bytes, None, n, k).unwrap();
+        let mut row = vec![f32::NAN; k];
+        for r in 0..n {
+            linear.dequantize_row(r, &mut row);
+            let same = row.iter().zip(&whole[r * k..(r + 1) * k]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty} row {r}");
+        }
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let (ty, n, k) = (GgmlType::Q4_1, 1000, 576);
+    let mut rng = Rng::new(9);
+    let bytes = random_weight(ty, n * k, 1.0, &mut rng);
+    let linear = GgmlLinear::new(ty, bytes.clone(), None, n, k).unwrap();
+    for m in [1, 64] {
+        let x = rng.floats(m * k);
+        let expected = reference(ty, &bytes, None, &x, m, n, k);
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![f32::NAN; m * n];
+            pool.install(|| linear.forward(&x, m, &mut out));
+            assert_close(&format!("m={m} threads={threads}"), &out, &expected);
+            // Each output of the GEMV is one row's sum, however rows are split.
+            if m == 1 {
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert!(f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()), "threads={threads}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_and_degenerate_shapes() {
+    let linear = GgmlLinear::new(GgmlType::Q8_0, Vec::new(), None, 0, 64).unwrap();
+    linear.forward(&[0.0; 128], 2, &mut []);
+    let linear = GgmlLinear::new(GgmlType::Q8_0, Vec::new(), Some(vec![1.5, -2.0]), 2, 0).unwrap();
+    let mut out = [f32::NAN; 6];
+    linear.forward(&[], 3, &mut out);
+    assert_eq!(out, [1.5, -2.0, 1.5, -2.0, 1.5, -2.0]);
+    let linear = GgmlLinear::new(GgmlType::Q4_1, vec![0; 40], None, 1, 64).unwrap();
+    linear.forward(&[], 0, &mut []);
+}
+
+#[test]
+fn weight_bytes_are_the_stored_bytes() {
+    let linear = GgmlLinear::new(GgmlType::Q4_1, vec![0; 3 * 40], None, 3, 64).unwrap();
+    assert_eq!(linear.weight_bytes(), 120);
+    let linear = GgmlLinear::new(GgmlType::Q4_1, vec![0; 3 * 40], Some(vec![0.0; 3]), 3, 64).unwrap();
+    assert_eq!(linear.weight_bytes(), 120 + 12);
+    assert_eq!(linear.ggml_type(), GgmlType::Q4_1);
+    assert_eq!(linear.bytes().len(), 120);
+}
+
+#[test]
+fn construction_errors() {
+    use GgmlType::*;
+    assert_eq!(
+        GgmlLinear::new(Q4_1, vec![0; 40], None, 1, 33).unwrap_err(),
+        GgmlError::NotBlockMultiple { ty: Q4_1, n_elements: 33, block_size: 32 }
+    );
+    assert_eq!(
+        GgmlLinear::new(Q4_K, vec![0; 144 * 3], None, 1, 576).unwrap_err(),
+        GgmlError::NotBlockMultiple { ty: Q4_K, n_elements: 576, block_size: 256 }
+    );
+    assert_eq!(
+        GgmlLinear::new(Q8_0, vec![0; 2 * 68 - 1], None, 2, 64).unwrap_err(),
+        GgmlError::LengthMismatch { ty: Q8_0, n_elements: 128, expected: 136, got: 135 }
+    );
+    assert_eq!(
+        GgmlLinear::new(Q8_0, vec![0; 2 * 68 + 34], None, 2, 64).unwrap_err(),
+        GgmlError::LengthMismatch { ty: Q8_0, n_elements: 128, expected: 136, got: 170 }
+    );
+    // A bias of the wrong length is reported as an F32 tensor of out_features values.
+    assert_eq!(
+        GgmlLinear::new(Q8_0, vec![0; 2 * 68], Some(vec![0.0; 3]), 2, 64).unwrap_err(),
+        GgmlError::LengthMismatch { ty: F32, n_elements: 2, expected: 8, got: 12 }
+    );
+    assert!(matches!(GgmlLinear::new(F32, Vec::new(), None, usize::MAX, 2), Err(GgmlError::TooLarge { .. })));
+}
+
+#[test]
+#[should_panic(expected = "row 3 of 3")]
+fn dequantize_row_out_of_range_panics() {
+    let linear = GgmlLinear::new(GgmlType::Q8_0, vec![0; 3 * 34], None, 3, 32).unwrap();
+    linear.dequantize_row(3, &mut [0.0; 32]);
+}
+
+/// Best time per call of `f` over `reps` calls after one warm-up.
+fn best_time(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+/// Prints decode (m = 1) and prefill (m = 128) speeds of `GgmlLinear` against `DenseLinear` on
+/// the dequantized weight, on 2 threads. "hot" repeats one weight (cache-resident when it is
+/// small); "cold" cycles through copies totalling over 128 MB, as a decode step does through
+/// a model's layers. Not a test: it asserts nothing about timings.
+#[test]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+fn benchmark_against_dense() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    pool.install(|| {
+        let mut rng = Rng::new(1);
+        for (n, k) in [(1536, 576), (49152, 576), (576, 1536)] {
+            for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+                if ty.bytes_for(k).is_err() {
+                    continue;
+                }
+                let bytes = random_weight(ty, n * k, 0.01, &mut rng);
+                let q_bytes = bytes.len();
+                let dense_w = dequantized(ty, &bytes, n * k);
+                let copies = |bytes_each: usize| (128usize << 20).div_ceil(bytes_each).max(2);
+                let quant: Vec<GgmlLinear> = (0..copies(q_bytes))
+                    .map(|_| GgmlLinear::new(ty, bytes.clone(), None, n, k).unwrap())
+                    .collect();
+                let dense: Vec<DenseLinear> =
+                    (0..copies(4 * n * k)).map(|_| DenseLinear::new(dense_w.clone(), None, n, k)).collect();
+                let x = rng.floats(k);
+                let mut out = vec![0.0; n];
+                let reps = (2_000_000_000 / (n * k)).clamp(5, 2000);
+
+                let hot_q = best_time(reps, || quant[0].forward(&x, 1, &mut out));
+                let hot_d = best_time(reps, || dense[0].forward(&x, 1, &mut out));
+                let cold = |layers: &[&dyn Linear], out: &mut [f32]| {
+                    let t = Instant::now();
+                    let rounds = 3;
+                    for _ in 0..rounds {
+                        for l in layers {
+                            l.forward(&x, 1, out);
+                        }
+                    }
+                    t.elapsed() / (rounds * layers.len()) as u32
+                };
+                let q_refs: Vec<&dyn Linear> = quant.iter().map(|l| l as &dyn Linear).collect();
+                let d_refs: Vec<&dyn Linear> = dense.iter().map(|l| l as &dyn Linear).collect();
+                let cold_q = cold(&q_refs, &mut out);
+                let cold_d = cold(&d_refs, &mut out);
+                let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+                println!(
+                    "GEMV {n}x{k} {ty}: hot {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x | \
+                     cold {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x",
+                    hot_q.as_secs_f64() * 1e6,
+                    gbs(q_bytes, hot_q),
+                    hot_d.as_secs_f64() * 1e6,
+                    gbs(4 * n * k, hot_d),
+                    hot_d.as_secs_f64() / hot_q.as_secs_f64(),
+                    cold_q.as_secs_f64() * 1e6,
+                    gbs(q_bytes, cold_q),
+                    cold_d.as_secs_f64() * 1e6,
+                    gbs(4 * n * k, cold_d),
+                    cold_d.as_secs_f64() / cold_q.as_secs_f64(),
+                );
+
+                let m = 128;
+                let xs = rng.floats(m * k);
+                let mut outs = vec![0.0; m * n];
+                let reps = (20_000_000_000 / (m * n * k)).clamp(3, 200);
+                let pre_q = best_time(reps, || quant[0].forward(&xs, m, &mut outs));
+                let pre_d = best_time(reps, || dense[0].forward(&xs, m, &mut outs));
+                let gflops = |t: Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
+                println!(
+                    "  prefill m={m}: {:.2} ms ({:.1} GFLOP/s) vs dense {:.2} ms ({:.1} GFLOP/s), {:.2}x",
+                    pre_q.as_secs_f64() * 1e3,
+                    gflops(pre_q),
+                    pre_d.as_secs_f64() * 1e3,
+                    gflops(pre_d),
+                    pre_d.as_secs_f64() / pre_q.as_secs_f64(),
+                );
+            }
+        }
+    });
+}
