@@ -15,8 +15,12 @@
 //!
 //! In the fast kernels, a block's weights are `d·q (+ m)` with small integers q and an f16
 //! scale d, so `d·q` is exact in f32 and factoring d out of the block's sum only reorders the
-//! rounding. Q4_1's offset is folded in with one fused multiply-add per weight, which rounds
-//! exactly as dequantization does.
+//! rounding. Q4_1 also factors out its offset, `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, with the
+//! sums of x per block computed once per call; that saves a quarter of the vector work but
+//! skips the rounding of each `d·q + m`, so the result can differ from the dense product by a
+//! few ulps of `(|d|·Σ q·|x| + |m|·Σ |x|)` per block, the same order as summation-order error
+//! (for weights quantized by min and range, `|m|` and `|d|·q` are at most about twice the
+//! largest weight of the block).
 
 use std::cell::RefCell;
 
@@ -131,16 +135,20 @@ impl GgmlLinear {
         let threads = rayon::current_num_threads();
         let min_rows = (MIN_TASK_BYTES / self.row_bytes.max(1)).max(1);
         let rows_per_task = self.out_features.div_ceil(TASKS_PER_THREAD * threads).max(min_rows);
+        let sum_x = if kernel.uses_block_sums() { block_sums(x) } else { Vec::new() };
         out.par_chunks_mut(rows_per_task)
             .zip(self.bytes.par_chunks(rows_per_task * self.row_bytes))
-            .for_each(|(out, w)| kernel.rows(self.ggml_type, w, self.row_bytes, x, out));
+            .for_each(|(out, w)| kernel.rows(self.ggml_type, w, self.row_bytes, x, &sum_x, out));
     }
 
     /// The prefill product: panels of weight rows dequantized and multiplied by `gemm`.
     fn gemm_panels(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         let threads = rayon::current_num_threads();
-        let panel_rows = n.div_ceil(2 * threads).next_multiple_of(PANEL_GRANULE).clamp(PANEL_GRANULE, MAX_PANEL_ROWS);
+        // Panels of at most MAX_PANEL_ROWS, as many as a multiple of the thread count so that
+        // threads get equal shares (where there are enough rows).
+        let n_panels = n.div_ceil(MAX_PANEL_ROWS).next_multiple_of(threads).min(n.div_ceil(PANEL_GRANULE));
+        let panel_rows = n.div_ceil(n_panels).next_multiple_of(PANEL_GRANULE);
         let n_panels = n.div_ceil(panel_rows);
         let out_ptr = SharedOut(out.as_mut_ptr());
         let panel = |p: usize| {
@@ -267,22 +275,40 @@ impl Kernel {
         Kernel::Generic
     }
 
-    /// `out[j] = x · W[j]` for the rows stored in `w` (`out.len()` rows of `row_bytes`).
-    fn rows(self, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+    /// Whether the kernel needs the sum of each block of x ([`block_sums`]).
+    fn uses_block_sums(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Q4_1Avx2 {
+            return true;
+        }
+        false
+    }
+
+    /// `out[j] = x · W[j]` for the rows stored in `w` (`out.len()` rows of `row_bytes`);
+    /// `sum_x` is `block_sums(x)` where `uses_block_sums`, else may be empty.
+    fn rows(self, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], sum_x: &[f32], out: &mut [f32]) {
         assert_eq!(w.len(), out.len() * row_bytes, "GgmlLinear: rows and outputs disagree");
         assert_eq!(ty.bytes_for(x.len()), Ok(row_bytes), "GgmlLinear: x is not one row long");
+        if self.uses_block_sums() {
+            assert_eq!(sum_x.len() * ty.block_size(), x.len(), "GgmlLinear: block sums of x");
+        }
         match self {
             Kernel::Generic => generic_rows(ty, w, row_bytes, x, out),
-            // SAFETY (all three): `select` checked the CPU features, and the asserts above give
-            // the lengths each kernel relies on (`ty` is the kernel's type).
+            // SAFETY (all three): `select` checked the CPU features, `ty` is the kernel's type
+            // and the asserts above give the lengths each kernel relies on.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q4_0Avx2 => unsafe { x86::q4_0_rows(w, row_bytes, x, out) },
+            Kernel::Q4_0Avx2 => unsafe { x86::q4_0_rows(w, row_bytes, x, sum_x, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q4_1Avx2 => unsafe { x86::q4_1_rows(w, row_bytes, x, out) },
+            Kernel::Q4_1Avx2 => unsafe { x86::q4_1_rows(w, row_bytes, x, sum_x, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q8_0Avx2 => unsafe { x86::q8_0_rows(w, row_bytes, x, out) },
+            Kernel::Q8_0Avx2 => unsafe { x86::q8_0_rows(w, row_bytes, x, sum_x, out) },
         }
     }
+}
+
+/// The sum of each 32 consecutive values of `x` (Q4_1's offset term).
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks(32).map(|c| c.iter().sum()).collect()
 }
 
 /// Any type: each row dequantized a piece at a time into a stack buffer and dotted with x.
@@ -368,39 +394,36 @@ mod x86 {
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x.add(24)), s)
     }
 
-    /// Q4_0 block (d: f16, 16 bytes of nibbles; x = d·(q − 8)): `acc + d·Σ (q − 8)·x`.
+    // Block functions: one block at `p` against x at `x` (32 values whose sum is at `sum_x`),
+    // adding to a vector accumulator and a scalar one (lane 0) for terms that are per block.
+
+    /// Q4_0 (d: f16, 16 bytes of nibbles; x = d·(q − 8)): `acc + d·Σ (q − 8)·x`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_block(p: *const u8, x: *const f32, acc: __m256) -> __m256 {
+    unsafe fn q4_0_block(p: *const u8, x: *const f32, _sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
         let eight = _mm256_set1_epi32(8);
         let [a, b, c, d] = nibbles(p.add(2));
         let q = [_mm256_sub_epi32(a, eight), _mm256_sub_epi32(b, eight), _mm256_sub_epi32(c, eight), _mm256_sub_epi32(d, eight)];
-        _mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc)
+        (_mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc), acc1)
     }
 
-    /// Q4_1 block (d, m: f16, 16 bytes of nibbles; x = d·q + m): each weight is rebuilt as
-    /// `fma(q, d, m)`, which rounds exactly as dequantization's `q·d + m` (`q·d` is exact),
-    /// and multiplied with x.
+    /// Q4_1 (d, m: f16, 16 bytes of nibbles; x = d·q + m):
+    /// `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, the second term from the precomputed block sum.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_block(p: *const u8, x: *const f32, acc: __m256) -> __m256 {
-        let d = f16_splat(p);
-        let m = f16_splat(p.add(2));
-        let q = nibbles(p.add(4));
-        let mut acc = acc;
-        for (i, q) in q.into_iter().enumerate() {
-            let w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m);
-            acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.add(8 * i)), acc);
-        }
-        acc
+    unsafe fn q4_1_block(p: *const u8, x: *const f32, sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
+        // [d, m, 0, 0] from the two f16 in one conversion.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+        let acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), block_dot(nibbles(p.add(4)), x), acc);
+        (acc, _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_load_ss(sum_x), acc1))
     }
 
-    /// Q8_0 block (d: f16, 32 i8; x = q·d): `acc + d·Σ q·x`.
+    /// Q8_0 (d: f16, 32 i8; x = q·d): `acc + d·Σ q·x`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_block(p: *const u8, x: *const f32, acc: __m256) -> __m256 {
+    unsafe fn q8_0_block(p: *const u8, x: *const f32, _sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
         let q = [i8x8(p.add(2)), i8x8(p.add(10)), i8x8(p.add(18)), i8x8(p.add(26))];
-        _mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc)
+        (_mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc), acc1)
     }
 
     /// A row kernel: `out[j] = x · W[j]` over the rows in `w`, with two accumulators (even and
@@ -411,29 +434,31 @@ mod x86 {
             ///
             /// # Safety
             /// The CPU has AVX2, FMA and F16C; `x.len()` is a multiple of 32, `row_bytes` is
-            /// `x.len() / 32` blocks and `w.len() == out.len() · row_bytes`.
+            /// `x.len() / 32` blocks, `w.len() == out.len() · row_bytes`, and `sum_x` holds the
+            /// sum of each 32 values of x if the block function reads it.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+            pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], sum_x: &[f32], out: &mut [f32]) {
                 const BLOCK_BYTES: usize = $block_bytes;
                 let nb = x.len() / QK;
                 debug_assert_eq!(nb * BLOCK_BYTES, row_bytes);
                 debug_assert_eq!(w.len(), out.len() * row_bytes);
-                let x = x.as_ptr();
+                let (x, s) = (x.as_ptr(), sum_x.as_ptr());
                 for (j, y) in out.iter_mut().enumerate() {
-                    // Row j's nb blocks lie within w, and x has nb·32 elements.
+                    // Row j's nb blocks lie within w, and x has nb·32 elements. `s` is only
+                    // offset (wrapping), not read, by block functions that do not use it.
                     let row = w.as_ptr().add(j * row_bytes);
-                    let mut acc0 = _mm256_setzero_ps();
-                    let mut acc1 = _mm256_setzero_ps();
+                    let (mut v0, mut v1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let (mut s0, mut s1) = (_mm_setzero_ps(), _mm_setzero_ps());
                     let mut b = 0;
                     while b + 2 <= nb {
-                        acc0 = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), acc0);
-                        acc1 = $block(row.add((b + 1) * BLOCK_BYTES), x.add((b + 1) * QK), acc1);
+                        (v0, s0) = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), s.wrapping_add(b), v0, s0);
+                        (v1, s1) = $block(row.add((b + 1) * BLOCK_BYTES), x.add((b + 1) * QK), s.wrapping_add(b + 1), v1, s1);
                         b += 2;
                     }
                     if b < nb {
-                        acc0 = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), acc0);
+                        (v0, s0) = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), s.wrapping_add(b), v0, s0);
                     }
-                    *y = hsum(_mm256_add_ps(acc0, acc1));
+                    *y = hsum(_mm256_add_ps(v0, v1)) + _mm_cvtss_f32(_mm_add_ss(s0, s1));
                 }
             }
         };
@@ -484,13 +509,13 @@ mod tests {
             let w = blocks(ty, n * k / 32, scales, ty.id() as u64);
             let row_bytes = ty.bytes_for(k).unwrap();
             let mut generic = vec![0.0; n];
-            Kernel::Generic.rows(ty, &w, row_bytes, &x, &mut generic);
+            Kernel::Generic.rows(ty, &w, row_bytes, &x, &[], &mut generic);
             let kernel = Kernel::select(ty);
             if kernel == Kernel::Generic {
                 continue; // no fast kernel on this CPU
             }
             let mut fast = vec![0.0; n];
-            kernel.rows(ty, &w, row_bytes, &x, &mut fast);
+            kernel.rows(ty, &w, row_bytes, &x, &block_sums(&x), &mut fast);
             let scale = generic.iter().fold(1.0f32, |a, v| a.max(v.abs()));
             for (j, (a, b)) in fast.iter().zip(&generic).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * scale, "{ty} row {j}: {a} vs {b}");

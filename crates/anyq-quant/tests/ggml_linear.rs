@@ -146,6 +146,61 @@ fn fast_types_match_reference_on_odd_shapes() {
     }
 }
 
+/// Quantizes `w` (a multiple of 32 values) as llama.cpp's reference quantizers do, near enough
+/// to give realistic blocks: zero-mean weights, with Q4_1's offset near −8 steps.
+fn quantize(ty: GgmlType, w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in w.chunks_exact(32) {
+        let f16_bytes = |v: f32| f16::from_f32(v).to_le_bytes();
+        match ty {
+            GgmlType::Q8_0 => {
+                let d = b.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend(f16_bytes(d));
+                out.extend(b.iter().map(|v| (v * inv).round() as i8 as u8));
+            }
+            GgmlType::Q4_0 => {
+                let max = b.iter().fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend(f16_bytes(d));
+                let q = |v: f32| ((v * inv + 8.5) as u8).min(15);
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+            GgmlType::Q4_1 => {
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+                out.extend(f16_bytes(d));
+                out.extend(f16_bytes(min));
+                let q = |v: f32| (((v - min) * inv + 0.5) as u8).min(15);
+                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+            }
+            _ => unreachable!("no test quantizer for {ty}"),
+        }
+    }
+    out
+}
+
+/// Realistic blocks against activations that are all positive: the block sums that the Q4_1
+/// kernel factors out are then large next to the result, the worst case for its rounding.
+#[test]
+fn fast_types_match_reference_on_quantized_weights_and_positive_inputs() {
+    let mut rng = Rng::new(17);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for &(m, n, k) in &[(1, 1000, 576), (1, 37, 1536), (7, 300, 1536), (64, 37, 576)] {
+            let w: Vec<f32> = rng.floats(n * k).iter().map(|v| 0.05 * v).collect();
+            let bytes = quantize(ty, &w);
+            let x: Vec<f32> = rng.floats(m * k).iter().map(|v| 4.0 + 3.0 * v).collect();
+            let linear = GgmlLinear::new(ty, bytes.clone(), None, n, k).unwrap();
+            let mut out = vec![f32::NAN; m * n];
+            linear.forward(&x, m, &mut out);
+            assert_close(&format!("{ty} m={m} n={n} k={k}"), &out, &reference(ty, &bytes, None, &x, m, n, k));
+        }
+    }
+}
+
 #[test]
 fn other_types_match_reference() {
     for ty in all_types().into_iter().filter(|&t| !GgmlLinear::supports(t)) {
@@ -263,22 +318,27 @@ fn dequantize_row_out_of_range_panics() {
     linear.dequantize_row(3, &mut [0.0; 32]);
 }
 
-/// Best time per call of `f` over `reps` calls after one warm-up.
-fn best_time(reps: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .unwrap()
+/// Best time per call of each of `a` and `b` (each call a sweep over `layers` layers), over
+/// `rounds` alternating rounds after one warm-up each: the minimum is the least disturbed by
+/// other work on the machine.
+fn best_of_two(rounds: usize, layers: (usize, usize), mut a: impl FnMut(), mut b: impl FnMut()) -> (Duration, Duration) {
+    a();
+    b();
+    let (mut best_a, mut best_b) = (Duration::MAX, Duration::MAX);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        a();
+        best_a = best_a.min(t.elapsed() / layers.0 as u32);
+        let t = Instant::now();
+        b();
+        best_b = best_b.min(t.elapsed() / layers.1 as u32);
+    }
+    (best_a, best_b)
 }
 
 /// Prints decode (m = 1) and prefill (m = 128) speeds of `GgmlLinear` against `DenseLinear` on
 /// the dequantized weight, on 2 threads. "hot" repeats one weight (cache-resident when it is
-/// small); "cold" cycles through copies totalling over 128 MB, as a decode step does through
+/// small); "cold" sweeps through copies totalling over 128 MB, as a decode step sweeps through
 /// a model's layers. Not a test: it asserts nothing about timings.
 #[test]
 #[ignore = "benchmark: run with --release --ignored --nocapture"]
@@ -286,62 +346,82 @@ fn benchmark_against_dense() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     pool.install(|| {
         let mut rng = Rng::new(1);
-        for (n, k) in [(1536, 576), (49152, 576), (576, 1536)] {
-            for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        for (n, k) in [(1536, 576), (576, 1536), (49152, 576)] {
+            for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K] {
                 if ty.bytes_for(k).is_err() {
                     continue;
                 }
                 let bytes = random_weight(ty, n * k, 0.01, &mut rng);
-                let q_bytes = bytes.len();
+                let (q_bytes, d_bytes) = (bytes.len(), 4 * n * k);
                 let dense_w = dequantized(ty, &bytes, n * k);
                 let copies = |bytes_each: usize| (128usize << 20).div_ceil(bytes_each).max(2);
                 let quant: Vec<GgmlLinear> = (0..copies(q_bytes))
                     .map(|_| GgmlLinear::new(ty, bytes.clone(), None, n, k).unwrap())
                     .collect();
                 let dense: Vec<DenseLinear> =
-                    (0..copies(4 * n * k)).map(|_| DenseLinear::new(dense_w.clone(), None, n, k)).collect();
+                    (0..copies(d_bytes)).map(|_| DenseLinear::new(dense_w.clone(), None, n, k)).collect();
                 let x = rng.floats(k);
-                let mut out = vec![0.0; n];
-                let reps = (2_000_000_000 / (n * k)).clamp(5, 2000);
-
-                let hot_q = best_time(reps, || quant[0].forward(&x, 1, &mut out));
-                let hot_d = best_time(reps, || dense[0].forward(&x, 1, &mut out));
-                let cold = |layers: &[&dyn Linear], out: &mut [f32]| {
-                    let t = Instant::now();
-                    let rounds = 3;
-                    for _ in 0..rounds {
-                        for l in layers {
-                            l.forward(&x, 1, out);
-                        }
-                    }
-                    t.elapsed() / (rounds * layers.len()) as u32
-                };
-                let q_refs: Vec<&dyn Linear> = quant.iter().map(|l| l as &dyn Linear).collect();
-                let d_refs: Vec<&dyn Linear> = dense.iter().map(|l| l as &dyn Linear).collect();
-                let cold_q = cold(&q_refs, &mut out);
-                let cold_d = cold(&d_refs, &mut out);
+                let (mut out_q, mut out_d) = (vec![0.0; n], vec![0.0; n]);
+                let reps = (400_000_000 / (n * k)).clamp(10, 400);
+                let (hot_q, hot_d) = best_of_two(
+                    reps,
+                    (1, 1),
+                    || quant[0].forward(&x, 1, &mut out_q),
+                    || dense[0].forward(&x, 1, &mut out_d),
+                );
+                let (cold_q, cold_d) = best_of_two(
+                    8,
+                    (quant.len(), dense.len()),
+                    || quant.iter().for_each(|l| l.forward(&x, 1, &mut out_q)),
+                    || dense.iter().for_each(|l| l.forward(&x, 1, &mut out_d)),
+                );
                 let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+                let us = |t: Duration| t.as_secs_f64() * 1e6;
                 println!(
-                    "GEMV {n}x{k} {ty}: hot {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x | \
-                     cold {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x",
-                    hot_q.as_secs_f64() * 1e6,
+                    "GEMV {n}x{k} {ty} ({:.1} MB vs {:.1} MB): hot {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), \
+                     {:.2}x | cold {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x",
+                    q_bytes as f64 / 1e6,
+                    d_bytes as f64 / 1e6,
+                    us(hot_q),
                     gbs(q_bytes, hot_q),
-                    hot_d.as_secs_f64() * 1e6,
-                    gbs(4 * n * k, hot_d),
+                    us(hot_d),
+                    gbs(d_bytes, hot_d),
                     hot_d.as_secs_f64() / hot_q.as_secs_f64(),
-                    cold_q.as_secs_f64() * 1e6,
+                    us(cold_q),
                     gbs(q_bytes, cold_q),
-                    cold_d.as_secs_f64() * 1e6,
-                    gbs(4 * n * k, cold_d),
+                    us(cold_d),
+                    gbs(d_bytes, cold_d),
                     cold_d.as_secs_f64() / cold_q.as_secs_f64(),
                 );
 
+                // Short prompts: the panel product against one GEMV per row.
+                for m in [2, 4, 8, 16] {
+                    let xs = rng.floats(m * k);
+                    let (mut outs_a, mut outs_b) = (vec![0.0; m * n], vec![0.0; m * n]);
+                    let (panels, gemvs) = best_of_two(
+                        (reps / m).max(5),
+                        (1, 1),
+                        || quant[0].forward(&xs, m, &mut outs_a),
+                        || {
+                            for (x, y) in xs.chunks_exact(k).zip(outs_b.chunks_exact_mut(n)) {
+                                quant[0].forward(x, 1, y);
+                            }
+                        },
+                    );
+                    print!("  m={m}: {:.1} us vs {m} GEMVs {:.1} us;", us(panels), us(gemvs));
+                }
+                println!();
+
                 let m = 128;
                 let xs = rng.floats(m * k);
-                let mut outs = vec![0.0; m * n];
-                let reps = (20_000_000_000 / (m * n * k)).clamp(3, 200);
-                let pre_q = best_time(reps, || quant[0].forward(&xs, m, &mut outs));
-                let pre_d = best_time(reps, || dense[0].forward(&xs, m, &mut outs));
+                let (mut outs_q, mut outs_d) = (vec![0.0; m * n], vec![0.0; m * n]);
+                let reps = (10_000_000_000 / (m * n * k)).clamp(3, 100);
+                let (pre_q, pre_d) = best_of_two(
+                    reps,
+                    (1, 1),
+                    || quant[0].forward(&xs, m, &mut outs_q),
+                    || dense[0].forward(&xs, m, &mut outs_d),
+                );
                 let gflops = |t: Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
                 println!(
                     "  prefill m={m}: {:.2} ms ({:.1} GFLOP/s) vs dense {:.2} ms ({:.1} GFLOP/s), {:.2}x",
