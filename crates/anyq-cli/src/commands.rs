@@ -134,7 +134,7 @@ pub fn info(model: &Path) -> anyhow::Result<()> {
         c.tie_word_embeddings,
         c.qkv_bias
     );
-    println!("weights in memory: {:.1} MiB (f32)", loaded.model.weight_bytes() as f64 / (1 << 20) as f64);
+    println!("weights in memory: {:.1} MiB", loaded.model.weight_bytes() as f64 / (1 << 20) as f64);
     match &loaded.tokenizer {
         Some(b) => println!(
             "tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}",

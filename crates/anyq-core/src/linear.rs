@@ -1,7 +1,7 @@
 //! The linear layer abstraction that every weight format implements: models call `forward`
 //! and never learn how the weight is stored.
 
-use crate::cpu::matmul_xwt;
+use crate::cpu::{add_bias, matmul_xwt};
 
 /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
 pub trait Linear: Send + Sync {
@@ -11,6 +11,9 @@ pub trait Linear: Send + Sync {
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]);
     /// Bytes the stored weight occupies (what a decode step must read).
     fn weight_bytes(&self) -> usize;
+    /// Row `row` of the weight (`[in_features]`) as f32: token embeddings read their table this
+    /// way, so a tied output projection can share the same stored weight.
+    fn weight_row(&self, row: usize, out: &mut [f32]);
 }
 
 /// A full-precision weight `[out, in]` with an optional bias.
@@ -49,12 +52,12 @@ impl Linear for DenseLinear {
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         matmul_xwt(x, &self.weight, out, m, self.out_features, self.in_features);
         if let Some(bias) = &self.bias {
-            for row in out.chunks_exact_mut(self.out_features) {
-                for (y, b) in row.iter_mut().zip(bias) {
-                    *y += b;
-                }
-            }
+            add_bias(out, bias);
         }
+    }
+
+    fn weight_row(&self, row: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.weight[row * self.in_features..(row + 1) * self.in_features]);
     }
 
     fn weight_bytes(&self) -> usize {

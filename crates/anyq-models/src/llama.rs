@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyq_core::cpu::{add_inplace, causal_attention, rms_norm, silu_mul, AttentionShape, Rope};
 use anyq_core::{DenseLinear, Linear};
+use anyq_quant::ggml_linear::GgmlLinear;
 
 use crate::config::ModelConfig;
 use crate::error::LoadError;
@@ -25,7 +26,7 @@ struct Block {
 pub struct LlamaModel {
     pub config: ModelConfig,
     /// `[vocab, hidden]`; also the output projection when embeddings are tied.
-    embed_tokens: Arc<DenseLinear>,
+    embed_tokens: Arc<dyn Linear>,
     blocks: Vec<Block>,
     norm: Vec<f32>,
     lm_head: Arc<dyn Linear>,
@@ -75,7 +76,7 @@ impl LlamaModel {
         let c = &config;
         let (h, kv_width, q_width) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim);
         let loader = Loader { weights };
-        let embed_tokens = Arc::new(loader.linear("model.embed_tokens.weight", None, c.vocab_size, h)?);
+        let embed_tokens: Arc<dyn Linear> = loader.linear("model.embed_tokens.weight", None, c.vocab_size, h)?.into();
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             progress(i, c.num_layers);
@@ -87,8 +88,8 @@ impl LlamaModel {
                     Ok(None)
                 }
             };
-            let linear = |name: &str, b: Option<Vec<f32>>, out: usize, inp: usize| -> Result<Box<dyn Linear>, LoadError> {
-                Ok(Box::new(loader.linear(&format!("{p}.{name}.weight"), b, out, inp)?))
+            let linear = |name: &str, b: Option<Vec<f32>>, out: usize, inp: usize| {
+                loader.linear(&format!("{p}.{name}.weight"), b, out, inp)
             };
             blocks.push(Block {
                 attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
@@ -107,7 +108,7 @@ impl LlamaModel {
         let lm_head: Arc<dyn Linear> = if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            Arc::new(loader.linear("lm_head.weight", None, c.vocab_size, h)?)
+            loader.linear("lm_head.weight", None, c.vocab_size, h)?.into()
         };
         let rope = Rope::new(c.rope_style, c.head_dim, c.rope_theta, c.rope_freq_factors.as_deref());
         Ok(Self { config, embed_tokens, blocks, norm, lm_head, rope })
@@ -143,14 +144,12 @@ impl LlamaModel {
         if past + t > c.max_position_embeddings {
             return Err(ForwardError::ContextExceeded { needed: past + t, max: c.max_position_embeddings });
         }
-        let mut x = Vec::with_capacity(t * h);
-        let table = self.embed_tokens.weight();
-        for &id in tokens {
-            let row = id as usize;
-            if row >= c.vocab_size {
-                return Err(ForwardError::TokenOutOfRange { id, vocab: c.vocab_size });
-            }
-            x.extend_from_slice(&table[row * h..(row + 1) * h]);
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ForwardError::TokenOutOfRange { id, vocab: c.vocab_size });
+        }
+        let mut x = vec![0.0; t * h];
+        for (&id, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            self.embed_tokens.weight_row(id as usize, row);
         }
 
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -228,7 +227,20 @@ impl Loader<'_> {
         self.get(name, &[n])
     }
 
-    fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<DenseLinear, LoadError> {
-        Ok(DenseLinear::new(self.get(name, &[out, inp])?, bias, out, inp))
+    /// A linear layer `[out, inp]`: GGML blocks that have a kernel stay as stored (4-8x less
+    /// memory to read per token than f32, same products up to summation order); anything else
+    /// is dequantized to f32.
+    fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<Box<dyn Linear>, LoadError> {
+        if let Some((ggml_type, shape, bytes)) = self.weights.stored(name)? {
+            if shape == [out, inp] && GgmlLinear::supports(ggml_type) && inp % ggml_type.block_size() == 0 {
+                let linear = GgmlLinear::new(ggml_type, bytes.to_vec(), bias, out, inp).map_err(|e| LoadError::Tensor {
+                    path: self.weights.source_path(),
+                    tensor: name.to_string(),
+                    message: e.to_string(),
+                })?;
+                return Ok(Box::new(linear));
+            }
+        }
+        Ok(Box::new(DenseLinear::new(self.get(name, &[out, inp])?, bias, out, inp)))
     }
 }

@@ -3,38 +3,39 @@
 //!
 //! The result is the product with the dequantized weight (exactly the values
 //! [`GgmlType::dequantize`] gives) up to the order of f32 summation; activations are never
-//! quantized. Two kernels:
+//! quantized. Three paths:
 //!
 //! * one row of x (decode) is a GEMV bound by reading W, so reading fewer bytes is the whole
 //!   point: rows of W are split over rayon threads and each block is expanded in registers and
 //!   dotted with x. Q4_0, Q4_1 and Q8_0 have AVX2/FMA/F16C kernels (detected at run time);
 //!   every other type, and every type on other CPUs, dequantizes a row piece by piece into a
 //!   small stack buffer and uses [`anyq_core::cpu::dot`].
+//! * a few rows of x (short prompts, fast types only) use the same kernels, each block
+//!   expanded once for four rows of x.
 //! * more rows (prefill) reuse each weight many times: panels of W rows are dequantized into a
 //!   per-thread f32 buffer and multiplied with the `gemm` crate, panels in parallel.
 //!
-//! In the fast kernels, a block's weights are `d·q (+ m)` with small integers q and an f16
-//! scale d, so `d·q` is exact in f32 and factoring d out of the block's sum only reorders the
-//! rounding. Q4_1 also factors out its offset, `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, with the
-//! sums of x per block computed once per call; that saves a quarter of the vector work but
-//! skips the rounding of each `d·q + m`, so the result can differ from the dense product by a
-//! few ulps of `(|d|·Σ q·|x| + |m|·Σ |x|)` per block, the same order as summation-order error
-//! (for weights quantized by min and range, `|m|` and `|d|·q` are at most about twice the
-//! largest weight of the block).
+//! In the fast kernels, Q4_0 and Q8_0 weights are `d·q` with small integers q and an f16 scale
+//! d; `d·q` is exact in f32, so factoring d out of each block's sum only reorders the
+//! rounding. Q4_1 weights `d·q + m` are rebuilt one by one with a fused multiply-add, which
+//! rounds exactly as dequantization does (`d·q` being exact). Factoring m out as well
+//! (`d·Σ q·x + m·Σ x`, as llama.cpp does with its 8-bit sums) would save about an eighth of
+//! the decode time but make the two terms cancel when x has a common sign, for errors up to
+//! ten times those of the dense product.
 
 use std::cell::RefCell;
 
-use anyq_core::cpu::dot;
+use anyq_core::cpu::{add_bias, dot};
 use anyq_core::Linear;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use crate::ggml::{GgmlError, GgmlType};
 
-/// Bytes of weight below which a GEMV task is not split further: smaller tasks cost more to
+/// Bytes of weight below which a task is not split further: smaller tasks cost more to
 /// schedule than they save.
 const MIN_TASK_BYTES: usize = 16 << 10;
-/// GEMV tasks per thread, so that threads that finish early can take over work.
+/// Row-product tasks per thread, so that threads that finish early can take over work.
 const TASKS_PER_THREAD: usize = 4;
 /// Elements dequantized at a time by the generic GEMV (a multiple of every block size).
 const GENERIC_CHUNK: usize = 1024;
@@ -42,11 +43,17 @@ const GENERIC_CHUNK: usize = 1024;
 /// [`GgmlType::dequantize`] goes parallel (a nested parallel call could run another panel on
 /// this thread while its buffer is borrowed), and a multiple of every block size.
 const SEQUENTIAL_CHUNK: usize = 1 << 15;
-/// Most weight rows in one prefill panel, and the granule panels are rounded to.
-const MAX_PANEL_ROWS: usize = 128;
+/// Most weight rows in one prefill panel, most bytes of its f32 buffer (for long rows), and
+/// the granule panels are rounded to.
+const MAX_PANEL_ROWS: usize = 256;
+const MAX_PANEL_BYTES: usize = 1 << 20;
 const PANEL_GRANULE: usize = 16;
 /// Below this many multiply-adds a prefill runs its panels on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// Most rows of x that the fast types multiply with the blocks directly (each block expanded
+/// once per four rows of x) instead of dequantizing panels for `gemm`, whose packing does not
+/// pay off for so few rows (measured: the direct product is faster up to about 20 rows).
+const MAX_DIRECT_ROWS: usize = 20;
 
 thread_local! {
     /// A prefill panel of dequantized weight rows, kept per thread across calls.
@@ -97,9 +104,9 @@ impl GgmlLinear {
         Ok(Self { ggml_type, bytes, bias, out_features, in_features, row_bytes })
     }
 
-    /// Whether `ggml_type` has a specialised kernel (on x86-64 CPUs with AVX2, FMA and F16C;
+    /// Whether `ggml_type` has specialised kernels (on x86-64 CPUs with AVX2, FMA and F16C;
     /// elsewhere these types take the generic path too). Every type works; the others
-    /// dequantize a row piece by piece in the GEMV, correct but slower.
+    /// dequantize in the decode product (m = 1), correct but slower than a dense weight.
     pub fn supports(ggml_type: GgmlType) -> bool {
         matches!(ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
     }
@@ -118,36 +125,53 @@ impl GgmlLinear {
     }
 
     /// Dequantizes weight row `row` (e.g. one token's embedding) into `out`, whose length must
-    /// be `in_features`. Panics if `row >= out_features`.
+    /// be `in_features`; the values are exactly those of [`GgmlType::dequantize`]. Panics if
+    /// `row >= out_features`.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.out_features, "GgmlLinear::dequantize_row: row {row} of {}", self.out_features);
         assert_eq!(out.len(), self.in_features, "GgmlLinear::dequantize_row: out is not in_features long");
-        dequantize_sequential(self.ggml_type, self.row(row), out);
+        let w = &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes];
+        Kernel::select(self.ggml_type).dequantize(self.ggml_type, w, out);
     }
 
-    fn row(&self, row: usize) -> &[u8] {
-        &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes]
+    /// Rows of W per task of a row product: a few tasks per thread, none tiny.
+    fn rows_per_task(&self) -> usize {
+        let min_rows = (MIN_TASK_BYTES / self.row_bytes.max(1)).max(1);
+        self.out_features.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).max(min_rows)
     }
 
     /// The decode product: `out[j] = x · W[j]`, rows split over threads.
-    fn gemv(&self, x: &[f32], out: &mut [f32]) {
-        let kernel = Kernel::select(self.ggml_type);
-        let threads = rayon::current_num_threads();
-        let min_rows = (MIN_TASK_BYTES / self.row_bytes.max(1)).max(1);
-        let rows_per_task = self.out_features.div_ceil(TASKS_PER_THREAD * threads).max(min_rows);
-        let sum_x = if kernel.uses_block_sums() { block_sums(x) } else { Vec::new() };
+    fn gemv(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
+        let rows_per_task = self.rows_per_task();
         out.par_chunks_mut(rows_per_task)
             .zip(self.bytes.par_chunks(rows_per_task * self.row_bytes))
-            .for_each(|(out, w)| kernel.rows(self.ggml_type, w, self.row_bytes, x, &sum_x, out));
+            .for_each(|(out, w)| kernel.gemv(self.ggml_type, w, self.row_bytes, x, out));
+    }
+
+    /// A few rows of x against the blocks directly (fast types only): rows of W split over
+    /// threads, each task writing its columns of every row of `out`.
+    fn direct(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        let rows_per_task = self.rows_per_task();
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        self.bytes.par_chunks(rows_per_task * self.row_bytes).enumerate().for_each(|(t, w)| {
+            let first = t * rows_per_task;
+            let rows = w.len() / self.row_bytes;
+            // SAFETY: `out` is m×n (checked by `forward`) and outlives every task; this task
+            // alone writes columns first..first + rows, the rows of W it holds.
+            unsafe { kernel.direct(self.ggml_type, w, self.row_bytes, x, m, k, out_ptr.get(), n, first, rows) };
+        });
     }
 
     /// The prefill product: panels of weight rows dequantized and multiplied by `gemm`.
-    fn gemm_panels(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    fn gemm_panels(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         let threads = rayon::current_num_threads();
-        // Panels of at most MAX_PANEL_ROWS, as many as a multiple of the thread count so that
-        // threads get equal shares (where there are enough rows).
-        let n_panels = n.div_ceil(MAX_PANEL_ROWS).next_multiple_of(threads).min(n.div_ceil(PANEL_GRANULE));
+        // Panels of at most MAX_PANEL_ROWS rows and about MAX_PANEL_BYTES, as many as a
+        // multiple of the thread count so that threads get equal shares (where there are
+        // enough rows). Each panel repacks x inside `gemm`, so fewer, larger panels are better.
+        let max_rows = (MAX_PANEL_BYTES / (4 * k)).clamp(PANEL_GRANULE, MAX_PANEL_ROWS);
+        let n_panels = n.div_ceil(max_rows).next_multiple_of(threads).min(n.div_ceil(PANEL_GRANULE));
         let panel_rows = n.div_ceil(n_panels).next_multiple_of(PANEL_GRANULE);
         let n_panels = n.div_ceil(panel_rows);
         let out_ptr = SharedOut(out.as_mut_ptr());
@@ -158,20 +182,31 @@ impl GgmlLinear {
                 let mut buf = buf.borrow_mut();
                 buf.resize(rows * k, 0.0);
                 let w = &self.bytes[first * self.row_bytes..(first + rows) * self.row_bytes];
-                dequantize_sequential(self.ggml_type, w, &mut buf[..rows * k]);
+                kernel.dequantize(self.ggml_type, w, &mut buf[..rows * k]);
                 // SAFETY: x is m×k (row stride k) and the panel rows×k (row stride k), read as
                 // its transpose k×rows; the destination is columns first..first + rows of the
                 // m×n `out` (row stride n), which no other panel writes, and `out` outlives
                 // every panel (the caller waits for them all).
                 unsafe {
                     gemm(
-                        m, rows, k,
-                        out_ptr.get().add(first), 1, n as isize,
+                        m,
+                        rows,
+                        k,
+                        out_ptr.get().add(first),
+                        1,
+                        n as isize,
                         false,
-                        x.as_ptr(), 1, k as isize,
-                        buf.as_ptr(), k as isize, 1,
-                        0.0, 1.0,
-                        false, false, false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        buf.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
                         Parallelism::None,
                     );
                 }
@@ -201,19 +236,18 @@ impl Linear for GgmlLinear {
         if m == 0 || n == 0 {
             return;
         }
+        let kernel = Kernel::select(self.ggml_type);
         if k == 0 {
             out.fill(0.0);
         } else if m == 1 {
-            self.gemv(x, out);
+            self.gemv(kernel, x, out);
+        } else if kernel != Kernel::Generic && m <= MAX_DIRECT_ROWS {
+            self.direct(kernel, x, m, out);
         } else {
-            self.gemm_panels(x, m, out);
+            self.gemm_panels(kernel, x, m, out);
         }
         if let Some(bias) = &self.bias {
-            for row in out.chunks_exact_mut(n) {
-                for (y, b) in row.iter_mut().zip(bias) {
-                    *y += b;
-                }
-            }
+            add_bias(out, bias);
         }
     }
 
@@ -221,14 +255,18 @@ impl Linear for GgmlLinear {
     fn weight_bytes(&self) -> usize {
         self.bytes.len() + self.bias.as_ref().map_or(0, |b| b.len() * std::mem::size_of::<f32>())
     }
+
+    fn weight_row(&self, row: usize, out: &mut [f32]) {
+        self.dequantize_row(row, out);
+    }
 }
 
-/// The output pointer shared by prefill panels, each of which writes its own columns.
+/// The output pointer shared by tasks that each write their own columns.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: panels write disjoint elements through the pointer, and the owner of the buffer
-// waits for every panel before using it again.
+// SAFETY: tasks write disjoint elements through the pointer, and the owner of the buffer
+// waits for every task before using it again.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -241,14 +279,13 @@ impl SharedOut {
 /// Dequantizes whole blocks on the calling thread, in pieces small enough that
 /// [`GgmlType::dequantize`] never goes parallel.
 fn dequantize_sequential(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
-    let elements_per_piece = SEQUENTIAL_CHUNK;
     let bytes_per_piece = SEQUENTIAL_CHUNK / ty.block_size() * ty.type_size();
-    for (s, d) in src.chunks(bytes_per_piece).zip(dst.chunks_mut(elements_per_piece)) {
+    for (s, d) in src.chunks(bytes_per_piece).zip(dst.chunks_mut(SEQUENTIAL_CHUNK)) {
         ty.dequantize(s, d).expect("GgmlLinear: block lengths were checked at construction");
     }
 }
 
-/// The GEMV kernel for one type on this CPU.
+/// The kernels for one type on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Generic,
@@ -275,44 +312,87 @@ impl Kernel {
         Kernel::Generic
     }
 
-    /// Whether the kernel needs the sum of each block of x ([`block_sums`]).
-    fn uses_block_sums(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Q4_1Avx2 {
-            return true;
-        }
-        false
+    /// Checks the lengths that the x86 kernels rely on: `w` holds `rows` rows of `row_bytes`,
+    /// x is `m` rows of `k` values and one row of W is `k` values of `ty`.
+    #[allow(clippy::too_many_arguments)]
+    fn check(self, ty: GgmlType, w: &[u8], row_bytes: usize, rows: usize, x: &[f32], m: usize, k: usize) {
+        assert_eq!(w.len(), rows * row_bytes, "GgmlLinear: rows and outputs disagree");
+        assert_eq!(x.len(), m * k, "GgmlLinear: x is not m rows");
+        assert_eq!(ty.bytes_for(k), Ok(row_bytes), "GgmlLinear: a row of x is not a row of W");
     }
 
-    /// `out[j] = x · W[j]` for the rows stored in `w` (`out.len()` rows of `row_bytes`);
-    /// `sum_x` is `block_sums(x)` where `uses_block_sums`, else may be empty.
-    fn rows(self, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], sum_x: &[f32], out: &mut [f32]) {
-        assert_eq!(w.len(), out.len() * row_bytes, "GgmlLinear: rows and outputs disagree");
-        assert_eq!(ty.bytes_for(x.len()), Ok(row_bytes), "GgmlLinear: x is not one row long");
-        if self.uses_block_sums() {
-            assert_eq!(sum_x.len() * ty.block_size(), x.len(), "GgmlLinear: block sums of x");
-        }
+    /// `out[j] = x · W[j]` for the rows stored in `w` (`out.len()` rows of `row_bytes`).
+    fn gemv(self, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+        self.check(ty, w, row_bytes, out.len(), x, 1, x.len());
         match self {
-            Kernel::Generic => generic_rows(ty, w, row_bytes, x, out),
+            Kernel::Generic => generic_gemv(ty, w, row_bytes, x, out),
             // SAFETY (all three): `select` checked the CPU features, `ty` is the kernel's type
-            // and the asserts above give the lengths each kernel relies on.
+            // and `check` gave the lengths each kernel relies on.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q4_0Avx2 => unsafe { x86::q4_0_rows(w, row_bytes, x, sum_x, out) },
+            Kernel::Q4_0Avx2 => unsafe { x86::q4_0::gemv(w, row_bytes, x, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q4_1Avx2 => unsafe { x86::q4_1_rows(w, row_bytes, x, sum_x, out) },
+            Kernel::Q4_1Avx2 => unsafe { x86::q4_1::gemv(w, row_bytes, x, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Q8_0Avx2 => unsafe { x86::q8_0_rows(w, row_bytes, x, sum_x, out) },
+            Kernel::Q8_0Avx2 => unsafe { x86::q8_0::gemv(w, row_bytes, x, out) },
         }
     }
-}
 
-/// The sum of each 32 consecutive values of `x` (Q4_1's offset term).
-fn block_sums(x: &[f32]) -> Vec<f32> {
-    x.chunks(32).map(|c| c.iter().sum()).collect()
+    /// `out[i·n + first + j] = x[i] · W[j]` for the `rows` rows stored in `w` and the `m`
+    /// rows of x. Only for the fast kernels.
+    ///
+    /// # Safety
+    /// `out` points to `m·n` writable values, which nothing else reads or writes in columns
+    /// `first..first + rows` during the call.
+    #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    unsafe fn direct(
+        self,
+        ty: GgmlType,
+        w: &[u8],
+        row_bytes: usize,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        n: usize,
+        first: usize,
+        rows: usize,
+    ) {
+        self.check(ty, w, row_bytes, rows, x, m, k);
+        assert!(first + rows <= n, "GgmlLinear: columns {first}..{} of {n}", first + rows);
+        match self {
+            Kernel::Generic => unreachable!("GgmlLinear: no direct kernel for the generic path"),
+            // SAFETY (all three): as in `gemv`, plus the caller's promise about `out`, whose
+            // columns from `first` on hold `rows` values per row.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_0Avx2 => unsafe { x86::q4_0::direct(w, row_bytes, x, m, out.add(first), n) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_1Avx2 => unsafe { x86::q4_1::direct(w, row_bytes, x, m, out.add(first), n) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q8_0Avx2 => unsafe { x86::q8_0::direct(w, row_bytes, x, m, out.add(first), n) },
+        }
+    }
+
+    /// Dequantizes whole blocks of `ty` on the calling thread, exactly as
+    /// [`GgmlType::dequantize`] does.
+    fn dequantize(self, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+        assert_eq!(ty.bytes_for(dst.len()), Ok(src.len()), "GgmlLinear: dequantize lengths");
+        match self {
+            Kernel::Generic => dequantize_sequential(ty, src, dst),
+            // SAFETY (all three): `select` checked the CPU features, `ty` is the kernel's type
+            // and the assert above gives the lengths.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_0Avx2 => unsafe { x86::q4_0::dequantize(src, dst) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q4_1Avx2 => unsafe { x86::q4_1::dequantize(src, dst) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Q8_0Avx2 => unsafe { x86::q8_0::dequantize(src, dst) },
+        }
+    }
 }
 
 /// Any type: each row dequantized a piece at a time into a stack buffer and dotted with x.
-fn generic_rows(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+fn generic_gemv(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
     let mut buf = [0.0f32; GENERIC_CHUNK];
     let piece_bytes = GENERIC_CHUNK / ty.block_size() * ty.type_size();
     for (y, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
@@ -328,20 +408,29 @@ fn generic_rows(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 kernels for the legacy 32-element formats. Each block's integers are widened to
-    //! eight i32 lanes at a time, converted to f32 (exactly) and multiplied with x.
+    //! AVX2 kernels for the legacy 32-element formats. A block is decoded into four vectors of
+    //! eight f32 values and a scale whose product is exactly the dequantized block: for Q4_0
+    //! and Q8_0 the integers and d, for Q4_1 the weights themselves and 1. The products
+    //! multiply the values with x and scale each block's sum; dequantization multiplies the
+    //! scale back in.
     //!
-    //! Every function here is an `unsafe fn` with the target features, and the per-block code
-    //! is expanded by a macro rather than passed as a closure, so that everything is compiled
+    //! Every function here is an `unsafe fn` with the target features, and per-format code is
+    //! expanded by a macro rather than passed as a closure, so that everything is compiled
     //! for AVX2 and inlined on every supported compiler.
 
     use std::arch::x86_64::*;
 
     const QK: usize = 32;
+    /// Rows of W per tile of the few-rows product.
+    const TILE_ROWS: usize = 16;
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
+
+    /// A decoded block: values for elements 0..8, 8..16, 16..24, 24..32, and the scale (in
+    /// every lane) that multiplies them into the block's weights.
+    type Decoded = ([__m256; 4], __m256);
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -367,11 +456,11 @@ mod x86 {
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
     }
 
-    /// Eight signed bytes at `p` widened to i32 lanes.
+    /// Eight signed bytes at `p` widened to i32 lanes, as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn i8x8(p: *const u8) -> __m256i {
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
+    unsafe fn i8x8_f32(p: *const u8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
 
     /// The 32 nibbles of the 16 bytes at `qs` as four vectors of elements 0..8, 8..16,
@@ -384,92 +473,190 @@ mod x86 {
         [_mm256_and_si256(a, mask), _mm256_and_si256(b, mask), _mm256_srli_epi32::<4>(a), _mm256_srli_epi32::<4>(b)]
     }
 
-    /// `Σ q[i]·x[i]` over one block, in eight lanes.
+    /// Q4_0 (d: f16, 16 bytes of nibbles; x = d·(q − 8)): the integers q − 8 and d.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block_dot(q: [__m256i; 4], x: *const f32) -> __m256 {
-        let s = _mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), _mm256_loadu_ps(x));
-        let s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), _mm256_loadu_ps(x.add(8)), s);
-        let s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), _mm256_loadu_ps(x.add(16)), s);
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x.add(24)), s)
-    }
-
-    // Block functions: one block at `p` against x at `x` (32 values whose sum is at `sum_x`),
-    // adding to a vector accumulator and a scalar one (lane 0) for terms that are per block.
-
-    /// Q4_0 (d: f16, 16 bytes of nibbles; x = d·(q − 8)): `acc + d·Σ (q − 8)·x`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_block(p: *const u8, x: *const f32, _sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
+    unsafe fn q4_0_decode(p: *const u8) -> Decoded {
         let eight = _mm256_set1_epi32(8);
         let [a, b, c, d] = nibbles(p.add(2));
-        let q = [_mm256_sub_epi32(a, eight), _mm256_sub_epi32(b, eight), _mm256_sub_epi32(c, eight), _mm256_sub_epi32(d, eight)];
-        (_mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc), acc1)
+        let f = [
+            _mm256_sub_epi32(a, eight),
+            _mm256_sub_epi32(b, eight),
+            _mm256_sub_epi32(c, eight),
+            _mm256_sub_epi32(d, eight),
+        ];
+        (
+            [_mm256_cvtepi32_ps(f[0]), _mm256_cvtepi32_ps(f[1]), _mm256_cvtepi32_ps(f[2]), _mm256_cvtepi32_ps(f[3])],
+            f16_splat(p),
+        )
     }
 
-    /// Q4_1 (d, m: f16, 16 bytes of nibbles; x = d·q + m):
-    /// `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, the second term from the precomputed block sum.
+    /// Q4_1 (d, m: f16, 16 bytes of nibbles; x = d·q + m): the weights, each `fma(q, d, m)`,
+    /// which rounds once as ggml's `q·d + m` does (`q·d` is exact), and 1.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_block(p: *const u8, x: *const f32, sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
+    unsafe fn q4_1_decode(p: *const u8) -> Decoded {
         // [d, m, 0, 0] from the two f16 in one conversion.
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-        let acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), block_dot(nibbles(p.add(4)), x), acc);
-        (acc, _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_load_ss(sum_x), acc1))
+        let (d, m) = (_mm256_broadcastss_ps(dm), _mm256_broadcastss_ps(_mm_movehdup_ps(dm)));
+        let [a, b, c, e] = nibbles(p.add(4));
+        let w = [
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), d, m),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), d, m),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), d, m),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), d, m),
+        ];
+        (w, _mm256_set1_ps(1.0))
     }
 
-    /// Q8_0 (d: f16, 32 i8; x = q·d): `acc + d·Σ q·x`.
+    /// Q8_0 (d: f16, 32 i8; x = q·d): the integers q and d.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_block(p: *const u8, x: *const f32, _sum_x: *const f32, acc: __m256, acc1: __m128) -> (__m256, __m128) {
-        let q = [i8x8(p.add(2)), i8x8(p.add(10)), i8x8(p.add(18)), i8x8(p.add(26))];
-        (_mm256_fmadd_ps(f16_splat(p), block_dot(q, x), acc), acc1)
+    unsafe fn q8_0_decode(p: *const u8) -> Decoded {
+        ([i8x8_f32(p.add(2)), i8x8_f32(p.add(10)), i8x8_f32(p.add(18)), i8x8_f32(p.add(26))], f16_splat(p))
     }
 
-    /// A row kernel: `out[j] = x · W[j]` over the rows in `w`, with two accumulators (even and
-    /// odd blocks) so that consecutive blocks do not wait on each other.
-    macro_rules! rows_kernel {
-        ($(#[$doc:meta])* $name:ident, $block:ident, $block_bytes:expr) => {
-            $(#[$doc])*
-            ///
-            /// # Safety
-            /// The CPU has AVX2, FMA and F16C; `x.len()` is a multiple of 32, `row_bytes` is
-            /// `x.len() / 32` blocks, `w.len() == out.len() · row_bytes`, and `sum_x` holds the
-            /// sum of each 32 values of x if the block function reads it.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], sum_x: &[f32], out: &mut [f32]) {
+    /// `Σ v[i]·x[i]` over one block, in eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_dot(v: &[__m256; 4], x: *const f32) -> __m256 {
+        let s = _mm256_mul_ps(v[0], _mm256_loadu_ps(x));
+        let s = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x.add(8)), s);
+        let s = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(x.add(16)), s);
+        _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x.add(24)), s)
+    }
+
+    /// The kernels of one format, from its decoder and block size in bytes.
+    macro_rules! format_kernels {
+        ($format:ident, $decode:ident, $block_bytes:expr) => {
+            pub mod $format {
+                use super::*;
+
                 const BLOCK_BYTES: usize = $block_bytes;
-                let nb = x.len() / QK;
-                debug_assert_eq!(nb * BLOCK_BYTES, row_bytes);
-                debug_assert_eq!(w.len(), out.len() * row_bytes);
-                let (x, s) = (x.as_ptr(), sum_x.as_ptr());
-                for (j, y) in out.iter_mut().enumerate() {
-                    // Row j's nb blocks lie within w, and x has nb·32 elements. `s` is only
-                    // offset (wrapping), not read, by block functions that do not use it.
-                    let row = w.as_ptr().add(j * row_bytes);
-                    let (mut v0, mut v1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let (mut s0, mut s1) = (_mm_setzero_ps(), _mm_setzero_ps());
-                    let mut b = 0;
-                    while b + 2 <= nb {
-                        (v0, s0) = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), s.wrapping_add(b), v0, s0);
-                        (v1, s1) = $block(row.add((b + 1) * BLOCK_BYTES), x.add((b + 1) * QK), s.wrapping_add(b + 1), v1, s1);
-                        b += 2;
+
+                /// `acc` plus block `b` of the row at `row` times x.
+                #[inline]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn step(row: *const u8, b: usize, x: *const f32, acc: __m256) -> __m256 {
+                    let (v, scale) = $decode(row.add(b * BLOCK_BYTES));
+                    _mm256_fmadd_ps(scale, block_dot(&v, x.add(b * QK)), acc)
+                }
+
+                /// `out[j] = x · W[j]` over the rows in `w`, with two accumulators (even and
+                /// odd blocks) so that consecutive blocks do not wait on each other.
+                ///
+                /// # Safety
+                /// The CPU has AVX2, FMA and F16C; `x.len()` is a multiple of 32, `row_bytes`
+                /// is `x.len() / 32` blocks and `w.len() == out.len() · row_bytes`.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub unsafe fn gemv(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+                    let nb = x.len() / QK;
+                    debug_assert_eq!(nb * BLOCK_BYTES, row_bytes);
+                    debug_assert_eq!(w.len(), out.len() * row_bytes);
+                    let x = x.as_ptr();
+                    for (j, y) in out.iter_mut().enumerate() {
+                        let row = w.as_ptr().add(j * row_bytes);
+                        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let mut b = 0;
+                        while b + 2 <= nb {
+                            acc0 = step(row, b, x, acc0);
+                            acc1 = step(row, b + 1, x, acc1);
+                            b += 2;
+                        }
+                        if b < nb {
+                            acc0 = step(row, b, x, acc0);
+                        }
+                        *y = hsum(_mm256_add_ps(acc0, acc1));
                     }
-                    if b < nb {
-                        (v0, s0) = $block(row.add(b * BLOCK_BYTES), x.add(b * QK), s.wrapping_add(b), v0, s0);
+                }
+
+                /// One row of W (at `row`, nb blocks) against R rows of x (at `x`, row stride
+                /// k), each block decoded once; result r goes to `out[r·n]`.
+                #[inline]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn group<const R: usize>(
+                    row: *const u8,
+                    nb: usize,
+                    x: *const f32,
+                    k: usize,
+                    out: *mut f32,
+                    n: usize,
+                ) {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    for b in 0..nb {
+                        let (v, scale) = $decode(row.add(b * BLOCK_BYTES));
+                        for r in 0..R {
+                            acc[r] = _mm256_fmadd_ps(scale, block_dot(&v, x.add(r * k + b * QK)), acc[r]);
+                        }
                     }
-                    *y = hsum(_mm256_add_ps(v0, v1)) + _mm_cvtss_f32(_mm_add_ss(s0, s1));
+                    for r in 0..R {
+                        *out.add(r * n) = hsum(acc[r]);
+                    }
+                }
+
+                /// `out[i·n + j] = x[i] · W[j]` for the rows of W in `w` and the m rows of x,
+                /// four rows of x at a time.
+                ///
+                /// # Safety
+                /// As [`gemv`] with x of m rows; `out` points to m rows of stride n with room
+                /// for `w.len() / row_bytes` values each, which nothing else uses during the
+                /// call.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub unsafe fn direct(w: &[u8], row_bytes: usize, x: &[f32], m: usize, out: *mut f32, n: usize) {
+                    if m == 0 {
+                        return;
+                    }
+                    let k = x.len() / m;
+                    let nb = k / QK;
+                    debug_assert_eq!(nb * BLOCK_BYTES, row_bytes);
+                    let xp = x.as_ptr();
+                    let rows = w.len() / row_bytes;
+                    // Tiles of W rows, so that a tile and four rows of x stay in L1 while the
+                    // tile is multiplied with them.
+                    for tile in (0..rows).step_by(TILE_ROWS) {
+                        let tile = tile..rows.min(tile + TILE_ROWS);
+                        let mut i = 0;
+                        while i + 4 <= m {
+                            let (x, out) = (xp.add(i * k), out.add(i * n));
+                            for j in tile.clone() {
+                                group::<4>(w.as_ptr().add(j * row_bytes), nb, x, k, out.add(j), n);
+                            }
+                            i += 4;
+                        }
+                        let (x, out) = (xp.add(i * k), out.add(i * n));
+                        for j in tile {
+                            let (row, out) = (w.as_ptr().add(j * row_bytes), out.add(j));
+                            match m - i {
+                                1 => group::<1>(row, nb, x, k, out, n),
+                                2 => group::<2>(row, nb, x, k, out, n),
+                                3 => group::<3>(row, nb, x, k, out, n),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+
+                /// Dequantizes whole blocks, to exactly the values of ggml's dequantization.
+                ///
+                /// # Safety
+                /// The CPU has AVX2, FMA and F16C; `src` holds `dst.len() / 32` blocks.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
+                    debug_assert_eq!(src.len() * QK, dst.len() * BLOCK_BYTES);
+                    for (b, y) in dst.chunks_exact_mut(QK).enumerate() {
+                        let (v, scale) = $decode(src.as_ptr().add(b * BLOCK_BYTES));
+                        for (i, v) in v.into_iter().enumerate() {
+                            _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), _mm256_mul_ps(v, scale));
+                        }
+                    }
                 }
             }
         };
     }
 
-    rows_kernel!(/// Q4_0 rows (18-byte blocks).
-        q4_0_rows, q4_0_block, 18);
-    rows_kernel!(/// Q4_1 rows (20-byte blocks).
-        q4_1_rows, q4_1_block, 20);
-    rows_kernel!(/// Q8_0 rows (34-byte blocks).
-        q8_0_rows, q8_0_block, 34);
+    format_kernels!(q4_0, q4_0_decode, 18);
+    format_kernels!(q4_1, q4_1_decode, 20);
+    format_kernels!(q8_0, q8_0_decode, 34);
 }
 
 #[cfg(test)]
@@ -500,25 +687,65 @@ mod tests {
         b
     }
 
-    /// The specialised kernels agree with the generic path, which other CPUs use for them.
+    /// The specialised kernels agree with the generic path, which other CPUs use for them,
+    /// and dequantize exactly as `GgmlType::dequantize`.
     #[test]
     fn fast_kernels_match_generic_path() {
         let (n, k) = (37, 96);
-        let x: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         for (ty, scales) in [(GgmlType::Q4_0, &[0][..]), (GgmlType::Q4_1, &[0, 2]), (GgmlType::Q8_0, &[0])] {
-            let w = blocks(ty, n * k / 32, scales, ty.id() as u64);
-            let row_bytes = ty.bytes_for(k).unwrap();
-            let mut generic = vec![0.0; n];
-            Kernel::Generic.rows(ty, &w, row_bytes, &x, &[], &mut generic);
             let kernel = Kernel::select(ty);
             if kernel == Kernel::Generic {
                 continue; // no fast kernel on this CPU
             }
-            let mut fast = vec![0.0; n];
-            kernel.rows(ty, &w, row_bytes, &x, &block_sums(&x), &mut fast);
-            let scale = generic.iter().fold(1.0f32, |a, v| a.max(v.abs()));
-            for (j, (a, b)) in fast.iter().zip(&generic).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * scale, "{ty} row {j}: {a} vs {b}");
+            let w = blocks(ty, n * k / 32, scales, ty.id() as u64);
+            let row_bytes = ty.bytes_for(k).unwrap();
+
+            let mut expected = vec![0.0; n * k];
+            ty.dequantize(&w, &mut expected).unwrap();
+            let mut got = vec![f32::NAN; n * k];
+            kernel.dequantize(ty, &w, &mut got);
+            assert!(got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{ty} dequantize");
+
+            for m in 1..=9 {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                let mut generic = vec![0.0; m * n];
+                for (x, y) in x.chunks(k).zip(generic.chunks_mut(n)) {
+                    Kernel::Generic.gemv(ty, &w, row_bytes, x, y);
+                }
+                let scale = generic.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+                let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * scale;
+                if m == 1 {
+                    let mut fast = vec![f32::NAN; n];
+                    kernel.gemv(ty, &w, row_bytes, &x, &mut fast);
+                    for (j, (a, b)) in fast.iter().zip(&generic).enumerate() {
+                        assert!(close(*a, *b), "{ty} gemv row {j}: {a} vs {b}");
+                    }
+                }
+                // Rows 5..n of W, written to columns 5..n of out.
+                let first = 5;
+                let mut direct = vec![f32::NAN; m * n];
+                // SAFETY: direct is m×n and this call alone uses it.
+                unsafe {
+                    kernel.direct(
+                        ty,
+                        &w[first * row_bytes..],
+                        row_bytes,
+                        &x,
+                        m,
+                        k,
+                        direct.as_mut_ptr(),
+                        n,
+                        first,
+                        n - first,
+                    )
+                };
+                for (i, (a, b)) in direct.iter().zip(&generic).enumerate() {
+                    if i % n >= first {
+                        assert!(close(*a, *b), "{ty} direct m={m} element {i}: {a} vs {b}");
+                    } else {
+                        assert!(a.is_nan(), "{ty} direct m={m} wrote outside its columns");
+                    }
+                }
             }
         }
     }

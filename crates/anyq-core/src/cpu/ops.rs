@@ -63,6 +63,13 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Adds `bias` to every row of `out` (`[rows, bias.len()]`).
+pub fn add_bias(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len()) {
+        add_inplace(row, bias);
+    }
+}
+
 /// Numerically stable softmax of one row, in place.
 pub fn softmax_inplace(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -8,6 +8,7 @@ pub mod safetensors;
 use std::path::{Path, PathBuf};
 
 use anyq_core::Tensor;
+use anyq_quant::ggml::GgmlType;
 
 use crate::config::ModelConfig;
 use crate::error::LoadError;
@@ -21,6 +22,11 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
     /// The file that errors should name.
     fn source_path(&self) -> PathBuf;
+    /// A tensor's shape and bytes as stored, where the source stores GGML blocks, so that
+    /// quantized weights can stay quantized in memory. `Ok(None)` otherwise.
+    fn stored(&self, _name: &str) -> Result<Option<(GgmlType, Vec<usize>, &[u8])>, LoadError> {
+        Ok(None)
+    }
 }
 
 /// The Hugging Face name of a tensor in llama.cpp's naming.
@@ -59,6 +65,12 @@ impl WeightSource for GgufFile {
 
     fn source_path(&self) -> PathBuf {
         self.path().to_path_buf()
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<(GgmlType, Vec<usize>, &[u8])>, LoadError> {
+        Ok(gguf_name(name)
+            .and_then(|g| self.tensor_info(&g))
+            .map(|info| (info.ggml_type, info.shape(), self.tensor_bytes(info))))
     }
 }
 
