@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod linear;
 pub mod tensor;
+pub mod testing;
 
 pub use linear::{DenseLinear, Linear};
 pub use tensor::Tensor;

@@ -9,7 +9,7 @@ use anyq_quant::ggml_linear::GgmlLinear;
 
 use crate::config::ModelConfig;
 use crate::error::LoadError;
-use crate::loader::WeightSource;
+use crate::loader::{StoredTensor, WeightSource};
 
 struct Block {
     attn_norm: Vec<f32>,
@@ -231,7 +231,7 @@ impl Loader<'_> {
     /// memory to read per token than f32, same products up to summation order); anything else
     /// is dequantized to f32.
     fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<Box<dyn Linear>, LoadError> {
-        if let Some((ggml_type, shape, bytes)) = self.weights.stored(name)? {
+        if let Some(StoredTensor { ggml_type, shape, bytes }) = self.weights.stored(name) {
             if shape == [out, inp] && GgmlLinear::supports(ggml_type) && inp % ggml_type.block_size() == 0 {
                 let linear = GgmlLinear::new(ggml_type, bytes.to_vec(), bias, out, inp).map_err(|e| LoadError::Tensor {
                     path: self.weights.source_path(),

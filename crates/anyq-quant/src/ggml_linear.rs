@@ -662,22 +662,11 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 32) as u8
-            })
-            .collect()
-    }
+    use anyq_core::testing::XorShift;
 
     /// Random blocks with finite f16 scales in [-1, 1) at the given offsets.
     fn blocks(ty: GgmlType, n_blocks: usize, scales: &[usize], seed: u64) -> Vec<u8> {
-        let mut b = random_bytes(n_blocks * ty.type_size(), seed);
+        let mut b = XorShift::new(seed).bytes(n_blocks * ty.type_size());
         for (i, block) in b.chunks_exact_mut(ty.type_size()).enumerate() {
             for (j, &o) in scales.iter().enumerate() {
                 let v = half::f16::from_f32(((i * 7 + j * 3) % 17) as f32 / 8.5 - 1.0);

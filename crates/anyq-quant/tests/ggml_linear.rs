@@ -2,38 +2,14 @@
 //! type and odd shapes; construction errors; and an ignored benchmark against `DenseLinear`
 //! (run with `cargo test --release -p anyq-quant -- --ignored --nocapture`).
 
-use std::time::{Duration, Instant};
 
 use anyq_core::cpu::matmul_xwt_reference;
-use anyq_core::{DenseLinear, Linear};
+use anyq_core::Linear;
 use anyq_quant::ggml::{GgmlError, GgmlType};
 use anyq_quant::ggml_linear::GgmlLinear;
 use half::{bf16, f16};
 
-/// xorshift: tests need varied data, not a quality generator.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-
-    fn floats(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.uniform()).collect()
-    }
-}
+use anyq_core::testing::XorShift as Rng;
 
 /// Every type, found through the id table.
 fn all_types() -> Vec<GgmlType> {
@@ -69,14 +45,14 @@ fn random_weight(ty: GgmlType, n_elements: usize, scale: f32, rng: &mut Rng) -> 
         }
         _ => {}
     }
-    let mut bytes: Vec<u8> = (0..ty.bytes_for(n_elements).unwrap()).map(|_| rng.next() as u8).collect();
+    let mut bytes: Vec<u8> = (0..ty.bytes_for(n_elements).unwrap()).map(|_| rng.next_u64() as u8).collect();
     for (i, block) in bytes.chunks_exact_mut(ty.type_size()).enumerate() {
         for &(is_f32, offset) in scale_fields(ty) {
             let mut v = scale * rng.uniform();
             if i % 13 == 7 {
                 v *= 100.0;
             }
-            let h = if i % 11 == 5 { f16::from_bits((rng.next() as u16 & 0x83FF) | 1) } else { f16::from_f32(v) };
+            let h = if i % 11 == 5 { f16::from_bits((rng.next_u64() as u16 & 0x83FF) | 1) } else { f16::from_f32(v) };
             if is_f32 {
                 block[offset..offset + 4].copy_from_slice(&h.to_f32().to_le_bytes());
             } else {
@@ -324,112 +300,4 @@ fn construction_errors() {
 fn dequantize_row_out_of_range_panics() {
     let linear = GgmlLinear::new(GgmlType::Q8_0, vec![0; 3 * 34], None, 3, 32).unwrap();
     linear.dequantize_row(3, &mut [0.0; 32]);
-}
-
-/// Best time per call of each of `a` and `b` (each call a sweep over `layers` layers), over
-/// `rounds` alternating rounds after one warm-up each: the minimum is the least disturbed by
-/// other work on the machine.
-fn best_of_two(
-    rounds: usize,
-    layers: (usize, usize),
-    mut a: impl FnMut(),
-    mut b: impl FnMut(),
-) -> (Duration, Duration) {
-    a();
-    b();
-    let (mut best_a, mut best_b) = (Duration::MAX, Duration::MAX);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        a();
-        best_a = best_a.min(t.elapsed() / layers.0 as u32);
-        let t = Instant::now();
-        b();
-        best_b = best_b.min(t.elapsed() / layers.1 as u32);
-    }
-    (best_a, best_b)
-}
-
-/// Prints decode (m = 1) and prompt (m = 4 … 128) speeds of `GgmlLinear` against `DenseLinear` on
-/// the dequantized weight, on 2 threads. "hot" repeats one weight (cache-resident when it is
-/// small); "cold" sweeps through copies totalling over 128 MB, as a decode step sweeps through
-/// a model's layers. Not a test: it asserts nothing about timings.
-#[test]
-#[ignore = "benchmark: run with --release --ignored --nocapture"]
-fn benchmark_against_dense() {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    pool.install(|| {
-        let mut rng = Rng::new(1);
-        for (n, k) in [(1536, 576), (576, 1536), (49152, 576)] {
-            for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K] {
-                if ty.bytes_for(k).is_err() {
-                    continue;
-                }
-                let bytes = random_weight(ty, n * k, 0.01, &mut rng);
-                let (q_bytes, d_bytes) = (bytes.len(), 4 * n * k);
-                let dense_w = dequantized(ty, &bytes, n * k);
-                let copies = |bytes_each: usize| (128usize << 20).div_ceil(bytes_each).max(2);
-                let quant: Vec<GgmlLinear> = (0..copies(q_bytes))
-                    .map(|_| GgmlLinear::new(ty, bytes.clone(), None, n, k).unwrap())
-                    .collect();
-                let dense: Vec<DenseLinear> =
-                    (0..copies(d_bytes)).map(|_| DenseLinear::new(dense_w.clone(), None, n, k)).collect();
-                let x = rng.floats(k);
-                let (mut out_q, mut out_d) = (vec![0.0; n], vec![0.0; n]);
-                let reps = (400_000_000 / (n * k)).clamp(10, 400);
-                let (hot_q, hot_d) = best_of_two(
-                    reps,
-                    (1, 1),
-                    || quant[0].forward(&x, 1, &mut out_q),
-                    || dense[0].forward(&x, 1, &mut out_d),
-                );
-                let (cold_q, cold_d) = best_of_two(
-                    8,
-                    (quant.len(), dense.len()),
-                    || quant.iter().for_each(|l| l.forward(&x, 1, &mut out_q)),
-                    || dense.iter().for_each(|l| l.forward(&x, 1, &mut out_d)),
-                );
-                let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
-                let us = |t: Duration| t.as_secs_f64() * 1e6;
-                println!(
-                    "GEMV {n}x{k} {ty} ({:.1} MB vs {:.1} MB): hot {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), \
-                     {:.2}x | cold {:.1} us ({:.1} GB/s) vs dense {:.1} us ({:.1} GB/s), {:.2}x",
-                    q_bytes as f64 / 1e6,
-                    d_bytes as f64 / 1e6,
-                    us(hot_q),
-                    gbs(q_bytes, hot_q),
-                    us(hot_d),
-                    gbs(d_bytes, hot_d),
-                    hot_d.as_secs_f64() / hot_q.as_secs_f64(),
-                    us(cold_q),
-                    gbs(q_bytes, cold_q),
-                    us(cold_d),
-                    gbs(d_bytes, cold_d),
-                    cold_d.as_secs_f64() / cold_q.as_secs_f64(),
-                );
-
-                // Prompts: a few rows (multiplied from the blocks directly) and many (dequantized
-                // panels and `gemm`).
-                for m in [4, 20, 21, 128] {
-                    let xs = rng.floats(m * k);
-                    let (mut outs_q, mut outs_d) = (vec![0.0; m * n], vec![0.0; m * n]);
-                    let reps = (10_000_000_000 / (m * n * k)).clamp(3, 200);
-                    let (pre_q, pre_d) = best_of_two(
-                        reps,
-                        (1, 1),
-                        || quant[0].forward(&xs, m, &mut outs_q),
-                        || dense[0].forward(&xs, m, &mut outs_d),
-                    );
-                    let gflops = |t: Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
-                    println!(
-                        "  m={m}: {:.3} ms ({:.1} GFLOP/s) vs dense {:.3} ms ({:.1} GFLOP/s), {:.2}x",
-                        pre_q.as_secs_f64() * 1e3,
-                        gflops(pre_q),
-                        pre_d.as_secs_f64() * 1e3,
-                        gflops(pre_d),
-                        pre_d.as_secs_f64() / pre_q.as_secs_f64(),
-                    );
-                }
-            }
-        }
-    });
 }

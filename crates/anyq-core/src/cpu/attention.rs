@@ -119,10 +119,7 @@ pub fn causal_attention_reference(q: &[f32], k: &[f32], v: &[f32], shape: Attent
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, salt: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * 12.9898 + salt).sin() * 43758.547).fract()).collect()
-    }
+    use crate::testing::XorShift;
 
     #[test]
     fn matches_reference_for_prefill_and_decode_with_gqa() {
@@ -131,9 +128,10 @@ mod tests {
         {
             let shape = AttentionShape { queries, past, n_heads, n_kv_heads, head_dim };
             let keys = past + queries;
-            let q = pseudo_random(queries * n_heads * head_dim, 1.0);
-            let k = pseudo_random(keys * n_kv_heads * head_dim, 2.0);
-            let v = pseudo_random(keys * n_kv_heads * head_dim, 3.0);
+            let mut rng = XorShift::new((queries * 100 + past) as u64);
+            let q = rng.floats(queries * n_heads * head_dim);
+            let k = rng.floats(keys * n_kv_heads * head_dim);
+            let v = rng.floats(keys * n_kv_heads * head_dim);
             let mut out = vec![f32::NAN; q.len()];
             causal_attention(&q, &k, &v, &mut out, shape);
             let reference = causal_attention_reference(&q, &k, &v, shape);

@@ -70,25 +70,14 @@ pub fn matmul_xwt_reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        // xorshift: tests need varied data, not a quality generator.
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::XorShift;
 
     #[test]
     fn matches_reference_on_odd_shapes() {
         for &(m, n, k) in &[(1, 1, 1), (1, 37, 129), (3, 5, 7), (17, 33, 65), (64, 96, 576), (1, 1000, 576)] {
-            let x = random(m * k, 1 + m as u64);
-            let w = random(n * k, 2 + n as u64);
+            let mut rng = XorShift::new((m * 1000 + n) as u64);
+            let x = rng.floats(m * k);
+            let w = rng.floats(n * k);
             let mut out = vec![f32::NAN; m * n];
             matmul_xwt(&x, &w, &mut out, m, n, k);
             let reference = matmul_xwt_reference(&x, &w, m, n, k);

@@ -22,11 +22,18 @@ pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError>;
     /// The file that errors should name.
     fn source_path(&self) -> PathBuf;
-    /// A tensor's shape and bytes as stored, where the source stores GGML blocks, so that
-    /// quantized weights can stay quantized in memory. `Ok(None)` otherwise.
-    fn stored(&self, _name: &str) -> Result<Option<(GgmlType, Vec<usize>, &[u8])>, LoadError> {
-        Ok(None)
+    /// A tensor as stored, where the source stores GGML blocks, so that quantized weights can
+    /// stay quantized in memory. `None` otherwise.
+    fn stored(&self, _name: &str) -> Option<StoredTensor<'_>> {
+        None
     }
+}
+
+/// A tensor's bytes in its GGML type, with its row-major shape.
+pub struct StoredTensor<'a> {
+    pub ggml_type: GgmlType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
 }
 
 /// The Hugging Face name of a tensor in llama.cpp's naming.
@@ -67,10 +74,9 @@ impl WeightSource for GgufFile {
         self.path().to_path_buf()
     }
 
-    fn stored(&self, name: &str) -> Result<Option<(GgmlType, Vec<usize>, &[u8])>, LoadError> {
-        Ok(gguf_name(name)
-            .and_then(|g| self.tensor_info(&g))
-            .map(|info| (info.ggml_type, info.shape(), self.tensor_bytes(info))))
+    fn stored(&self, name: &str) -> Option<StoredTensor<'_>> {
+        let info = self.tensor_info(&gguf_name(name)?)?;
+        Some(StoredTensor { ggml_type: info.ggml_type, shape: info.shape(), bytes: self.tensor_bytes(info) })
     }
 }
 
