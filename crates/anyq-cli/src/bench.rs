@@ -24,7 +24,10 @@ pub struct CpuBenchArgs {
 }
 
 pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.prompt_tokens > 0 && args.gen_tokens > 0 && args.repeats > 0, "token counts and repeats must be > 0");
+    anyhow::ensure!(
+        args.prompt_tokens > 0 && args.gen_tokens > 0 && args.repeats > 0,
+        "token counts and repeats must be > 0"
+    );
     let loaded = load_with_progress(&args.model)?;
     let model = &loaded.model;
     let vocab = model.config.vocab_size as u32;

@@ -59,20 +59,21 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         write!(stdout, "{}", args.prompt)?;
     }
     let mut write_error = None;
-    let generation = run_generation(&loaded.model, &ids, args.max_tokens, &mut sampler, &bundle.special.stop, &mut |id| {
-        let piece = match stream.push(id) {
-            Ok(piece) => piece,
-            Err(e) => {
-                write_error = Some(anyhow::anyhow!("cannot decode token {id}: {e}"));
+    let generation =
+        run_generation(&loaded.model, &ids, args.max_tokens, &mut sampler, &bundle.special.stop, &mut |id| {
+            let piece = match stream.push(id) {
+                Ok(piece) => piece,
+                Err(e) => {
+                    write_error = Some(anyhow::anyhow!("cannot decode token {id}: {e}"));
+                    return false;
+                }
+            };
+            if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+                write_error = Some(e.into());
                 return false;
             }
-        };
-        if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
-            write_error = Some(e.into());
-            return false;
-        }
-        true
-    })?;
+            true
+        })?;
     if let Some(e) = write_error {
         return Err(e);
     }
@@ -100,7 +101,8 @@ pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let windows = args.max_windows.map_or(ids.len() / args.ctx, |m| m.min(ids.len() / args.ctx));
     let progress = bar(windows, "ppl");
     let started = std::time::Instant::now();
-    let report = run_perplexity(&loaded.model, &ids, args.ctx, args.max_windows, &|done, _| progress.set_position(done as u64))?;
+    let report =
+        run_perplexity(&loaded.model, &ids, args.ctx, args.max_windows, &|done, _| progress.set_position(done as u64))?;
     progress.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     println!("text: {} ({} tokens)", args.text.display(), ids.len());

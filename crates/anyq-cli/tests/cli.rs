@@ -28,7 +28,15 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn chat_answers_and_reports_speed() {
     let model = model();
-    let out = anyq(&["generate", model.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "-n", "24"]);
+    let out = anyq(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "-n",
+        "24",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("Paris"), "stdout: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
@@ -40,8 +48,22 @@ fn sampling_is_reproducible_by_seed() {
     let model = model();
     let run = |seed: &str| {
         let out = anyq(&[
-            "generate", model.to_str().unwrap(), "--prompt", "The weather today", "-n", "24",
-            "--temperature", "1.0", "--top-k", "50", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", seed,
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The weather today",
+            "-n",
+            "24",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
         ]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout)
@@ -59,7 +81,17 @@ fn perplexity_of_a_short_text() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("excerpt.txt");
     std::fs::write(&file, &novel[..8000]).unwrap();
-    let out = anyq(&["eval", "ppl", model.to_str().unwrap(), "--text", file.to_str().unwrap(), "--ctx", "128", "--max-windows", "3"]);
+    let out = anyq(&[
+        "eval",
+        "ppl",
+        model.to_str().unwrap(),
+        "--text",
+        file.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--max-windows",
+        "3",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("windows: 3 x 128 tokens, 381 tokens predicted"), "{stdout}");

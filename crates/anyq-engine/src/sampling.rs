@@ -62,7 +62,8 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut candidates: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 {
             candidates.truncate(p.top_k);

@@ -66,7 +66,8 @@ fn greedy_tokens_match_transformers_for_32_steps() {
         let expected = ids(&prompt["greedy"]);
         let mut sampler = Sampler::new(SamplingParams::default());
         // No stop ids: the reference ran plain argmax for 32 steps, through EOS if it came.
-        let out = generate(&loaded.model, &ids(&prompt["ids"]), expected.len(), &mut sampler, &[], &mut |_| true).unwrap();
+        let out =
+            generate(&loaded.model, &ids(&prompt["ids"]), expected.len(), &mut sampler, &[], &mut |_| true).unwrap();
         assert_eq!(out.tokens, expected, "{:?}", prompt["text"]);
     }
 }
@@ -116,7 +117,11 @@ fn top_logits_agree_with_llama_cpp_within_its_activation_quantization() {
             .iter()
             .map(|pair| (logits[pair[0].as_u64().unwrap() as usize] as f64 - pair[1].as_f64().unwrap()).abs())
             .fold(0.0, f64::max);
-        eprintln!("{:?}: max |Δlogit| / max |logit| vs llama.cpp on its top 32 = {:.2e}", prompt["text"], max_diff / scale);
+        eprintln!(
+            "{:?}: max |Δlogit| / max |logit| vs llama.cpp on its top 32 = {:.2e}",
+            prompt["text"],
+            max_diff / scale
+        );
         assert!(max_diff / scale <= 3e-2, "{:?}: {:.2e}", prompt["text"], max_diff / scale);
         assert_eq!(anyq_engine::argmax(&logits) as u64, top[0][0].as_u64().unwrap(), "{:?}: top token", prompt["text"]);
     }

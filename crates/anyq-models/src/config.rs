@@ -80,7 +80,8 @@ struct HfRopeScaling {
 impl ModelConfig {
     pub fn from_hf_json(json: &str) -> Result<Self, LoadError> {
         let hf: HfConfig = serde_json::from_str(json).map_err(|e| LoadError::Metadata(format!("config.json: {e}")))?;
-        let model_type = hf.model_type.as_deref().ok_or_else(|| LoadError::Metadata("config.json: no model_type".into()))?;
+        let model_type =
+            hf.model_type.as_deref().ok_or_else(|| LoadError::Metadata("config.json: no model_type".into()))?;
         let architecture = Architecture::parse(model_type)?;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
         let rope_theta = hf.rope_theta.unwrap_or(10_000.0);
@@ -92,10 +93,14 @@ impl ModelConfig {
                     "default" => None,
                     "llama3" => {
                         let need = |v: Option<f32>, name: &str| {
-                            v.ok_or_else(|| LoadError::Metadata(format!("config.json: rope_scaling llama3 needs {name}")))
+                            v.ok_or_else(|| {
+                                LoadError::Metadata(format!("config.json: rope_scaling llama3 needs {name}"))
+                            })
                         };
                         let original = s.original_max_position_embeddings.ok_or_else(|| {
-                            LoadError::Metadata("config.json: rope_scaling llama3 needs original_max_position_embeddings".into())
+                            LoadError::Metadata(
+                                "config.json: rope_scaling llama3 needs original_max_position_embeddings".into(),
+                            )
                         })?;
                         Some(llama3_freq_factors(
                             head_dim,
@@ -106,7 +111,11 @@ impl ModelConfig {
                             original as f32,
                         ))
                     }
-                    other => return Err(LoadError::Metadata(format!("config.json: rope_scaling type {other:?} is not supported"))),
+                    other => {
+                        return Err(LoadError::Metadata(format!(
+                            "config.json: rope_scaling type {other:?} is not supported"
+                        )))
+                    }
                 }
             }
         };
@@ -142,7 +151,8 @@ impl ModelConfig {
         let arch_name = meta.require("general.architecture", meta.str("general.architecture"))?;
         let architecture = Architecture::parse(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
-        let usize_key = |k: &str| -> Result<usize, LoadError> { Ok(meta.require(&key(k), meta.u64(&key(k)))? as usize) };
+        let usize_key =
+            |k: &str| -> Result<usize, LoadError> { Ok(meta.require(&key(k), meta.u64(&key(k)))? as usize) };
         let hidden_size = usize_key("embedding_length")?;
         let num_heads = usize_key("attention.head_count")?;
         let head_dim = match meta.u64(&key("attention.key_length"))? {
@@ -151,7 +161,10 @@ impl ModelConfig {
         };
         if let Some(kind) = meta.str(&key("rope.scaling.type"))? {
             if kind != "none" {
-                return Err(LoadError::Metadata(format!("{}: RoPE scaling {kind:?} is not supported", key("rope.scaling.type"))));
+                return Err(LoadError::Metadata(format!(
+                    "{}: RoPE scaling {kind:?} is not supported",
+                    key("rope.scaling.type")
+                )));
             }
         }
         let config = Self {
@@ -163,7 +176,9 @@ impl ModelConfig {
             num_heads,
             num_kv_heads: meta.u64(&key("attention.head_count_kv"))?.map_or(num_heads, |v| v as usize),
             head_dim,
-            rms_norm_eps: meta.require(&key("attention.layer_norm_rms_epsilon"), meta.f64(&key("attention.layer_norm_rms_epsilon")))? as f32,
+            rms_norm_eps: meta
+                .require(&key("attention.layer_norm_rms_epsilon"), meta.f64(&key("attention.layer_norm_rms_epsilon")))?
+                as f32,
             rope_theta: meta.f64(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32,
             // llama.cpp's converter permutes LLaMA's Q/K rows so that RoPE pairs are adjacent;
             // Qwen2 keeps Hugging Face's layout (llama.cpp's "NEOX" RoPE).
@@ -181,13 +196,24 @@ impl ModelConfig {
 
     fn validate(self) -> Result<Self, LoadError> {
         let bad = |m: String| Err(LoadError::Metadata(m));
-        if [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim]
-            .contains(&0)
+        if [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        ]
+        .contains(&0)
         {
             return bad(format!("a model dimension is zero: {self:?}"));
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("{} attention heads cannot be grouped over {} KV heads", self.num_heads, self.num_kv_heads));
+            return bad(format!(
+                "{} attention heads cannot be grouped over {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head dimension {} is odd; RoPE needs pairs", self.head_dim));
@@ -203,7 +229,14 @@ impl ModelConfig {
 
 /// LLaMA-3.1's RoPE scaling as per-frequency divisors: high frequencies stay, low ones are
 /// divided by `factor`, and the band between is interpolated smoothly.
-fn llama3_freq_factors(head_dim: usize, theta: f32, factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_ctx: f32) -> Vec<f32> {
+fn llama3_freq_factors(
+    head_dim: usize,
+    theta: f32,
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_ctx: f32,
+) -> Vec<f32> {
     let low_freq_wavelen = original_ctx / low_freq_factor;
     let high_freq_wavelen = original_ctx / high_freq_factor;
     (0..head_dim / 2)

@@ -72,7 +72,11 @@ pub enum ForwardError {
 
 impl LlamaModel {
     /// Builds the model from named weights (Hugging Face names), checking every shape.
-    pub fn load(config: ModelConfig, weights: &dyn WeightSource, progress: &dyn Fn(usize, usize)) -> Result<Self, LoadError> {
+    pub fn load(
+        config: ModelConfig,
+        weights: &dyn WeightSource,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Self, LoadError> {
         let c = &config;
         let (h, kv_width, q_width) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim);
         let loader = Loader { weights };
@@ -115,7 +119,11 @@ impl LlamaModel {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { keys: vec![Vec::new(); self.config.num_layers], values: vec![Vec::new(); self.config.num_layers], len: 0 }
+        KvCache {
+            keys: vec![Vec::new(); self.config.num_layers],
+            values: vec![Vec::new(); self.config.num_layers],
+            len: 0,
+        }
     }
 
     /// Bytes of all weights (what one decode step reads).
@@ -124,7 +132,10 @@ impl LlamaModel {
             .blocks
             .iter()
             .map(|b| {
-                [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj].iter().map(|l| l.weight_bytes()).sum::<usize>()
+                [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj]
+                    .iter()
+                    .map(|l| l.weight_bytes())
+                    .sum::<usize>()
                     + 4 * (b.attn_norm.len() + b.mlp_norm.len())
             })
             .sum();
@@ -154,7 +165,8 @@ impl LlamaModel {
 
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let (cos, sin) = self.rope.tables(past..past + t);
-        let shape = AttentionShape { queries: t, past, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let shape =
+            AttentionShape { queries: t, past, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
         let mut normed = vec![0.0; t * h];
         let mut q = vec![0.0; t * q_width];
         let mut k = vec![0.0; t * kv_width];
@@ -213,7 +225,8 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let err = |message: String| LoadError::Tensor { path: self.weights.source_path(), tensor: name.to_string(), message };
+        let err =
+            |message: String| LoadError::Tensor { path: self.weights.source_path(), tensor: name.to_string(), message };
         let tensor = self.weights.tensor(name)?.ok_or_else(|| err("missing".into()))?;
         // A 1-D weight may be stored as [1, n] by some converters; compare element layouts.
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
@@ -233,11 +246,12 @@ impl Loader<'_> {
     fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<Box<dyn Linear>, LoadError> {
         if let Some(StoredTensor { ggml_type, shape, bytes }) = self.weights.stored(name) {
             if shape == [out, inp] && GgmlLinear::supports(ggml_type) && inp % ggml_type.block_size() == 0 {
-                let linear = GgmlLinear::new(ggml_type, bytes.to_vec(), bias, out, inp).map_err(|e| LoadError::Tensor {
-                    path: self.weights.source_path(),
-                    tensor: name.to_string(),
-                    message: e.to_string(),
-                })?;
+                let linear =
+                    GgmlLinear::new(ggml_type, bytes.to_vec(), bias, out, inp).map_err(|e| LoadError::Tensor {
+                        path: self.weights.source_path(),
+                        tensor: name.to_string(),
+                        message: e.to_string(),
+                    })?;
                 return Ok(Box::new(linear));
             }
         }

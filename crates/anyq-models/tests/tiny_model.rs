@@ -334,7 +334,8 @@ fn hf_integer_dtype_is_rejected_by_name() {
     std::fs::write(dir.path().join("config.json"), hf_config("llama", false)).unwrap();
     let raw = vec![0u8; VOCAB * HIDDEN * 4];
     let view = TensorView::new(Dtype::I32, vec![VOCAB, HIDDEN], &raw).unwrap();
-    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.path().join("model.safetensors")).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.path().join("model.safetensors"))
+        .unwrap();
     let e = load(dir.path()).err().expect("I32 weights loaded").to_string();
     assert!(e.contains("model.embed_tokens.weight") && e.contains("I32"), "{e}");
 }
@@ -349,9 +350,12 @@ fn sharded_hf_folder_matches_single_file() {
     // Two shards, split as transformers does by size, and the index that names each tensor's shard.
     let (first, second) = weights.tensors.split_at(weights.tensors.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (shard, tensors) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
-        let raw: Vec<(String, Vec<usize>, Vec<u8>)> =
-            tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+    for (shard, tensors) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)]
+    {
+        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
         let views: Vec<(String, TensorView)> =
             raw.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
         safetensors::serialize_to_file(views, None, &sharded.path().join(shard)).unwrap();
@@ -362,7 +366,8 @@ fn sharded_hf_folder_matches_single_file() {
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
     std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
 
-    let (a, b) = (all_logits(&load(single.path()).unwrap(), &TOKENS), all_logits(&load(sharded.path()).unwrap(), &TOKENS));
+    let (a, b) =
+        (all_logits(&load(single.path()).unwrap(), &TOKENS), all_logits(&load(sharded.path()).unwrap(), &TOKENS));
     assert_eq!(a, b, "the same weights from one file or two shards");
 
     std::fs::remove_file(sharded.path().join("model-00002-of-00002.safetensors")).unwrap();

@@ -2,7 +2,6 @@
 //! type and odd shapes; construction errors; and an ignored benchmark against `DenseLinear`
 //! (run with `cargo test --release -p anyq-quant -- --ignored --nocapture`).
 
-
 use anyq_core::cpu::matmul_xwt_reference;
 use anyq_core::Linear;
 use anyq_quant::ggml::{GgmlError, GgmlType};

@@ -52,13 +52,24 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape:
             // rows×cols score buffer: all within the lengths asserted above.
             unsafe {
                 gemm(
-                    rows, cols, d,
-                    scores.as_mut_ptr(), 1, cols as isize,
+                    rows,
+                    cols,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    cols as isize,
                     false,
-                    q.as_ptr().add(first * q_width + h * d), 1, q_width as isize,
-                    k.as_ptr().add(g * d), kv_width as isize, 1,
-                    0.0, scale,
-                    false, false, false,
+                    q.as_ptr().add(first * q_width + h * d),
+                    1,
+                    q_width as isize,
+                    k.as_ptr().add(g * d),
+                    kv_width as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
                     Parallelism::None,
                 );
             }
@@ -71,13 +82,24 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape:
             // SAFETY: scores is rows×cols, V rows 0..cols of KV head g, block_out rows×d.
             unsafe {
                 gemm(
-                    rows, d, cols,
-                    block_out.as_mut_ptr(), 1, d as isize,
+                    rows,
+                    d,
+                    cols,
+                    block_out.as_mut_ptr(),
+                    1,
+                    d as isize,
                     false,
-                    scores.as_ptr(), 1, cols as isize,
-                    v.as_ptr().add(g * d), 1, kv_width as isize,
-                    0.0, 1.0,
-                    false, false, false,
+                    scores.as_ptr(),
+                    1,
+                    cols as isize,
+                    v.as_ptr().add(g * d),
+                    1,
+                    kv_width as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
                     Parallelism::None,
                 );
             }
@@ -103,7 +125,9 @@ pub fn causal_attention_reference(q: &[f32], k: &[f32], v: &[f32], shape: Attent
             let g = h / (n_heads / n_kv_heads);
             let qh = &q[t * q_width + h * d..][..d];
             let mut scores: Vec<f32> = (0..=past + t)
-                .map(|s| qh.iter().zip(&k[s * kv_width + g * d..][..d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                .map(|s| {
+                    qh.iter().zip(&k[s * kv_width + g * d..][..d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()
+                })
                 .collect();
             softmax_inplace(&mut scores);
             for (s, p) in scores.iter().enumerate() {

@@ -40,13 +40,24 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: 
     // out (m×n, row stride n), x (m×k, row stride k), and Wᵀ read as k×n with column stride k.
     unsafe {
         gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
             false,
-            x.as_ptr(), 1, k as isize,
-            w.as_ptr(), k as isize, 1,
-            0.0, 1.0,
-            false, false, false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism,
         );
     }

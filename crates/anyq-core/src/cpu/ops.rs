@@ -189,7 +189,8 @@ mod tests {
         // this is exactly the Q/K permutation llama.cpp's converter applies.
         let d = 8;
         let head: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
-        let permute = |h: &[f32]| (0..d).map(|j| if j % 2 == 0 { h[j / 2] } else { h[j / 2 + d / 2] }).collect::<Vec<_>>();
+        let permute =
+            |h: &[f32]| (0..d).map(|j| if j % 2 == 0 { h[j / 2] } else { h[j / 2 + d / 2] }).collect::<Vec<_>>();
         let neox = Rope::new(RopeStyle::Neox, d, 10000.0, None);
         let inter = Rope::new(RopeStyle::Interleaved, d, 10000.0, None);
         let (cos, sin) = neox.tables(5..6);

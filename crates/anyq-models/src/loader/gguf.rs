@@ -70,7 +70,11 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], LoadError> {
         let end = self.pos.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or_else(|| {
-            self.error(format!("truncated: {what} needs {n} bytes at offset {}, file has {}", self.pos, self.bytes.len()))
+            self.error(format!(
+                "truncated: {what} needs {n} bytes at offset {}, file has {}",
+                self.pos,
+                self.bytes.len()
+            ))
         })?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
@@ -95,7 +99,10 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let remaining = (self.bytes.len() - self.pos) as u64;
         if n.saturating_mul(min_item_bytes.max(1) as u64) > remaining {
-            return Err(self.error(format!("{what} {n} at offset {} needs more bytes than the rest of the file (truncated or corrupt)", self.pos - 8)));
+            return Err(self.error(format!(
+                "{what} {n} at offset {} needs more bytes than the rest of the file (truncated or corrupt)",
+                self.pos - 8
+            )));
         }
         Ok(n as usize)
     }
@@ -103,7 +110,8 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String, LoadError> {
         let n = self.count(what, 1)?;
         let bytes = self.take(n, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.error(format!("{what} at offset {} is not UTF-8", self.pos - n)))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| self.error(format!("{what} at offset {} is not UTF-8", self.pos - n)))
     }
 
     fn value(&mut self, type_id: u32, key: &str) -> Result<MetaValue, LoadError> {
@@ -233,7 +241,8 @@ impl GgufFile {
 
     /// A tensor dequantized to f32, in row-major shape.
     pub fn tensor_f32(&self, name: &str) -> Result<Tensor, LoadError> {
-        let info = self.tensor_info(name).ok_or_else(|| tensor_error(&self.path, name, "missing from the file".into()))?;
+        let info =
+            self.tensor_info(name).ok_or_else(|| tensor_error(&self.path, name, "missing from the file".into()))?;
         let mut data = vec![0.0f32; info.n_elements()];
         info.ggml_type
             .dequantize(self.tensor_bytes(info), &mut data)

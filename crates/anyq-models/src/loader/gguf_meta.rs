@@ -78,10 +78,17 @@ impl GgufMetadata {
         self.values.get(key)
     }
 
-    fn typed<'a, T>(&'a self, key: &str, kind: &str, f: impl Fn(&'a MetaValue) -> Option<T>) -> Result<Option<T>, LoadError> {
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        kind: &str,
+        f: impl Fn(&'a MetaValue) -> Option<T>,
+    ) -> Result<Option<T>, LoadError> {
         match self.values.get(key) {
             None => Ok(None),
-            Some(v) => f(v).map(Some).ok_or_else(|| LoadError::Metadata(format!("key {key}: expected {kind}, found {v:?}"))),
+            Some(v) => {
+                f(v).map(Some).ok_or_else(|| LoadError::Metadata(format!("key {key}: expected {kind}, found {v:?}")))
+            }
         }
     }
 

@@ -108,8 +108,14 @@ pub fn load_model(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<Loaded
             .collect();
         return match &ggufs[..] {
             [one] => load_gguf(one, progress),
-            [] => Err(LoadError::Format { path: path.to_path_buf(), message: "no config.json and no .gguf file in this folder".into() }),
-            _ => Err(LoadError::Format { path: path.to_path_buf(), message: format!("{} .gguf files here; name one", ggufs.len()) }),
+            [] => Err(LoadError::Format {
+                path: path.to_path_buf(),
+                message: "no config.json and no .gguf file in this folder".into(),
+            }),
+            _ => Err(LoadError::Format {
+                path: path.to_path_buf(),
+                message: format!("{} .gguf files here; name one", ggufs.len()),
+            }),
         };
     }
     load_gguf(path, progress)
@@ -117,9 +123,11 @@ pub fn load_model(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<Loaded
 
 fn load_gguf(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedModel, LoadError> {
     let file = GgufFile::open(path)?;
-    let embed = file
-        .tensor_info("token_embd.weight")
-        .ok_or_else(|| LoadError::Tensor { path: path.to_path_buf(), tensor: "token_embd.weight".into(), message: "missing".into() })?;
+    let embed = file.tensor_info("token_embd.weight").ok_or_else(|| LoadError::Tensor {
+        path: path.to_path_buf(),
+        tensor: "token_embd.weight".into(),
+        message: "missing".into(),
+    })?;
     let vocab_from_embedding = embed.shape()[0];
     let freq_factors = match file.tensor_info("rope_freqs.weight") {
         Some(_) => Some(file.tensor_f32("rope_freqs.weight")?.into_data()),
@@ -165,7 +173,10 @@ mod tests {
     fn gguf_names_follow_llama_cpp() {
         assert_eq!(gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(), Some("blk.12.attn_output.weight"));
         assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.bias").as_deref(), Some("blk.0.attn_q.bias"));
-        assert_eq!(gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(),
+            Some("blk.3.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.3.unknown.weight"), None);
     }

@@ -25,8 +25,8 @@ impl SafetensorsWeights {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(LoadError::io(&index_path))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LoadError::Format { path: index_path.clone(), message: e.to_string() })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::Format { path: index_path.clone(), message: e.to_string() })?;
             let map = json["weight_map"].as_object().ok_or_else(|| LoadError::Format {
                 path: index_path.clone(),
                 message: "no weight_map object".into(),
@@ -43,7 +43,8 @@ impl SafetensorsWeights {
             let file = File::open(&path).map_err(LoadError::io(&path))?;
             // SAFETY: read-only map of a file anyq does not modify while loaded.
             let mmap = unsafe { Mmap::map(&file) }.map_err(LoadError::io(&path))?;
-            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Format { path: path.clone(), message: e.to_string() })?;
+            let tensors = SafeTensors::deserialize(&mmap)
+                .map_err(|e| LoadError::Format { path: path.clone(), message: e.to_string() })?;
             for tensor_name in tensors.names() {
                 index.insert(tensor_name.to_string(), files.len());
             }
