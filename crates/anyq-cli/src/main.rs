@@ -1,6 +1,7 @@
 //! `anyq`: quantized LLM inference from the command line.
 
 mod bench;
+mod bench_kernels;
 mod commands;
 mod progress;
 
@@ -86,6 +87,8 @@ struct PplArgs {
 enum BenchCommand {
     /// Prefill and decode tokens/s on the CPU (llama-bench's pp/tg tests).
     Cpu(bench::CpuBenchArgs),
+    /// Integer (W8A8, W4A8) linear kernels against the f32 product, shape by shape.
+    Kernels(bench_kernels::KernelBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate(args),
         Command::Eval(EvalCommand::Ppl(args)) => commands::perplexity(args),
         Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
+        Command::Bench(BenchCommand::Kernels(args)) => bench_kernels::run(args),
         Command::Info { model } => commands::info(&model),
     });
     match result {

@@ -1,11 +1,13 @@
-//! The engine: generation (sampling, streaming), perplexity evaluation and chat templates,
+//! The engine: generation (sampling, streaming), perplexity evaluation, calibration and chat templates,
 //! on top of the model layer.
 
+pub mod calibrate;
 pub mod chat;
 pub mod generate;
 pub mod perplexity;
 pub mod sampling;
 
+pub use calibrate::{calibrate, CalibrationStats};
 pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
 pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
 pub use sampling::{argmax, Sampler, SamplingParams};

@@ -60,6 +60,38 @@ impl KvCache {
     }
 }
 
+/// The activations that a block's linear layers read: calibration observes them here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearInput {
+    /// RMSNorm output, read by q_proj, k_proj and v_proj.
+    Attention,
+    /// Attention output, read by o_proj.
+    AttentionOutput,
+    /// RMSNorm output, read by gate_proj and up_proj.
+    Mlp,
+    /// silu(gate) · up, read by down_proj.
+    MlpDown,
+}
+
+impl LinearInput {
+    pub const ALL: [LinearInput; 4] = [Self::Attention, Self::AttentionOutput, Self::Mlp, Self::MlpDown];
+
+    /// The linear layers (Hugging Face module names within a block) that read this input.
+    pub fn consumers(self) -> &'static [&'static str] {
+        match self {
+            Self::Attention => &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            Self::AttentionOutput => &["self_attn.o_proj"],
+            Self::Mlp => &["mlp.gate_proj", "mlp.up_proj"],
+            Self::MlpDown => &["mlp.down_proj"],
+        }
+    }
+}
+
+/// Sees every linear layer's input during a forward pass (`x` is `[tokens, cols]`).
+pub trait ActivationObserver {
+    fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], cols: usize);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("token id {id} is outside the vocabulary of {vocab}")]
@@ -146,6 +178,16 @@ impl LlamaModel {
     /// Runs `tokens` at the positions after those in `cache`, appends their keys and values to
     /// it, and returns the final-norm hidden states `[tokens.len(), hidden]`.
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ForwardError> {
+        self.forward_observed(tokens, cache, None)
+    }
+
+    /// `forward_hidden`, showing each linear layer's input to `observer`.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mut observer: Option<&mut dyn ActivationObserver>,
+    ) -> Result<Vec<f32>, ForwardError> {
         let c = &self.config;
         let (t, h) = (tokens.len(), c.hidden_size);
         if t == 0 {
@@ -176,9 +218,15 @@ impl LlamaModel {
         let mut up = vec![0.0; t * c.intermediate_size];
         let mut out = vec![0.0; t * h];
 
+        let mut observe = |layer: usize, input: LinearInput, x: &[f32], cols: usize| {
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(layer, input, x, cols);
+            }
+        };
         for (layer, b) in self.blocks.iter().enumerate() {
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &b.attn_norm, c.rms_norm_eps);
+            observe(layer, LinearInput::Attention, &normed, h);
             b.q_proj.forward(&normed, t, &mut q);
             b.k_proj.forward(&normed, t, &mut k);
             b.v_proj.forward(&normed, t, &mut v);
@@ -187,14 +235,17 @@ impl LlamaModel {
             cache.keys[layer].extend_from_slice(&k);
             cache.values[layer].extend_from_slice(&v);
             causal_attention(&q, &cache.keys[layer], &cache.values[layer], &mut attn, shape);
+            observe(layer, LinearInput::AttentionOutput, &attn, q_width);
             b.o_proj.forward(&attn, t, &mut out);
             add_inplace(&mut x, &out);
 
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &b.mlp_norm, c.rms_norm_eps);
+            observe(layer, LinearInput::Mlp, &normed, h);
             b.gate_proj.forward(&normed, t, &mut gate);
             b.up_proj.forward(&normed, t, &mut up);
             silu_mul(&mut gate, &up);
+            observe(layer, LinearInput::MlpDown, &gate, c.intermediate_size);
             b.down_proj.forward(&gate, t, &mut out);
             add_inplace(&mut x, &out);
         }

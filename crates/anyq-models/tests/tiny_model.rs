@@ -374,3 +374,56 @@ fn sharded_hf_folder_matches_single_file() {
     let e = load(sharded.path()).err().expect("a missing shard loaded").to_string();
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
 }
+
+#[test]
+fn observer_sees_each_linear_input_as_the_block_computes_it() {
+    use anyq_models::{ActivationObserver, LinearInput};
+
+    #[derive(Default)]
+    struct Recorder(Vec<(usize, LinearInput, Vec<f32>, usize)>);
+    impl ActivationObserver for Recorder {
+        fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], cols: usize) {
+            self.0.push((layer, input, x.to_vec(), cols));
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let weights = tiny_weights(false);
+    gguf_writer(&weights, "llama").write(&path).unwrap();
+    let loaded = load(&path).unwrap();
+    let model = &loaded.model;
+    let mut recorder = Recorder::default();
+    let hidden = model.forward_observed(&TOKENS[..3], &mut model.new_cache(), Some(&mut recorder)).unwrap();
+    assert_eq!(
+        hidden,
+        model.forward_hidden(&TOKENS[..3], &mut model.new_cache()).unwrap(),
+        "observing changes nothing"
+    );
+
+    let order: Vec<(usize, LinearInput, usize)> = recorder.0.iter().map(|(l, i, _, c)| (*l, *i, *c)).collect();
+    let expected: Vec<(usize, LinearInput, usize)> = (0..LAYERS)
+        .flat_map(|l| {
+            [
+                (l, LinearInput::Attention, HIDDEN),
+                (l, LinearInput::AttentionOutput, HEADS * HEAD_DIM),
+                (l, LinearInput::Mlp, HIDDEN),
+                (l, LinearInput::MlpDown, FFN),
+            ]
+        })
+        .collect();
+    assert_eq!(order, expected);
+
+    // Layer 0's attention input is RMSNorm(embedding rows) · norm weight, computed here by hand.
+    let tensor = |name: &str| &weights.tensors.iter().find(|(n, _, _)| n == name).unwrap().2;
+    let (embed, norm) = (tensor("model.embed_tokens.weight"), tensor("model.layers.0.input_layernorm.weight"));
+    let observed = &recorder.0[0].2;
+    for (t, &id) in TOKENS[..3].iter().enumerate() {
+        let row = &embed[id as usize * HIDDEN..(id as usize + 1) * HIDDEN];
+        let rms = (row.iter().map(|v| v * v).sum::<f32>() / HIDDEN as f32 + 1e-5).sqrt();
+        for j in 0..HIDDEN {
+            let expected = row[j] / rms * norm[j];
+            assert!((observed[t * HIDDEN + j] - expected).abs() < 1e-5, "token {t} channel {j}");
+        }
+    }
+}

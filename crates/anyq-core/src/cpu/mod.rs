@@ -2,6 +2,7 @@
 //! size the caller sets once (`--threads`).
 
 mod attention;
+pub mod int8;
 mod matmul;
 mod ops;
 

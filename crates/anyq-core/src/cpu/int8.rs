@@ -1,0 +1,998 @@
+//! Integer GEMM for quantized linear layers: W8A8 (SmoothQuant) and W4A8 with group-wise weight
+//! scales (the low-bit part of MixQ).
+//!
+//! Activations are quantized per token to symmetric i8 (`x ≈ s_x[m]·x_q[m, :]`), weights per
+//! output channel (W8) or per group of k (W4). The products are summed exactly in i32 and turned
+//! into f32 only in the epilogue, in registers, which writes `out` once:
+//!
+//! - W8A8: `out[m, n] = (Σ_k x_q·w_q) as f32 · s_w[n] · s_x[m] (+ bias[n]) (+ out[m, n])`
+//! - W4A8: `out[m, n] = (Σ_g (Σ_{k∈g} x_q·w_q) as f32 · s_w[n, g]) · s_x[m] (+ bias[n]) (+ out[m, n])`
+//!
+//! in exactly this order of f32 operations, which the references follow too.
+//!
+//! Weights are packed once into 64-byte lines of 16 output channels × 4 consecutive k, the
+//! operand of one AVX-512 VNNI `vpdpbusd`. Each kernel keeps an `MR × 16·NB` tile of sums in
+//! registers over all of k, broadcasting 4 bytes of a row of x against each line.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// Output channels per packed block: one 64-byte line holds 4 k of each.
+const BLOCK: usize = 16;
+
+/// Below this many multiply-adds a product runs on one thread: splitting costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// Tasks per thread: enough that work stealing evens out unequal tiles.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Largest |k| whose i32 sums cannot overflow (127·128·k < 2³¹); intermediate sums of the
+/// offset trick may wrap, which the final subtraction undoes.
+const MAX_K: usize = 1 << 17;
+
+/// 64 bytes on a cache-line boundary, so a line never straddles two cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Which implementation runs the integer kernels. `detect` picks the best the CPU has; tests run
+/// every supported one against the references.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntKernel {
+    /// AVX-512 VNNI `vpdpbusd` (u8 × i8 → i32, 64 products per instruction).
+    Avx512Vnni,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd` (u8 × i8 → i16 pairs → i32).
+    Avx2,
+    /// Plain Rust, for any CPU.
+    Portable,
+}
+
+impl IntKernel {
+    pub const ALL: [IntKernel; 3] = [IntKernel::Avx512Vnni, IntKernel::Avx2, IntKernel::Portable];
+
+    /// Whether this CPU can run the kernel (checked at run time).
+    pub fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            IntKernel::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            IntKernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            IntKernel::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The fastest kernel this CPU supports.
+    pub fn detect() -> Self {
+        Self::ALL.into_iter().find(|k| k.is_supported()).unwrap_or(IntKernel::Portable)
+    }
+
+    /// Rows × 16-channel blocks of the register tile.
+    fn tile4(self) -> (usize, usize) {
+        if let Ok(v) = std::env::var(format!("TILE4_{:?}", self)) { let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect(); return (v[0], v[1]); }
+        self.tile()
+    }
+    fn tile(self) -> (usize, usize) {
+        if let Ok(v) = std::env::var(format!("TILE_{:?}", self)) { let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect(); return (v[0], v[1]); }
+        match self {
+            IntKernel::Avx512Vnni => (6, 4),
+            IntKernel::Avx2 => (4, 1),
+            IntKernel::Portable => (1, 1),
+        }
+    }
+}
+
+/// An int8 weight `[n, k]` with per-output-channel scales, packed for the kernels.
+#[derive(Clone)]
+pub struct I8Weight {
+    n: usize,
+    k: usize,
+    /// Lines per block: ⌈k/4⌉.
+    k4: usize,
+    /// `[⌈n/16⌉ blocks][k4][16 channels][4 k]`, zero-padded in n and k.
+    packed: Vec<Line>,
+    /// `[⌈n/16⌉·16]`, zero-padded.
+    scales: Vec<f32>,
+    /// `128·Σ_k w_q[n, k]`: what feeding `x_q + 128` as u8 to `vpdpbusd` adds to each sum.
+    offset: Vec<i32>,
+}
+
+impl I8Weight {
+    /// `q` is row-major `[n, k]` in [-127, 127] (symmetric quantization: −128 would overflow the
+    /// AVX2 kernel's sign trick), `scales` is `[n]`.
+    pub fn new(q: &[i8], scales: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(q.len(), n * k, "I8Weight: q is not [n={n}, k={k}]");
+        assert_eq!(scales.len(), n, "I8Weight: scales are not [n={n}]");
+        assert!(k <= MAX_K, "I8Weight: k={k} is over {MAX_K}");
+        assert!(q.iter().all(|&v| v != i8::MIN), "I8Weight: values must be in [-127, 127]");
+        let (blocks, k4) = (n.div_ceil(BLOCK), k.div_ceil(4));
+        let mut packed = vec![Line([0; 64]); blocks * k4];
+        let mut offset = vec![0i32; blocks * BLOCK];
+        for (row, values) in q.chunks_exact(k.max(1)).take(n).enumerate() {
+            let (block, c) = (row / BLOCK, row % BLOCK);
+            for (kk, &v) in values.iter().enumerate() {
+                packed[block * k4 + kk / 4].0[c * 4 + kk % 4] = v as u8;
+            }
+            offset[row] = 128 * values.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        let mut padded = scales.to_vec();
+        padded.resize(blocks * BLOCK, 0.0);
+        Self { n, k, k4, packed, scales: padded, offset }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held: packed values, scales and offsets.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() * 64 + self.scales.len() * 4 + self.offset.len() * 4
+    }
+
+    /// The values, row-major `[n, k]` (to serialize).
+    pub fn values(&self) -> Vec<i8> {
+        let mut q = vec![0i8; self.n * self.k];
+        for (row, values) in q.chunks_exact_mut(self.k.max(1)).take(self.n).enumerate() {
+            for (kk, v) in values.iter_mut().enumerate() {
+                *v = self.packed[row / BLOCK * self.k4 + kk / 4].0[row % BLOCK * 4 + kk % 4] as i8;
+            }
+        }
+        q
+    }
+
+    /// Per-output-channel scales `[n]`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales[..self.n]
+    }
+}
+
+/// An int4 weight `[n, k]` with one scale per group of `group` consecutive k of a channel,
+/// packed two values per byte for the kernels.
+#[derive(Clone)]
+pub struct I4Weight {
+    n: usize,
+    k: usize,
+    group: usize,
+    /// `[⌈n/16⌉ blocks][k/8][64 bytes]`: byte `4c + j` of line `u` holds channel c's
+    /// `w_q + 8` at k = 8u + j in its low nibble and at k = 8u + 4 + j in its high nibble, so the
+    /// two nibble planes are two VNNI lines. Zero-padded channels hold 0 (they are never stored).
+    packed: Vec<Line>,
+    /// `[⌈n/16⌉ blocks][k/group][16 channels]`: one vector load per block and group.
+    scales: Vec<f32>,
+}
+
+impl I4Weight {
+    /// `q` is row-major `[n, k]` in [-8, 7], `scales` is row-major `[n, k/group]`; `group` is a
+    /// multiple of 8 that divides k (32, 64 and 128 are the usual ones).
+    pub fn new(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Self {
+        assert!(group > 0 && group % 8 == 0, "I4Weight: group={group} is not a multiple of 8");
+        assert_eq!(k % group, 0, "I4Weight: group={group} does not divide k={k}");
+        assert_eq!(q.len(), n * k, "I4Weight: q is not [n={n}, k={k}]");
+        let groups = k / group;
+        assert_eq!(scales.len(), n * groups, "I4Weight: scales are not [n={n}, {groups}]");
+        assert!(k <= MAX_K, "I4Weight: k={k} is over {MAX_K}");
+        assert!(q.iter().all(|v| (-8..=7).contains(v)), "I4Weight: values must be in [-8, 7]");
+        let (blocks, k8) = (n.div_ceil(BLOCK), k / 8);
+        let mut packed = vec![Line([0; 64]); blocks * k8];
+        let mut packed_scales = vec![0.0f32; blocks * groups * BLOCK];
+        for row in 0..n {
+            let (block, c) = (row / BLOCK, row % BLOCK);
+            for kk in 0..k {
+                let nibble = (q[row * k + kk] + 8) as u8;
+                let byte = &mut packed[block * k8 + kk / 8].0[c * 4 + kk % 4];
+                *byte |= if kk % 8 < 4 { nibble } else { nibble << 4 };
+            }
+            for g in 0..groups {
+                packed_scales[(block * groups + g) * BLOCK + c] = scales[row * groups + g];
+            }
+        }
+        Self { n, k, group, packed, scales: packed_scales }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Bytes held: packed values and scales.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() * 64 + self.scales.len() * 4
+    }
+
+    /// The values, row-major `[n, k]` in [-8, 7] (to serialize).
+    pub fn values(&self) -> Vec<i8> {
+        let k8 = self.k / 8;
+        let mut q = vec![0i8; self.n * self.k];
+        for row in 0..self.n {
+            for kk in 0..self.k {
+                let byte = self.packed[row / BLOCK * k8 + kk / 8].0[row % BLOCK * 4 + kk % 4];
+                let nibble = if kk % 8 < 4 { byte & 15 } else { byte >> 4 };
+                q[row * self.k + kk] = nibble as i8 - 8;
+            }
+        }
+        q
+    }
+
+    /// The scales, row-major `[n, k/group]` (a copy: they are stored in the kernels' order).
+    pub fn scales(&self) -> Vec<f32> {
+        let groups = self.k / self.group;
+        let mut s = vec![0.0f32; self.n * groups];
+        for row in 0..self.n {
+            for g in 0..groups {
+                s[row * groups + g] = self.scales[(row / BLOCK * groups + g) * BLOCK + row % BLOCK];
+            }
+        }
+        s
+    }
+}
+
+/// Calls `$f::<MR, NB>(args)` for the run-time `mr` and `nb`, from the lists of those compiled.
+macro_rules! tiles {
+    ($f:ident, $mr:expr, $nb:expr, [$($m:literal)*], $nbs:tt, $args:tt) => {
+        match $mr {
+            $($m => tiles!(@nb $f, $m, $nb, $nbs, $args),)*
+            _ => unreachable!(),
+        }
+    };
+    (@nb $f:ident, $m:literal, $nb:expr, [$($n:literal)*], $args:tt) => {
+        match $nb {
+            $($n => $f::<$m, $n> $args,)*
+            _ => unreachable!(),
+        }
+    };
+}
+
+/// Per-token symmetric int8 quantization of activations `x` (`[rows, cols]`):
+/// `scales[r] = amax(row r)/127` (1 if the row is all zeros), `q = round(x / scales[r])` (ties to
+/// even, computed as `x · (1/scale)`), in [-127, 127].
+pub fn quantize_rows_i8(x: &[f32], rows: usize, cols: usize, q: &mut [i8], scales: &mut [f32]) {
+    assert_eq!(x.len(), rows * cols, "quantize_rows_i8: x is not [rows={rows}, cols={cols}]");
+    assert_eq!(q.len(), rows * cols, "quantize_rows_i8: q is not [rows={rows}, cols={cols}]");
+    assert_eq!(scales.len(), rows, "quantize_rows_i8: scales are not [rows={rows}]");
+    if rows == 0 || cols == 0 {
+        scales.fill(1.0);
+        return;
+    }
+    let quantize = |((x, q), s): ((&[f32], &mut [i8]), &mut f32)| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return *s = unsafe { quantize_row_avx2(x, q) };
+        }
+        *s = quantize_row(x, q);
+    };
+    let rows_iter = x.par_chunks(cols).zip(q.par_chunks_mut(cols)).zip(scales.par_iter_mut());
+    if rows * cols < PARALLEL_MIN_WORK / 4 {
+        rows_iter.with_min_len(rows).for_each(quantize);
+    } else {
+        rows_iter.for_each(quantize);
+    }
+}
+
+#[inline(always)]
+fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    // Adding and subtracting 1.5·2²³ rounds to an integer (ties to even) for |v| < 2²²; unlike
+    // `round_ties_even` it vectorizes without SSE4.1.
+    const ROUND: f32 = 12_582_912.0;
+    for (q, v) in q.iter_mut().zip(x) {
+        *q = ((v * inv).clamp(-127.0, 127.0) + ROUND - ROUND) as i8;
+    }
+    scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_row(x, q)
+}
+
+/// `out[m, n] = x_q[m, k] · w_q[n, k]ᵀ` in i32, the plain triple loop.
+pub fn gemm_i8_i32_reference(x_q: &[i8], w_q: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {
+    assert_eq!(x_q.len(), m * k);
+    assert_eq!(w_q.len(), n * k);
+    let mut out = vec![0i32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|l| x_q[i * k + l] as i32 * w_q[j * k + l] as i32).sum();
+        }
+    }
+    out
+}
+
+/// What `gemm_w8a8` must compute, from unpacked values: `w_q` is `[n, k]`, `w_scales` `[n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w8a8_reference(
+    x_q: &[i8],
+    x_scales: &[f32],
+    w_q: &[i8],
+    w_scales: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    let sums = gemm_i8_i32_reference(x_q, w_q, m, n, k);
+    for i in 0..m {
+        for j in 0..n {
+            let mut v = sums[i * n + j] as f32 * w_scales[j] * x_scales[i];
+            if let Some(b) = bias {
+                v += b[j];
+            }
+            if accumulate {
+                v += out[i * n + j];
+            }
+            out[i * n + j] = v;
+        }
+    }
+}
+
+/// What `gemm_w4a8` must compute, from unpacked values: `w_q` is `[n, k]` in [-8, 7],
+/// `w_scales` `[n, k/group]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w4a8_reference(
+    x_q: &[i8],
+    x_scales: &[f32],
+    w_q: &[i8],
+    w_scales: &[f32],
+    group: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    let groups = k / group;
+    for i in 0..m {
+        for j in 0..n {
+            let mut v = 0.0f32;
+            for g in 0..groups {
+                let range = g * group..(g + 1) * group;
+                let sum: i32 = range.map(|l| x_q[i * k + l] as i32 * w_q[j * k + l] as i32).sum();
+                v += sum as f32 * w_scales[j * groups + g];
+            }
+            v *= x_scales[i];
+            if let Some(b) = bias {
+                v += b[j];
+            }
+            if accumulate {
+                v += out[i * n + j];
+            }
+            out[i * n + j] = v;
+        }
+    }
+}
+
+/// `out[m, n] (=|+=) (x_q · w_qᵀ)[m, n] · s_w[n] · s_x[m] (+ bias[n])`, with the best kernel the
+/// CPU has. `x_q` is `[m, k]`, `x_scales` `[m]`, `out` `[m, n]`. `accumulate` adds into `out`
+/// (MixQ's fused add: the FP product of the outlier channels already sits there).
+pub fn gemm_w8a8(
+    x_q: &[i8],
+    x_scales: &[f32],
+    w: &I8Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    gemm_w8a8_with(IntKernel::detect(), x_q, x_scales, w, bias, out, m, accumulate);
+}
+
+/// `gemm_w8a8` on a chosen kernel; panics if the CPU lacks it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w8a8_with(
+    kernel: IntKernel,
+    x_q: &[i8],
+    x_scales: &[f32],
+    w: &I8Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    let (n, k) = (w.n, w.k);
+    check_args("gemm_w8a8", kernel, x_q, x_scales, bias, out, m, n, k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Rows of x padded to whole lines: as u8 x + 128 for VNNI, as they are otherwise.
+    let stride = w.k4 * 4;
+    let x: std::borrow::Cow<[u8]> = match kernel {
+        IntKernel::Avx512Vnni => pad_rows(x_q, m, k, stride, 0x80),
+        _ if k == stride => as_bytes(x_q).into(),
+        _ => pad_rows(x_q, m, k, stride, 0),
+    };
+    let job = W8Job { x: &x, stride, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
+    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile(), |r0, mr, b0, nb| match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `check_args` asserted that the CPU has the kernel's features; the tile lies
+        // within the shapes asserted there.
+        IntKernel::Avx512Vnni => unsafe { tiles!(w8_vnni, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        #[cfg(target_arch = "x86_64")]
+        IntKernel::Avx2 => unsafe { tiles!(w8_avx2, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        _ => w8_portable(&job, r0..r0 + mr, b0..b0 + nb),
+    });
+}
+
+/// `out[m, n] (=|+=) (Σ_g (x_q · w_qᵀ)_g[m, n] · s_w[n, g]) · s_x[m] (+ bias[n])`, with the best
+/// kernel the CPU has; shapes and `accumulate` as in `gemm_w8a8`.
+pub fn gemm_w4a8(
+    x_q: &[i8],
+    x_scales: &[f32],
+    w: &I4Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    gemm_w4a8_with(IntKernel::detect(), x_q, x_scales, w, bias, out, m, accumulate);
+}
+
+/// `gemm_w4a8` on a chosen kernel; panics if the CPU lacks it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w4a8_with(
+    kernel: IntKernel,
+    x_q: &[i8],
+    x_scales: &[f32],
+    w: &I4Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    let (n, k) = (w.n, w.k);
+    check_args("gemm_w4a8", kernel, x_q, x_scales, bias, out, m, n, k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The SIMD kernels multiply u8 `w_q + 8` by i8 x: each group's sum is then too large by
+    // 8·Σ_{k∈g} x_q, subtracted before scaling.
+    let groups = k / w.group;
+    let offset: Vec<i32> = match kernel {
+        IntKernel::Portable => Vec::new(),
+        _ => x_q.chunks_exact(w.group).map(|g| 8 * g.iter().map(|&v| v as i32).sum::<i32>()).collect(),
+    };
+    let job = W4Job { x: x_q, offset: &offset, groups, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
+    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile4(), |r0, mr, b0, nb| match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `gemm_w8a8_with`.
+        IntKernel::Avx512Vnni => unsafe { tiles!(w4_vnni, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        #[cfg(target_arch = "x86_64")]
+        IntKernel::Avx2 => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        _ => w4_portable(&job, r0..r0 + mr, b0..b0 + nb),
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_args(
+    name: &str,
+    kernel: IntKernel,
+    x_q: &[i8],
+    x_scales: &[f32],
+    bias: Option<&[f32]>,
+    out: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(kernel.is_supported(), "{name}: this CPU cannot run the {kernel:?} kernel");
+    assert_eq!(x_q.len(), m * k, "{name}: x_q is not [m={m}, k={k}]");
+    assert_eq!(x_scales.len(), m, "{name}: x_scales are not [m={m}]");
+    assert_eq!(out.len(), m * n, "{name}: out is not [m={m}, n={n}]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "{name}: bias is not [n={n}]");
+    }
+}
+
+fn as_bytes(x: &[i8]) -> &[u8] {
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+}
+
+/// Rows of `x` (`[m, k]`) as bytes XOR `flip`, each padded with `flip` (a zero of x) to `stride`.
+fn pad_rows(x: &[i8], m: usize, k: usize, stride: usize, flip: u8) -> std::borrow::Cow<'static, [u8]> {
+    let mut padded = vec![flip; m * stride];
+    for (dst, src) in padded.chunks_exact_mut(stride).zip(as_bytes(x).chunks_exact(k.max(1))) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s ^ flip;
+        }
+    }
+    padded.into()
+}
+
+/// Runs `tile(r0, mr, b0, nb)` over every tile of `m` rows × `blocks` 16-channel blocks, each
+/// tile at most `mr_max × nb_max`, on rayon's pool when the product is large enough. Every
+/// output element is computed by one tile in a fixed order, so results do not depend on the
+/// number of threads.
+fn for_each_tile(
+    m: usize,
+    blocks: usize,
+    k: usize,
+    (mr_max, nb_max): (usize, usize),
+    tile: impl Fn(usize, usize, usize, usize) + Sync,
+) {
+    // Blocks outside, rows inside: a panel of W stays in cache while every row passes over it.
+    let run = |rows: Range<usize>, bl: Range<usize>| {
+        for b0 in bl.clone().step_by(nb_max) {
+            let nb = nb_max.min(bl.end - b0);
+            for r0 in rows.clone().step_by(mr_max) {
+                tile(r0, mr_max.min(rows.end - r0), b0, nb);
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads == 1 || m * blocks * BLOCK * k < PARALLEL_MIN_WORK {
+        return run(0..m, 0..blocks);
+    }
+    let target = TASKS_PER_THREAD * threads;
+    let m_tiles = m.div_ceil(mr_max);
+    // One row tile (decode): split W finely. More rows: whole panels, and rows too if the panels
+    // are too few to keep every thread busy.
+    let blocks_per_task = if m_tiles == 1 { blocks.div_ceil(target) } else { nb_max };
+    let n_tasks = blocks.div_ceil(blocks_per_task);
+    let m_tasks = target.div_ceil(n_tasks).min(m_tiles);
+    let rows_per_task = m_tiles.div_ceil(m_tasks) * mr_max;
+    let m_tasks = m.div_ceil(rows_per_task);
+    (0..n_tasks * m_tasks).into_par_iter().for_each(|t| {
+        let (bt, mt) = (t / m_tasks, t % m_tasks);
+        let bl = bt * blocks_per_task..((bt + 1) * blocks_per_task).min(blocks);
+        run(mt * rows_per_task..((mt + 1) * rows_per_task).min(m), bl);
+    });
+}
+
+/// `out`, written by disjoint tiles from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tiles write disjoint elements, and the pointer outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// What turns a tile's f32 sums (before the token scale) into outputs.
+struct Epilogue<'a> {
+    x_scales: &'a [f32],
+    bias: Option<&'a [f32]>,
+    out: OutPtr,
+    n: usize,
+    accumulate: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    fn new(x_scales: &'a [f32], bias: Option<&'a [f32]>, out: &'a mut [f32], n: usize, accumulate: bool) -> Self {
+        Self { x_scales, bias, out: OutPtr(out.as_mut_ptr()), n, accumulate }
+    }
+
+    /// Writes `v · s_x[row] (+ bias) (+ out)` to `out[row, col]`.
+    ///
+    /// # Safety
+    /// `row < m`, `col < n`, and no other thread writes the element.
+    #[inline(always)]
+    unsafe fn store(&self, row: usize, col: usize, v: f32) {
+        self.finish(row, col, v * self.x_scales[row]);
+    }
+
+    /// Writes `y (+ bias) (+ out)` to `out[row, col]`, `y` being already scaled by `s_x[row]`.
+    ///
+    /// # Safety
+    /// As for `store`.
+    #[inline(always)]
+    unsafe fn finish(&self, row: usize, col: usize, mut y: f32) {
+        if let Some(b) = self.bias {
+            y += b[col];
+        }
+        let dst = self.out.0.add(row * self.n + col);
+        if self.accumulate {
+            y += *dst;
+        }
+        *dst = y;
+    }
+}
+
+struct W8Job<'a> {
+    /// Rows of `stride` bytes: `x_q + 128` for VNNI, `x_q` otherwise.
+    x: &'a [u8],
+    stride: usize,
+    w: &'a I8Weight,
+    ep: Epilogue<'a>,
+}
+
+struct W4Job<'a> {
+    x: &'a [i8],
+    /// `[m, groups]`: 8·Σ_{k∈g} x_q (SIMD kernels only).
+    offset: &'a [i32],
+    groups: usize,
+    w: &'a I4Weight,
+    ep: Epilogue<'a>,
+}
+
+fn w8_portable(job: &W8Job, rows: Range<usize>, blocks: Range<usize>) {
+    let (k4, w) = (job.w.k4, job.w);
+    for b in blocks {
+        let lines = &w.packed[b * k4..(b + 1) * k4];
+        for r in rows.clone() {
+            let x = &job.x[r * job.stride..(r + 1) * job.stride];
+            let mut acc = [0i32; BLOCK];
+            for (line, x) in lines.iter().zip(x.chunks_exact(4)) {
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let dot: i32 = (0..4).map(|j| x[j] as i8 as i32 * line.0[4 * c + j] as i8 as i32).sum();
+                    *acc = acc.wrapping_add(dot);
+                }
+            }
+            for (c, &acc) in acc.iter().enumerate().take(job.ep.n - b * BLOCK) {
+                let col = b * BLOCK + c;
+                // SAFETY: row and column are in range, and this tile owns them.
+                unsafe { job.ep.store(r, col, acc as f32 * w.scales[col]) };
+            }
+        }
+    }
+}
+
+fn w4_portable(job: &W4Job, rows: Range<usize>, blocks: Range<usize>) {
+    let (w, k) = (job.w, job.w.k);
+    let (k8, lines_per_group) = (k / 8, w.group / 8);
+    for b in blocks {
+        let lines = &w.packed[b * k8..(b + 1) * k8];
+        for r in rows.clone() {
+            let x = &job.x[r * k..(r + 1) * k];
+            let mut v = [0.0f32; BLOCK];
+            for (g, (lines, x)) in lines.chunks_exact(lines_per_group).zip(x.chunks_exact(w.group)).enumerate() {
+                let mut acc = [0i32; BLOCK];
+                for (line, x) in lines.iter().zip(x.chunks_exact(8)) {
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        for j in 0..4 {
+                            let byte = line.0[4 * c + j];
+                            *acc += ((byte & 15) as i32 - 8) * x[j] as i32 + ((byte >> 4) as i32 - 8) * x[4 + j] as i32;
+                        }
+                    }
+                }
+                let scales = &w.scales[(b * job.groups + g) * BLOCK..][..BLOCK];
+                for c in 0..BLOCK {
+                    v[c] += acc[c] as f32 * scales[c];
+                }
+            }
+            for (c, &v) in v.iter().enumerate().take(job.ep.n - b * BLOCK) {
+                // SAFETY: row and column are in range, and this tile owns them.
+                unsafe { job.ep.store(r, b * BLOCK + c, v) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use x86::{w4_avx2, w4_vnni, w8_avx2, w8_vnni};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Epilogue, W4Job, W8Job, BLOCK};
+
+    /// Reads 4 bytes of x as one i32 lane value, to broadcast.
+    #[inline(always)]
+    unsafe fn x4(p: *const u8) -> i32 {
+        p.cast::<i32>().read_unaligned()
+    }
+
+    /// A W8A8 tile on AVX-512 VNNI: rows `r0..r0+MR` × blocks `b0..b0+NB`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VNNI; the tile lies within the job's shapes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn w8_vnni<const MR: usize, const NB: usize>(job: &W8Job, r0: usize, b0: usize) {
+        let (k4, w) = (job.w.k4, job.w);
+        let lines = w.packed.as_ptr().add(b0 * k4);
+        let x = job.x.as_ptr().add(r0 * job.stride);
+        let mut acc = [[_mm512_setzero_si512(); NB]; MR];
+        for s in 0..k4 {
+            let mut wv = [_mm512_setzero_si512(); NB];
+            for (b, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_load_si512(lines.add(b * k4 + s).cast());
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_epi32(x4(x.add(r * job.stride + 4 * s)));
+                for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_dpbusd_epi32(*acc, xv, wv);
+                }
+            }
+        }
+        // Scaling in loops that unroll fully, apart from the stores, keeps `acc` in registers
+        // through the k loop: a rolled loop indexing it would pin it to the stack.
+        let sx = token_scales::<MR>(&job.ep, r0);
+        let mut y = [[_mm512_setzero_ps(); NB]; MR];
+        for b in 0..NB {
+            let c0 = (b0 + b) * BLOCK;
+            let offset = _mm512_loadu_si512(w.offset.as_ptr().add(c0).cast());
+            let scale = _mm512_loadu_ps(w.scales.as_ptr().add(c0));
+            for r in 0..MR {
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], offset)), scale);
+                y[r][b] = _mm512_mul_ps(v, sx[r]);
+            }
+        }
+        store_tile16(&job.ep, r0, b0, &y);
+    }
+
+    /// A W4A8 tile on AVX-512 VNNI. Each 64-byte line gives two VNNI lines (its nibble planes).
+    ///
+    /// # Safety
+    /// As for `w8_vnni`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn w4_vnni<const MR: usize, const NB: usize>(job: &W4Job, r0: usize, b0: usize) {
+        let w = job.w;
+        let (k, k8, lines_per_group) = (w.k, w.k / 8, w.group / 8);
+        let lines = w.packed.as_ptr().add(b0 * k8);
+        let x = job.x.as_ptr().add(r0 * k).cast::<u8>();
+        let nibble = _mm512_set1_epi8(15);
+        let mut sum = [[_mm512_setzero_ps(); NB]; MR];
+        for g in 0..job.groups {
+            let mut acc = [[_mm512_setzero_si512(); NB]; MR];
+            for u in g * lines_per_group..(g + 1) * lines_per_group {
+                let (mut lo, mut hi) = ([_mm512_setzero_si512(); NB], [_mm512_setzero_si512(); NB]);
+                for b in 0..NB {
+                    let v = _mm512_load_si512(lines.add(b * k8 + u).cast());
+                    lo[b] = _mm512_and_si512(v, nibble);
+                    hi[b] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xa = _mm512_set1_epi32(x4(x.add(r * k + 8 * u)));
+                    let xb = _mm512_set1_epi32(x4(x.add(r * k + 8 * u + 4)));
+                    for b in 0..NB {
+                        acc[b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b], lo[b], xa), hi[b], xb);
+                    }
+                }
+            }
+            let mut scale = [_mm512_setzero_ps(); NB];
+            for (b, scale) in scale.iter_mut().enumerate() {
+                *scale = _mm512_loadu_ps(w.scales.as_ptr().add(((b0 + b) * job.groups + g) * BLOCK));
+            }
+            for (r, (sum, acc)) in sum.iter_mut().zip(&acc).enumerate() {
+                let offset = _mm512_set1_epi32(*job.offset.get_unchecked((r0 + r) * job.groups + g));
+                for b in 0..NB {
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[b], offset));
+                    sum[b] = _mm512_add_ps(sum[b], _mm512_mul_ps(v, scale[b]));
+                }
+            }
+        }
+        let sx = token_scales::<MR>(&job.ep, r0);
+        let mut y = [[_mm512_setzero_ps(); NB]; MR];
+        for r in 0..MR {
+            for b in 0..NB {
+                y[r][b] = _mm512_mul_ps(sum[r][b], sx[r]);
+            }
+        }
+        store_tile16(&job.ep, r0, b0, &y);
+    }
+
+    /// `s_x` of rows `r0..r0+MR`, broadcast.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn token_scales<const MR: usize>(ep: &Epilogue, r0: usize) -> [__m512; MR] {
+        let mut sx = [_mm512_setzero_ps(); MR];
+        for (r, sx) in sx.iter_mut().enumerate() {
+            *sx = _mm512_set1_ps(*ep.x_scales.get_unchecked(r0 + r));
+        }
+        sx
+    }
+
+    /// The rest of the epilogue (bias, accumulation) on a tile scaled by `s_x`, and the stores.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_tile16<const MR: usize, const NB: usize>(
+        ep: &Epilogue,
+        r0: usize,
+        b0: usize,
+        y: &[[__m512; NB]; MR],
+    ) {
+        for (r, y) in y.iter().enumerate() {
+            for (b, &y) in y.iter().enumerate() {
+                store16(ep, r0 + r, (b0 + b) * BLOCK, y);
+            }
+        }
+    }
+
+    /// `y (+ bias) (+ out)` on 16 channels from `c0`, masked to those below n.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store16(ep: &Epilogue, row: usize, c0: usize, mut y: __m512) {
+        let valid = (ep.n - c0).min(BLOCK);
+        let mask = (u32::MAX >> (32 - valid)) as __mmask16;
+        if let Some(bias) = ep.bias {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(c0)));
+        }
+        let dst = ep.out.0.add(row * ep.n + c0);
+        if ep.accumulate {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, dst));
+        }
+        _mm512_mask_storeu_ps(dst, mask, y);
+    }
+
+    /// A W8A8 tile on AVX2. `vpmaddubsw` multiplies u8 by i8 into saturating i16 pairs, so x's
+    /// sign moves onto w (`|x| · sign(x)·w`): each pair is then at most 2·128·127 < 2¹⁵.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the tile lies within the job's shapes; no weight is −128.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn w8_avx2<const MR: usize, const NB: usize>(job: &W8Job, r0: usize, b0: usize) {
+        let (k4, w) = (job.w.k4, job.w);
+        let lines = w.packed.as_ptr().add(b0 * k4);
+        let x = job.x.as_ptr().add(r0 * job.stride);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[[_mm256_setzero_si256(); 2]; NB]; MR];
+        for s in 0..k4 {
+            let mut wv = [[_mm256_setzero_si256(); 2]; NB];
+            for (b, wv) in wv.iter_mut().enumerate() {
+                let line = lines.add(b * k4 + s).cast::<__m256i>();
+                *wv = [_mm256_load_si256(line), _mm256_load_si256(line.add(1))];
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm256_set1_epi32(x4(x.add(r * job.stride + 4 * s)));
+                let ax = _mm256_abs_epi8(xv);
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    for h in 0..2 {
+                        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[h], xv));
+                        acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        }
+        // As in `w8_vnni`: only fully unrolled loops index `acc`.
+        let sx = token_scales8::<MR>(&job.ep, r0);
+        let mut y = [[[_mm256_setzero_ps(); 2]; NB]; MR];
+        for b in 0..NB {
+            for h in 0..2 {
+                let scale = _mm256_loadu_ps(w.scales.as_ptr().add((b0 + b) * BLOCK + 8 * h));
+                for r in 0..MR {
+                    y[r][b][h] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][b][h]), scale), sx[r]);
+                }
+            }
+        }
+        store_tile8(&job.ep, r0, b0, &y);
+    }
+
+    /// A W4A8 tile on AVX2. `w_q + 8` ≤ 15 keeps each `vpmaddubsw` pair within ±2·15·128, so up
+    /// to 8 of them (32 k) add up in i16 before one widening `vpmaddwd`.
+    ///
+    /// # Safety
+    /// As for `w8_avx2`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn w4_avx2<const MR: usize, const NB: usize>(job: &W4Job, r0: usize, b0: usize) {
+        let w = job.w;
+        let (k, k8, lines_per_group) = (w.k, w.k / 8, w.group / 8);
+        let lines = w.packed.as_ptr().add(b0 * k8);
+        let x = job.x.as_ptr().add(r0 * k).cast::<u8>();
+        let (nibble, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
+        let mut sum = [[[_mm256_setzero_ps(); 2]; NB]; MR];
+        for g in 0..job.groups {
+            let mut acc = [[[_mm256_setzero_si256(); 2]; NB]; MR];
+            let group = g * lines_per_group..(g + 1) * lines_per_group;
+            for u0 in group.clone().step_by(4) {
+                let mut acc16 = [[[_mm256_setzero_si256(); 2]; NB]; MR];
+                for u in u0..(u0 + 4).min(group.end) {
+                    let (mut lo, mut hi) = ([[_mm256_setzero_si256(); 2]; NB], [[_mm256_setzero_si256(); 2]; NB]);
+                    for b in 0..NB {
+                        let line = lines.add(b * k8 + u).cast::<__m256i>();
+                        for h in 0..2 {
+                            let v = _mm256_load_si256(line.add(h));
+                            lo[b][h] = _mm256_and_si256(v, nibble);
+                            hi[b][h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                        }
+                    }
+                    for (r, acc16) in acc16.iter_mut().enumerate() {
+                        let xa = _mm256_set1_epi32(x4(x.add(r * k + 8 * u)));
+                        let xb = _mm256_set1_epi32(x4(x.add(r * k + 8 * u + 4)));
+                        for b in 0..NB {
+                            for h in 0..2 {
+                                let pairs = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo[b][h], xa),
+                                    _mm256_maddubs_epi16(hi[b][h], xb),
+                                );
+                                acc16[b][h] = _mm256_add_epi16(acc16[b][h], pairs);
+                            }
+                        }
+                    }
+                }
+                for (acc, acc16) in acc.iter_mut().zip(&acc16) {
+                    for b in 0..NB {
+                        for h in 0..2 {
+                            acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(acc16[b][h], ones));
+                        }
+                    }
+                }
+            }
+            for (r, (sum, acc)) in sum.iter_mut().zip(&acc).enumerate() {
+                let offset = _mm256_set1_epi32(*job.offset.get_unchecked((r0 + r) * job.groups + g));
+                for b in 0..NB {
+                    for h in 0..2 {
+                        let scale = _mm256_loadu_ps(w.scales.as_ptr().add(((b0 + b) * job.groups + g) * BLOCK + 8 * h));
+                        let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[b][h], offset));
+                        sum[b][h] = _mm256_add_ps(sum[b][h], _mm256_mul_ps(v, scale));
+                    }
+                }
+            }
+        }
+        let sx = token_scales8::<MR>(&job.ep, r0);
+        let mut y = [[[_mm256_setzero_ps(); 2]; NB]; MR];
+        for r in 0..MR {
+            for b in 0..NB {
+                for h in 0..2 {
+                    y[r][b][h] = _mm256_mul_ps(sum[r][b][h], sx[r]);
+                }
+            }
+        }
+        store_tile8(&job.ep, r0, b0, &y);
+    }
+
+    /// `s_x` of rows `r0..r0+MR`, broadcast.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn token_scales8<const MR: usize>(ep: &Epilogue, r0: usize) -> [__m256; MR] {
+        let mut sx = [_mm256_setzero_ps(); MR];
+        for (r, sx) in sx.iter_mut().enumerate() {
+            *sx = _mm256_set1_ps(*ep.x_scales.get_unchecked(r0 + r));
+        }
+        sx
+    }
+
+    /// The rest of the epilogue (bias, accumulation) on a tile scaled by `s_x`, and the stores.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store_tile8<const MR: usize, const NB: usize>(
+        ep: &Epilogue,
+        r0: usize,
+        b0: usize,
+        y: &[[[__m256; 2]; NB]; MR],
+    ) {
+        for (r, y) in y.iter().enumerate() {
+            for (b, y) in y.iter().enumerate() {
+                for (h, &y) in y.iter().enumerate() {
+                    store8(ep, r0 + r, (b0 + b) * BLOCK + 8 * h, y);
+                }
+            }
+        }
+    }
+
+    /// `y (+ bias) (+ out)` on 8 channels from `c0`; lanes at or past n are dropped.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store8(ep: &Epilogue, row: usize, c0: usize, mut y: __m256) {
+        if c0 >= ep.n {
+            return;
+        }
+        if ep.n - c0 < 8 {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+            for (c, &y) in lanes.iter().enumerate().take(ep.n - c0) {
+                ep.finish(row, c0 + c, y);
+            }
+            return;
+        }
+        if let Some(bias) = ep.bias {
+            y = _mm256_add_ps(y, _mm256_loadu_ps(bias.as_ptr().add(c0)));
+        }
+        let dst = ep.out.0.add(row * ep.n + c0);
+        if ep.accumulate {
+            y = _mm256_add_ps(y, _mm256_loadu_ps(dst));
+        }
+        _mm256_storeu_ps(dst, y);
+    }
+}

@@ -1,0 +1,113 @@
+//! Dense packing of sub-byte integers.
+//!
+//! Value `i` of `b` bits occupies bits `[i·b, (i+1)·b)` of the stream, and stream bit `k` is bit
+//! `k % 8` of byte `k / 8` (least significant first): no padding between values, so 3-bit values
+//! straddle bytes, and the last byte's unused high bits are zero. With 4 bits, value 0 is the low
+//! nibble of byte 0.
+//!
+//! Signed values are stored as their low `b` bits of two's complement, which holds
+//! `[−2^(b−1), 2^(b−1) − 1]`: every stored value of a `QuantizedMatrix` (symmetric, shifted
+//! asymmetric, and bit-balanced INT2 in 3 bits) fits its spec's `storage_bits()`. Unsigned values
+//! hold `[0, 2^b − 1]`. A value outside its range is an error rather than silently truncated.
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    #[error("bit width {bits} is outside 1..=8")]
+    InvalidBits { bits: u8 },
+    #[error("value {value} at index {index} does not fit in {bits} bits")]
+    ValueOutOfRange { index: usize, value: i16, bits: u8 },
+    #[error("{n} values of {bits} bits need {needed} bytes, got {got}")]
+    ShortBuffer { n: usize, bits: u8, needed: usize, got: usize },
+}
+
+/// Bytes holding `n` values of `bits` bits: `⌈n · bits / 8⌉`, without overflowing for any `n`.
+pub fn packed_len(n: usize, bits: u8) -> usize {
+    let bits = bits as usize;
+    (n / 8).saturating_mul(bits).saturating_add((n % 8 * bits).div_ceil(8))
+}
+
+/// Packs signed values, each in `[−2^(b−1), 2^(b−1) − 1]`, as `bits`-bit two's complement.
+pub fn pack(values: &[i8], bits: u8) -> Result<Vec<u8>, PackError> {
+    check_bits(bits)?;
+    let (min, max) = (-(1i16 << (bits - 1)), (1i16 << (bits - 1)) - 1);
+    if let Some(index) = values.iter().position(|&v| !(min..=max).contains(&(v as i16))) {
+        return Err(PackError::ValueOutOfRange { index, value: values[index] as i16, bits });
+    }
+    Ok(pack_codes(values.iter().map(|&v| v as u8), values.len(), bits))
+}
+
+/// Packs unsigned values, each in `[0, 2^b − 1]`.
+pub fn pack_unsigned(values: &[u8], bits: u8) -> Result<Vec<u8>, PackError> {
+    check_bits(bits)?;
+    let max = (1u16 << bits) - 1;
+    if let Some(index) = values.iter().position(|&v| v as u16 > max) {
+        return Err(PackError::ValueOutOfRange { index, value: values[index] as i16, bits });
+    }
+    Ok(pack_codes(values.iter().copied(), values.len(), bits))
+}
+
+/// Unpacks `n` signed values (sign-extended) from the front of `bytes`; bytes past
+/// `packed_len(n, bits)` are ignored.
+pub fn unpack(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<i8>, PackError> {
+    let unused = 8 - bits.clamp(1, 8);
+    // Shifting the code to the top of the byte and back arithmetically copies its sign bit.
+    unpack_codes(bytes, bits, n, |code| ((code << unused) as i8) >> unused)
+}
+
+/// Unpacks `n` unsigned values from the front of `bytes`; bytes past `packed_len(n, bits)` are
+/// ignored.
+pub fn unpack_unsigned(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<u8>, PackError> {
+    unpack_codes(bytes, bits, n, |code| code)
+}
+
+fn check_bits(bits: u8) -> Result<(), PackError> {
+    if (1..=8).contains(&bits) {
+        Ok(())
+    } else {
+        Err(PackError::InvalidBits { bits })
+    }
+}
+
+/// Packs the low `bits` bits of each code; `bits` is valid.
+fn pack_codes(codes: impl Iterator<Item = u8>, n: usize, bits: u8) -> Vec<u8> {
+    let mask = (1u32 << bits) - 1;
+    let mut out = Vec::with_capacity(packed_len(n, bits));
+    // Bits not yet written, least significant first; never more than 7 + 8 of them.
+    let (mut pending, mut pending_bits) = (0u32, 0u8);
+    for code in codes {
+        pending |= (code as u32 & mask) << pending_bits;
+        pending_bits += bits;
+        while pending_bits >= 8 {
+            out.push(pending as u8);
+            pending >>= 8;
+            pending_bits -= 8;
+        }
+    }
+    if pending_bits > 0 {
+        out.push(pending as u8);
+    }
+    out
+}
+
+fn unpack_codes<T>(bytes: &[u8], bits: u8, n: usize, decode: impl Fn(u8) -> T) -> Result<Vec<T>, PackError> {
+    check_bits(bits)?;
+    let needed = packed_len(n, bits);
+    if bytes.len() < needed {
+        return Err(PackError::ShortBuffer { n, bits, needed, got: bytes.len() });
+    }
+    let mask = (1u32 << bits) - 1;
+    let mut next_byte = bytes[..needed].iter();
+    let (mut pending, mut pending_bits) = (0u32, 0u8);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if pending_bits < bits {
+            // `needed` bytes hold every bit of the n values, so the byte is there.
+            pending |= (*next_byte.next().unwrap_or(&0) as u32) << pending_bits;
+            pending_bits += 8;
+        }
+        out.push(decode((pending & mask) as u8));
+        pending >>= bits;
+        pending_bits -= bits;
+    }
+    Ok(out)
+}
