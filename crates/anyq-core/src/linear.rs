@@ -14,6 +14,16 @@ pub trait Linear: Send + Sync {
     /// Row `row` of the weight (`[in_features]`) as f32: token embeddings read their table this
     /// way, so a tied output projection can share the same stored weight.
     fn weight_row(&self, row: usize, out: &mut [f32]);
+
+    /// The whole weight `[out_features, in_features]` as f32 (what quantization methods start from).
+    fn dense_weight(&self) -> Vec<f32> {
+        let k = self.in_features();
+        let mut w = vec![0.0; self.out_features() * k];
+        for (r, row) in w.chunks_exact_mut(k.max(1)).enumerate() {
+            self.weight_row(r, row);
+        }
+        w
+    }
 }
 
 /// A full-precision weight `[out, in]` with an optional bias.

@@ -9,5 +9,5 @@ pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::LoadError;
-pub use llama::{ActivationObserver, ForwardError, KvCache, LinearInput, LlamaModel};
+pub use llama::{ActivationObserver, ForwardError, KvCache, LinearInput, LlamaModel, LINEAR_MODULES};
 pub use loader::{load_model, LoadedModel, TokenizerBundle};

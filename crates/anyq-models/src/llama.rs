@@ -11,16 +11,33 @@ use crate::config::ModelConfig;
 use crate::error::LoadError;
 use crate::loader::{StoredTensor, WeightSource};
 
+/// A block's linear layers by Hugging Face module name, in forward order; `Block::linears` is
+/// indexed the same way.
+pub const LINEAR_MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+const Q_PROJ: usize = 0;
+const K_PROJ: usize = 1;
+const V_PROJ: usize = 2;
+const O_PROJ: usize = 3;
+const GATE_PROJ: usize = 4;
+const UP_PROJ: usize = 5;
+const DOWN_PROJ: usize = 6;
+
 struct Block {
     attn_norm: Vec<f32>,
-    q_proj: Box<dyn Linear>,
-    k_proj: Box<dyn Linear>,
-    v_proj: Box<dyn Linear>,
-    o_proj: Box<dyn Linear>,
     mlp_norm: Vec<f32>,
-    gate_proj: Box<dyn Linear>,
-    up_proj: Box<dyn Linear>,
-    down_proj: Box<dyn Linear>,
+    linears: [Box<dyn Linear>; 7],
+}
+
+fn module_index(module: &str) -> Option<usize> {
+    LINEAR_MODULES.iter().position(|m| *m == module)
 }
 
 pub struct LlamaModel {
@@ -129,14 +146,17 @@ impl LlamaModel {
             };
             blocks.push(Block {
                 attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                q_proj: linear("self_attn.q_proj", bias("q_proj", q_width)?, q_width, h)?,
-                k_proj: linear("self_attn.k_proj", bias("k_proj", kv_width)?, kv_width, h)?,
-                v_proj: linear("self_attn.v_proj", bias("v_proj", kv_width)?, kv_width, h)?,
-                o_proj: linear("self_attn.o_proj", None, h, q_width)?,
                 mlp_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate_proj: linear("mlp.gate_proj", None, c.intermediate_size, h)?,
-                up_proj: linear("mlp.up_proj", None, c.intermediate_size, h)?,
-                down_proj: linear("mlp.down_proj", None, h, c.intermediate_size)?,
+                // In LINEAR_MODULES order.
+                linears: [
+                    linear("self_attn.q_proj", bias("q_proj", q_width)?, q_width, h)?,
+                    linear("self_attn.k_proj", bias("k_proj", kv_width)?, kv_width, h)?,
+                    linear("self_attn.v_proj", bias("v_proj", kv_width)?, kv_width, h)?,
+                    linear("self_attn.o_proj", None, h, q_width)?,
+                    linear("mlp.gate_proj", None, c.intermediate_size, h)?,
+                    linear("mlp.up_proj", None, c.intermediate_size, h)?,
+                    linear("mlp.down_proj", None, h, c.intermediate_size)?,
+                ],
             });
         }
         progress(c.num_layers, c.num_layers);
@@ -148,6 +168,32 @@ impl LlamaModel {
         };
         let rope = Rope::new(c.rope_style, c.head_dim, c.rope_theta, c.rope_freq_factors.as_deref());
         Ok(Self { config, embed_tokens, blocks, norm, lm_head, rope })
+    }
+
+    /// A block's linear layer by module name (one of `LINEAR_MODULES`).
+    pub fn linear(&self, layer: usize, module: &str) -> Option<&dyn Linear> {
+        Some(self.blocks.get(layer)?.linears[module_index(module)?].as_ref())
+    }
+
+    /// Replaces a block's linear layer (quantization works layer by layer) and returns the old
+    /// one. The new layer must have the same shape.
+    pub fn replace_linear(
+        &mut self,
+        layer: usize,
+        module: &str,
+        linear: Box<dyn Linear>,
+    ) -> Result<Box<dyn Linear>, String> {
+        let slot = module_index(module)
+            .and_then(|i| Some(&mut self.blocks.get_mut(layer)?.linears[i]))
+            .ok_or_else(|| format!("no linear layer {module} in layer {layer}"))?;
+        let (old, new) = ((slot.out_features(), slot.in_features()), (linear.out_features(), linear.in_features()));
+        if old != new {
+            return Err(format!(
+                "layer {layer} {module}: shape [{}, {}] cannot replace [{}, {}]",
+                new.0, new.1, old.0, old.1
+            ));
+        }
+        Ok(std::mem::replace(slot, linear))
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -164,11 +210,7 @@ impl LlamaModel {
             .blocks
             .iter()
             .map(|b| {
-                [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj]
-                    .iter()
-                    .map(|l| l.weight_bytes())
-                    .sum::<usize>()
-                    + 4 * (b.attn_norm.len() + b.mlp_norm.len())
+                b.linears.iter().map(|l| l.weight_bytes()).sum::<usize>() + 4 * (b.attn_norm.len() + b.mlp_norm.len())
             })
             .sum();
         let head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
@@ -227,26 +269,26 @@ impl LlamaModel {
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &b.attn_norm, c.rms_norm_eps);
             observe(layer, LinearInput::Attention, &normed, h);
-            b.q_proj.forward(&normed, t, &mut q);
-            b.k_proj.forward(&normed, t, &mut k);
-            b.v_proj.forward(&normed, t, &mut v);
+            b.linears[Q_PROJ].forward(&normed, t, &mut q);
+            b.linears[K_PROJ].forward(&normed, t, &mut k);
+            b.linears[V_PROJ].forward(&normed, t, &mut v);
             self.rope.apply(&mut q, c.num_heads, &cos, &sin);
             self.rope.apply(&mut k, c.num_kv_heads, &cos, &sin);
             cache.keys[layer].extend_from_slice(&k);
             cache.values[layer].extend_from_slice(&v);
             causal_attention(&q, &cache.keys[layer], &cache.values[layer], &mut attn, shape);
             observe(layer, LinearInput::AttentionOutput, &attn, q_width);
-            b.o_proj.forward(&attn, t, &mut out);
+            b.linears[O_PROJ].forward(&attn, t, &mut out);
             add_inplace(&mut x, &out);
 
             normed.copy_from_slice(&x);
             rms_norm(&mut normed, &b.mlp_norm, c.rms_norm_eps);
             observe(layer, LinearInput::Mlp, &normed, h);
-            b.gate_proj.forward(&normed, t, &mut gate);
-            b.up_proj.forward(&normed, t, &mut up);
+            b.linears[GATE_PROJ].forward(&normed, t, &mut gate);
+            b.linears[UP_PROJ].forward(&normed, t, &mut up);
             silu_mul(&mut gate, &up);
             observe(layer, LinearInput::MlpDown, &gate, c.intermediate_size);
-            b.down_proj.forward(&gate, t, &mut out);
+            b.linears[DOWN_PROJ].forward(&gate, t, &mut out);
             add_inplace(&mut x, &out);
         }
         cache.len += t;

@@ -427,3 +427,37 @@ fn observer_sees_each_linear_input_as_the_block_computes_it() {
         }
     }
 }
+
+#[test]
+fn linear_layers_can_be_read_and_replaced_by_name() {
+    use anyq_core::DenseLinear;
+    use anyq_models::LINEAR_MODULES;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf_writer(&tiny_weights(false), "llama").write(&path).unwrap();
+    let mut loaded = load(&path).unwrap();
+    let before = all_logits(&loaded, &TOKENS);
+    // Swapping every layer for a dense copy of its own weight changes nothing.
+    for layer in 0..LAYERS {
+        for module in LINEAR_MODULES {
+            let old = loaded.model.linear(layer, module).unwrap();
+            let (n, k) = (old.out_features(), old.in_features());
+            let copy = DenseLinear::new(old.dense_weight(), None, n, k);
+            loaded.model.replace_linear(layer, module, Box::new(copy)).unwrap();
+        }
+    }
+    assert_eq!(all_logits(&loaded, &TOKENS), before);
+    // A zero down_proj in layer 1 changes the output.
+    let zero = DenseLinear::new(vec![0.0; HIDDEN * FFN], None, HIDDEN, FFN);
+    loaded.model.replace_linear(1, "mlp.down_proj", Box::new(zero)).unwrap();
+    assert_ne!(all_logits(&loaded, &TOKENS), before);
+
+    let wrong = DenseLinear::new(vec![0.0; FFN * FFN], None, FFN, FFN);
+    let e = loaded.model.replace_linear(0, "mlp.down_proj", Box::new(wrong)).err().unwrap();
+    assert!(e.contains("cannot replace [32, 48]"), "{e}");
+    let e =
+        loaded.model.replace_linear(0, "mlp.nothing", Box::new(DenseLinear::new(vec![0.0], None, 1, 1))).err().unwrap();
+    assert!(e.contains("no linear layer mlp.nothing"), "{e}");
+    assert!(loaded.model.linear(LAYERS, "mlp.up_proj").is_none());
+}

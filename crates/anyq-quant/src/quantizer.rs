@@ -148,7 +148,7 @@ impl QuantSpec {
     /// The largest stored value.
     pub fn qmax(&self) -> i32 {
         if self.bit_balance {
-            1
+            2
         } else {
             (1 << (self.bits - 1)) - 1
         }

@@ -75,11 +75,17 @@ impl IntKernel {
 
     /// Rows × 16-channel blocks of the register tile.
     fn tile4(self) -> (usize, usize) {
-        if let Ok(v) = std::env::var(format!("TILE4_{:?}", self)) { let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect(); return (v[0], v[1]); }
+        if let Ok(v) = std::env::var(format!("TILE4_{:?}", self)) {
+            let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
+            return (v[0], v[1]);
+        }
         self.tile()
     }
     fn tile(self) -> (usize, usize) {
-        if let Ok(v) = std::env::var(format!("TILE_{:?}", self)) { let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect(); return (v[0], v[1]); }
+        if let Ok(v) = std::env::var(format!("TILE_{:?}", self)) {
+            let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
+            return (v[0], v[1]);
+        }
         match self {
             IntKernel::Avx512Vnni => (6, 4),
             IntKernel::Avx2 => (4, 1),
