@@ -82,7 +82,7 @@ pub struct QuantSpec {
 /// The quantization parameters of one group.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GroupParams {
-    /// Always finite and positive.
+    /// Always finite, positive and normal.
     pub scale: f32,
     /// 0 when symmetric; in the stored (shifted) domain when asymmetric.
     pub zero: i32,
@@ -212,9 +212,38 @@ impl QuantSpec {
                 return GroupParams { scale: 1.0, zero: qmin };
             }
             // In f64 so that the span of two extreme f32s cannot overflow.
-            let scale = positive_scale((hi as f64 - lo as f64) / (qmax - qmin) as f64);
-            let zero = qmin - (lo / scale).round_ties_even() as i32;
-            GroupParams { scale, zero: zero.clamp(qmin, qmax) }
+            let exact_scale = (hi as f64 - lo as f64) / (qmax - qmin) as f64;
+            let zero_for = |scale: f32| {
+                let zero = qmin as f64 - (lo as f64 / scale as f64).round_ties_even();
+                zero.clamp(qmin as f64, qmax as f64) as i32
+            };
+            let scale = positive_scale(exact_scale);
+            let first = GroupParams { scale, zero: zero_for(scale) };
+            if exact_scale < f32::MIN_POSITIVE as f64 {
+                return first;
+            }
+            // Rounding the scale to f32 can leave the range a hair wider than the grid, and then
+            // one end lands a code short of qmin or qmax. Quantizing the dequantized values would
+            // then see a narrower range and pick a new grid. Nudging the scale down a few ulps
+            // (at most 4 · 255 · 2^-23 of a step more error at the ends) finds a grid whose ends
+            // are the range's codes, so that quantization is idempotent.
+            let mut scale = scale;
+            for _ in 0..4 {
+                let zero = zero_for(scale);
+                for zero in [zero, zero + 1, zero - 1] {
+                    let params = GroupParams { scale, zero: zero.clamp(qmin, qmax) };
+                    let ends = (self.quantize_value(lo, params) as i32, self.quantize_value(hi, params) as i32);
+                    if ends == (qmin, qmax) {
+                        return params;
+                    }
+                }
+                let next_down = f32::from_bits(scale.to_bits() - 1);
+                if next_down < f32::MIN_POSITIVE {
+                    break;
+                }
+                scale = next_down;
+            }
+            first
         }
     }
 
