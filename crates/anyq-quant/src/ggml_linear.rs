@@ -8,12 +8,11 @@
 //! * one row of x (decode) is a GEMV bound by reading W, so reading fewer bytes is the whole
 //!   point: rows of W are split over rayon threads and each block is expanded in registers and
 //!   dotted with x. Q4_0, Q4_1 and Q8_0 have AVX2/FMA/F16C kernels (detected at run time);
-//!   every other type, and every type on other CPUs, dequantizes a row piece by piece into a
-//!   small stack buffer and uses [`anyq_core::cpu::dot`].
+//!   every other type, and every type on other CPUs, goes through
+//!   [`crate::dequant_matmul::row_gemv`] (each row dequantized into a per-thread buffer).
 //! * a few rows of x (short prompts, fast types only) use the same kernels, each block
 //!   expanded once for four rows of x.
-//! * more rows (prefill) reuse each weight many times: panels of W rows are dequantized into a
-//!   per-thread f32 buffer and multiplied with the `gemm` crate, panels in parallel.
+//! * more rows (prefill) reuse each weight many times: [`crate::dequant_matmul::panel_gemm`].
 //!
 //! In the fast kernels, Q4_0 and Q8_0 weights are `d·q` with small integers q and an f16 scale
 //! d; `d·q` is exact in f32, so factoring d out of each block's sum only reorders the
@@ -23,42 +22,21 @@
 //! the decode time but make the two terms cancel when x has a common sign, for errors up to
 //! ten times those of the dense product.
 
-use std::cell::RefCell;
-
-use anyq_core::cpu::{add_bias, dot};
+use anyq_core::cpu::add_bias;
 use anyq_core::Linear;
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::dequant_matmul::{panel_gemm, row_gemv, rows_per_task, RowDequantize, SharedOut};
 use crate::ggml::{GgmlError, GgmlType};
 
-/// Bytes of weight below which a task is not split further: smaller tasks cost more to
-/// schedule than they save.
-const MIN_TASK_BYTES: usize = 16 << 10;
-/// Row-product tasks per thread, so that threads that finish early can take over work.
-const TASKS_PER_THREAD: usize = 4;
-/// Elements dequantized at a time by the generic GEMV (a multiple of every block size).
-const GENERIC_CHUNK: usize = 1024;
 /// Elements dequantized per call when filling a prefill panel: below the size at which
 /// [`GgmlType::dequantize`] goes parallel (a nested parallel call could run another panel on
 /// this thread while its buffer is borrowed), and a multiple of every block size.
 const SEQUENTIAL_CHUNK: usize = 1 << 15;
-/// Most weight rows in one prefill panel, most bytes of its f32 buffer (for long rows), and
-/// the granule panels are rounded to.
-const MAX_PANEL_ROWS: usize = 256;
-const MAX_PANEL_BYTES: usize = 1 << 20;
-const PANEL_GRANULE: usize = 16;
-/// Below this many multiply-adds a prefill runs its panels on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// Most rows of x that the fast types multiply with the blocks directly (each block expanded
 /// once per four rows of x) instead of dequantizing panels for `gemm`, whose packing does not
 /// pay off for so few rows (measured: the direct product is faster up to about 20 rows).
 const MAX_DIRECT_ROWS: usize = 20;
-
-thread_local! {
-    /// A prefill panel of dequantized weight rows, kept per thread across calls.
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// A `[out_features, in_features]` weight stored as GGML blocks (each row a whole number of
 /// blocks, rows back to back, as in a GGUF file), with an optional f32 bias.
@@ -134,15 +112,9 @@ impl GgmlLinear {
         Kernel::select(self.ggml_type).dequantize(self.ggml_type, w, out);
     }
 
-    /// Rows of W per task of a row product: a few tasks per thread, none tiny.
-    fn rows_per_task(&self) -> usize {
-        let min_rows = (MIN_TASK_BYTES / self.row_bytes.max(1)).max(1);
-        self.out_features.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).max(min_rows)
-    }
-
     /// The decode product: `out[j] = x · W[j]`, rows split over threads.
     fn gemv(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
-        let rows_per_task = self.rows_per_task();
+        let rows_per_task = rows_per_task(self.out_features, self.row_bytes);
         out.par_chunks_mut(rows_per_task)
             .zip(self.bytes.par_chunks(rows_per_task * self.row_bytes))
             .for_each(|(out, w)| kernel.gemv(self.ggml_type, w, self.row_bytes, x, out));
@@ -152,7 +124,7 @@ impl GgmlLinear {
     /// threads, each task writing its columns of every row of `out`.
     fn direct(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
-        let rows_per_task = self.rows_per_task();
+        let rows_per_task = rows_per_task(self.out_features, self.row_bytes);
         let out_ptr = SharedOut(out.as_mut_ptr());
         self.bytes.par_chunks(rows_per_task * self.row_bytes).enumerate().for_each(|(t, w)| {
             let first = t * rows_per_task;
@@ -162,61 +134,25 @@ impl GgmlLinear {
             unsafe { kernel.direct(self.ggml_type, w, self.row_bytes, x, m, k, out_ptr.get(), n, first, rows) };
         });
     }
+}
 
-    /// The prefill product: panels of weight rows dequantized and multiplied by `gemm`.
-    fn gemm_panels(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.out_features, self.in_features);
-        let threads = rayon::current_num_threads();
-        // Panels of at most MAX_PANEL_ROWS rows and about MAX_PANEL_BYTES, as many as a
-        // multiple of the thread count so that threads get equal shares (where there are
-        // enough rows). Each panel repacks x inside `gemm`, so fewer, larger panels are better.
-        let max_rows = (MAX_PANEL_BYTES / (4 * k)).clamp(PANEL_GRANULE, MAX_PANEL_ROWS);
-        let n_panels = n.div_ceil(max_rows).next_multiple_of(threads).min(n.div_ceil(PANEL_GRANULE));
-        let panel_rows = n.div_ceil(n_panels).next_multiple_of(PANEL_GRANULE);
-        let n_panels = n.div_ceil(panel_rows);
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        let panel = |p: usize| {
-            let first = p * panel_rows;
-            let rows = panel_rows.min(n - first);
-            PANEL.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                buf.resize(rows * k, 0.0);
-                let w = &self.bytes[first * self.row_bytes..(first + rows) * self.row_bytes];
-                kernel.dequantize(self.ggml_type, w, &mut buf[..rows * k]);
-                // SAFETY: x is m×k (row stride k) and the panel rows×k (row stride k), read as
-                // its transpose k×rows; the destination is columns first..first + rows of the
-                // m×n `out` (row stride n), which no other panel writes, and `out` outlives
-                // every panel (the caller waits for them all).
-                unsafe {
-                    gemm(
-                        m,
-                        rows,
-                        k,
-                        out_ptr.get().add(first),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        buf.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-            });
-        };
-        if m * n * k < PARALLEL_MIN_WORK {
-            (0..n_panels).for_each(panel);
-        } else {
-            (0..n_panels).into_par_iter().for_each(panel);
-        }
+impl RowDequantize for GgmlLinear {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        let rows = out.len() / self.in_features.max(1);
+        let w = &self.bytes[first * self.row_bytes..(first + rows) * self.row_bytes];
+        Kernel::select(self.ggml_type).dequantize(self.ggml_type, w, out);
     }
 }
 
@@ -239,12 +175,14 @@ impl Linear for GgmlLinear {
         let kernel = Kernel::select(self.ggml_type);
         if k == 0 {
             out.fill(0.0);
+        } else if kernel == Kernel::Generic && m == 1 {
+            row_gemv(self, x, out);
         } else if m == 1 {
             self.gemv(kernel, x, out);
         } else if kernel != Kernel::Generic && m <= MAX_DIRECT_ROWS {
             self.direct(kernel, x, m, out);
         } else {
-            self.gemm_panels(kernel, x, m, out);
+            panel_gemm(self, x, m, out);
         }
         if let Some(bias) = &self.bias {
             add_bias(out, bias);
@@ -258,21 +196,6 @@ impl Linear for GgmlLinear {
 
     fn weight_row(&self, row: usize, out: &mut [f32]) {
         self.dequantize_row(row, out);
-    }
-}
-
-/// The output pointer shared by tasks that each write their own columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint elements through the pointer, and the owner of the buffer
-// waits for every task before using it again.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -325,7 +248,7 @@ impl Kernel {
     fn gemv(self, ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
         self.check(ty, w, row_bytes, out.len(), x, 1, x.len());
         match self {
-            Kernel::Generic => generic_gemv(ty, w, row_bytes, x, out),
+            Kernel::Generic => unreachable!("GgmlLinear: the generic path multiplies through `row_gemv`"),
             // SAFETY (all three): `select` checked the CPU features, `ty` is the kernel's type
             // and `check` gave the lengths each kernel relies on.
             #[cfg(target_arch = "x86_64")]
@@ -388,21 +311,6 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Q8_0Avx2 => unsafe { x86::q8_0::dequantize(src, dst) },
         }
-    }
-}
-
-/// Any type: each row dequantized a piece at a time into a stack buffer and dotted with x.
-fn generic_gemv(ty: GgmlType, w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
-    let mut buf = [0.0f32; GENERIC_CHUNK];
-    let piece_bytes = GENERIC_CHUNK / ty.block_size() * ty.type_size();
-    for (y, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-        let mut acc = 0.0;
-        for (src, x) in row.chunks(piece_bytes).zip(x.chunks(GENERIC_CHUNK)) {
-            let buf = &mut buf[..x.len()];
-            ty.dequantize(src, buf).expect("GgmlLinear: block lengths were checked at construction");
-            acc += dot(buf, x);
-        }
-        *y = acc;
     }
 }
 
@@ -697,9 +605,10 @@ mod tests {
 
             for m in 1..=9 {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                let linear = GgmlLinear::new(ty, w.clone(), None, n, k).unwrap();
                 let mut generic = vec![0.0; m * n];
                 for (x, y) in x.chunks(k).zip(generic.chunks_mut(n)) {
-                    Kernel::Generic.gemv(ty, &w, row_bytes, x, y);
+                    row_gemv(&linear, x, y);
                 }
                 let scale = generic.iter().fold(1.0f32, |a, v| a.max(v.abs()));
                 let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * scale;

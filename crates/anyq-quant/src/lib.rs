@@ -1,6 +1,7 @@
 //! Quantization formats and algorithms; knows nothing of models.
 
 pub mod calibration;
+pub mod dequant_matmul;
 pub mod ggml;
 pub mod ggml_linear;
 pub mod packing;
