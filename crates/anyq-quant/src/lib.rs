@@ -4,5 +4,6 @@ pub mod calibration;
 pub mod dequant_matmul;
 pub mod ggml;
 pub mod ggml_linear;
+pub mod methods;
 pub mod packing;
 pub mod quantizer;

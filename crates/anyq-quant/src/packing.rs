@@ -54,6 +54,12 @@ pub fn unpack(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<i8>, PackError> {
     unpack_codes(bytes, bits, n, |code| ((code << unused) as i8) >> unused)
 }
 
+/// `unpack` into a caller's buffer (`out.len()` values), for hot loops that must not allocate.
+pub fn unpack_into(bytes: &[u8], bits: u8, out: &mut [i8]) -> Result<(), PackError> {
+    let unused = 8 - bits.clamp(1, 8);
+    unpack_codes_into(bytes, bits, out, |code| ((code << unused) as i8) >> unused)
+}
+
 /// Unpacks `n` unsigned values from the front of `bytes`; bytes past `packed_len(n, bits)` are
 /// ignored.
 pub fn unpack_unsigned(bytes: &[u8], bits: u8, n: usize) -> Result<Vec<u8>, PackError> {
@@ -89,8 +95,20 @@ fn pack_codes(codes: impl Iterator<Item = u8>, n: usize, bits: u8) -> Vec<u8> {
     out
 }
 
-fn unpack_codes<T>(bytes: &[u8], bits: u8, n: usize, decode: impl Fn(u8) -> T) -> Result<Vec<T>, PackError> {
+fn unpack_codes<T: Copy + Default>(
+    bytes: &[u8],
+    bits: u8,
+    n: usize,
+    decode: impl Fn(u8) -> T,
+) -> Result<Vec<T>, PackError> {
+    let mut out = vec![T::default(); n];
+    unpack_codes_into(bytes, bits, &mut out, decode)?;
+    Ok(out)
+}
+
+fn unpack_codes_into<T>(bytes: &[u8], bits: u8, out: &mut [T], decode: impl Fn(u8) -> T) -> Result<(), PackError> {
     check_bits(bits)?;
+    let n = out.len();
     let needed = packed_len(n, bits);
     if bytes.len() < needed {
         return Err(PackError::ShortBuffer { n, bits, needed, got: bytes.len() });
@@ -98,16 +116,15 @@ fn unpack_codes<T>(bytes: &[u8], bits: u8, n: usize, decode: impl Fn(u8) -> T) -
     let mask = (1u32 << bits) - 1;
     let mut next_byte = bytes[..needed].iter();
     let (mut pending, mut pending_bits) = (0u32, 0u8);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    for value in out.iter_mut() {
         if pending_bits < bits {
             // `needed` bytes hold every bit of the n values, so the byte is there.
             pending |= (*next_byte.next().unwrap_or(&0) as u32) << pending_bits;
             pending_bits += 8;
         }
-        out.push(decode((pending & mask) as u8));
+        *value = decode((pending & mask) as u8);
         pending >>= bits;
         pending_bits -= bits;
     }
-    Ok(out)
+    Ok(())
 }

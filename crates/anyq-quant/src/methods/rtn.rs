@@ -1,0 +1,174 @@
+//! RTN (round to nearest), weight-only: each group of `g` weights of a row gets an asymmetric
+//! min/max scale and zero point (or, for INT2 with bit balance, the symmetric grid
+//! {−2, −1, 0, 1, 2}); activations stay f32. The baseline every other method is measured
+//! against. Stored as dense-packed integers plus per-group scales and zero points; products
+//! dequantize rows on the fly (`dequant_matmul`).
+
+use std::cell::RefCell;
+
+use anyq_core::cpu::add_bias;
+use anyq_core::Linear;
+
+use super::{LayerToQuantize, MethodError, QuantMethod};
+use crate::dequant_matmul::{panel_gemm, row_gemv, RowDequantize};
+use crate::packing::{pack, packed_len, unpack_into};
+use crate::quantizer::{quantize, Granularity, QuantSpec, ScaleSearch};
+
+pub const SYNTAX: &str = "rtn-w{2..8}a16[-g{group}][-bb]";
+
+pub struct Rtn {
+    spec: QuantSpec,
+}
+
+/// `rtn-w4a16-g128`: 4-bit weights in groups of 128; no `-g` = one group per output channel;
+/// `-bb` = INT2 bit balance.
+pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
+    let invalid = |message: &str| MethodError::Invalid { name: name.to_string(), message: message.to_string() };
+    let rest = name.strip_prefix("rtn-w").ok_or_else(|| invalid(SYNTAX))?;
+    let (bits, rest) = rest.split_once("a16").ok_or_else(|| invalid(&format!("expected {SYNTAX}")))?;
+    let bits: u8 = bits.parse().map_err(|_| invalid("weight bits must be a number"))?;
+    let mut granularity = Granularity::PerChannel;
+    let mut bit_balance = false;
+    for part in rest.split('-').filter(|p| !p.is_empty()) {
+        if let Some(g) = part.strip_prefix('g') {
+            granularity = Granularity::PerGroup(g.parse().map_err(|_| invalid("group size must be a number"))?);
+        } else if part == "bb" {
+            bit_balance = true;
+        } else {
+            return Err(invalid(&format!("unknown option {part:?}; expected {SYNTAX}")));
+        }
+    }
+    let spec = QuantSpec { bits, symmetric: bit_balance, bit_balance, granularity, search: ScaleSearch::MinMax };
+    spec.validate(spec_cols(&spec)).map_err(|e| invalid(&e.to_string()))?;
+    Ok(Box::new(Rtn { spec }))
+}
+
+/// A column count that any valid group size divides, to validate a spec before seeing a layer.
+fn spec_cols(spec: &QuantSpec) -> usize {
+    match spec.granularity {
+        Granularity::PerGroup(g) => g,
+        _ => 1,
+    }
+}
+
+impl QuantMethod for Rtn {
+    fn name(&self) -> String {
+        let group = match self.spec.granularity {
+            Granularity::PerGroup(g) => format!("-g{g}"),
+            _ => String::new(),
+        };
+        format!("rtn-w{}a16{group}{}", self.spec.bits, if self.spec.bit_balance { "-bb" } else { "" })
+    }
+
+    fn bits(&self) -> (u8, u8) {
+        (self.spec.bits, 16)
+    }
+
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
+        let (n, k) = (layer.out_features, layer.in_features);
+        let q = quantize(layer.weight, n, k, &self.spec)?;
+        let bits = self.spec.storage_bits();
+        let row_bytes = packed_len(k, bits);
+        let mut packed = Vec::with_capacity(n * row_bytes);
+        for row in q.values.chunks_exact(k.max(1)) {
+            packed.extend(pack(row, bits).expect("quantized values fit their storage bits"));
+        }
+        let groups_per_row = q.scales.len() / n.max(1);
+        Ok(Box::new(RtnLinear {
+            packed,
+            bits,
+            row_bytes,
+            scales: q.scales,
+            // Zero points lie in [qmin, qmax] of at most 8 bits.
+            zeros: q.zeros.iter().map(|&z| z as i8).collect(),
+            groups_per_row,
+            bias: layer.bias.map(<[f32]>::to_vec),
+            out_features: n,
+            in_features: k,
+        }))
+    }
+}
+
+thread_local! {
+    /// One row of unpacked integers, kept per thread.
+    static ROW: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A weight-only RTN layer: rows of dense-packed integers, `x̂ = s · (q − z)` per group.
+pub struct RtnLinear {
+    packed: Vec<u8>,
+    bits: u8,
+    row_bytes: usize,
+    /// `[out_features, groups_per_row]`
+    scales: Vec<f32>,
+    /// Same shape as `scales`; empty when symmetric.
+    zeros: Vec<i8>,
+    groups_per_row: usize,
+    bias: Option<Vec<f32>>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl RowDequantize for RtnLinear {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        let k = self.in_features;
+        let group = k / self.groups_per_row.max(1);
+        ROW.with(|q| {
+            let mut q = q.borrow_mut();
+            q.resize(k, 0);
+            for (r, out) in out.chunks_exact_mut(k).enumerate() {
+                let row = first + r;
+                let bytes = &self.packed[row * self.row_bytes..(row + 1) * self.row_bytes];
+                unpack_into(bytes, self.bits, &mut q).expect("rows were packed with these bits");
+                for (g, (out, q)) in out.chunks_exact_mut(group).zip(q.chunks_exact(group)).enumerate() {
+                    let at = row * self.groups_per_row + g;
+                    let (s, z) = (self.scales[at], self.zeros.get(at).map_or(0, |&z| z as i32));
+                    for (o, &v) in out.iter_mut().zip(q) {
+                        *o = s * (v as i32 - z) as f32;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Linear for RtnLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        if m == 1 {
+            row_gemv(self, x, out);
+        } else {
+            panel_gemm(self, x, m, out);
+        }
+        if let Some(bias) = &self.bias {
+            add_bias(out, bias);
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.packed.len() + 4 * self.scales.len() + self.zeros.len() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    fn weight_row(&self, row: usize, out: &mut [f32]) {
+        self.dequantize_rows(row, out);
+    }
+}

@@ -1,0 +1,95 @@
+//! Quantization methods: each stored form must compute exactly what its dequantized weight
+//! computes, and names select methods or fail clearly.
+
+use anyq_core::cpu::matmul_xwt_reference;
+use anyq_core::testing::XorShift;
+use anyq_core::Linear;
+use anyq_quant::methods::{method_by_name, LayerToQuantize};
+use anyq_quant::quantizer::{fake_quantize, Granularity, QuantSpec, ScaleSearch};
+
+fn layer<'a>(w: &'a [f32], bias: Option<&'a [f32]>, n: usize, k: usize) -> LayerToQuantize<'a> {
+    LayerToQuantize { weight: w, bias, out_features: n, in_features: k, input_stats: None }
+}
+
+#[test]
+fn rtn_layers_compute_with_their_dequantized_weight() {
+    let cases = [
+        ("rtn-w8a16", QuantSpec::new(8, false, Granularity::PerChannel)),
+        ("rtn-w4a16-g32", QuantSpec::new(4, false, Granularity::PerGroup(32))),
+        ("rtn-w3a16-g64", QuantSpec::new(3, false, Granularity::PerGroup(64))),
+        ("rtn-w2a16-g32", QuantSpec::new(2, false, Granularity::PerGroup(32))),
+        (
+            "rtn-w2a16-g32-bb",
+            QuantSpec {
+                bits: 2,
+                symmetric: true,
+                bit_balance: true,
+                granularity: Granularity::PerGroup(32),
+                search: ScaleSearch::MinMax,
+            },
+        ),
+    ];
+    let mut rng = XorShift::new(7);
+    for (name, spec) in cases {
+        let method = method_by_name(name).unwrap();
+        assert_eq!(method.name(), name);
+        for (n, k) in [(37, 64), (5, 192), (130, 128)] {
+            let w = rng.floats(n * k);
+            let bias = rng.floats(n);
+            let linear = method.quantize(&layer(&w, Some(&bias), n, k)).unwrap();
+            let w_hat = fake_quantize(&w, n, k, &spec).unwrap();
+            assert_eq!(linear.dense_weight(), w_hat, "{name}: stored form dequantizes to the quantizer's values");
+            for m in [1, 3, 40] {
+                let x = rng.floats(m * k);
+                let mut out = vec![f32::NAN; m * n];
+                linear.forward(&x, m, &mut out);
+                let mut expected = matmul_xwt_reference(&x, &w_hat, m, n, k);
+                for row in expected.chunks_exact_mut(n) {
+                    row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b);
+                }
+                for (a, b) in out.iter().zip(&expected) {
+                    // f32 sums of k products of magnitude ≤ 1 against an f64 reference.
+                    assert!((a - b).abs() <= 4.0 * k as f32 * f32::EPSILON, "{name} {n}x{k} m={m}: {a} vs {b}");
+                }
+            }
+            // Fewer bits, fewer bytes: packed integers plus per-group scales and zero points.
+            assert!(linear.weight_bytes() < 4 * n * k + 4 * n, "{name}: {} bytes", linear.weight_bytes());
+        }
+    }
+}
+
+#[test]
+fn rtn_error_shrinks_with_bits_and_bit_balance_beats_plain_int2() {
+    let (n, k) = (64, 256);
+    let mut rng = XorShift::new(3);
+    // Bell-shaped weights (sum of uniforms), as trained weights are.
+    let w: Vec<f32> = (0..n * k).map(|_| (rng.uniform() + rng.uniform() + rng.uniform()) / 3.0).collect();
+    let mse = |name: &str| {
+        let linear = method_by_name(name).unwrap().quantize(&layer(&w, None, n, k)).unwrap();
+        linear.dense_weight().iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / w.len() as f64
+    };
+    let errors: Vec<f64> =
+        ["rtn-w2a16-g32", "rtn-w3a16-g32", "rtn-w4a16-g32", "rtn-w8a16-g32"].iter().map(|n| mse(n)).collect();
+    assert!(errors.windows(2).all(|e| e[1] < e[0] / 3.0), "each extra bit cuts the error: {errors:?}");
+    assert!(mse("rtn-w4a16-g32") < mse("rtn-w4a16"), "groups beat one scale per channel");
+    assert!(mse("rtn-w2a16-g32-bb") < mse("rtn-w2a16-g32"), "5 symmetric levels beat 4 asymmetric ones");
+}
+
+#[test]
+fn bad_method_names_and_shapes_are_errors() {
+    for (name, expected) in [
+        ("gptq-w4", "unknown quantization method"),
+        ("rtn-w9a16", "bit width 9"),
+        ("rtn-w4a8", "expected rtn-w"),
+        ("rtn-w4a16-gx", "group size must be a number"),
+        ("rtn-w4a16-g128-zz", "unknown option"),
+        ("rtn-w4a16-bb", "bit"),
+    ] {
+        let e = method_by_name(name).err().unwrap_or_else(|| panic!("{name} was accepted")).to_string();
+        assert!(e.contains(expected), "{name}: {e}");
+    }
+    let method = method_by_name("rtn-w4a16-g128").unwrap();
+    let w = vec![0.5; 4 * 96];
+    let e = method.quantize(&layer(&w, None, 4, 96)).err().unwrap().to_string();
+    assert!(e.contains("128") && e.contains("96"), "{e}");
+}
