@@ -17,8 +17,8 @@ pub struct KernelBenchArgs {
     /// Weight shapes as NxK (out × in); the default is SmolLM2-135M's plus one 7B-sized square.
     #[arg(long, value_delimiter = ',', default_value = "576x1536,1536x576,576x576,4096x4096")]
     shapes: Vec<String>,
-    /// Timed repetitions per measurement (the fastest is reported: on a shared machine the
-    /// others measure its neighbours); each lasts about 50 ms.
+    /// Timed repetitions of each product, interleaved (the fastest is reported: on a shared
+    /// machine the others measure its neighbours); each lasts about 50 ms.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Group size of the W4A8 scales (64 divides every default k; SmolLM2's 576 is not a
@@ -32,7 +32,7 @@ pub struct KernelBenchArgs {
 
 pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be > 0");
-    anyhow::ensure!(args.group > 0 && args.group % 8 == 0, "--group must be a multiple of 8");
+    anyhow::ensure!(args.group > 0 && args.group.is_multiple_of(8), "--group must be a multiple of 8");
     let kernel = match args.kernel.as_deref() {
         None => IntKernel::detect(),
         Some("avx512vnni") => IntKernel::Avx512Vnni,
@@ -63,14 +63,16 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
             let x = rng.floats(m * k);
             let mut out = vec![0.0f32; m * n];
             let (mut xq, mut xs) = (vec![0i8; m * k], vec![0.0f32; m]);
-            let f32_s = seconds_per_call(args.repeats, || matmul_xwt(&x, &w, &mut out, m, n, k));
-            let w8_s = seconds_per_call(args.repeats, || {
-                quantize_rows_i8(&x, m, k, &mut xq, &mut xs);
-                gemm_w8a8_with(kernel, &xq, &xs, &w8, None, &mut out, m, false);
-            });
-            let w4_s = seconds_per_call(args.repeats, || {
-                quantize_rows_i8(&x, m, k, &mut xq, &mut xs);
-                gemm_w4a8_with(kernel, &xq, &xs, &w4, None, &mut out, m, false);
+            let [f32_s, w8_s, w4_s] = best_seconds_per_call(args.repeats, |which| match which {
+                0 => matmul_xwt(&x, &w, &mut out, m, n, k),
+                1 => {
+                    quantize_rows_i8(&x, m, k, &mut xq, &mut xs);
+                    gemm_w8a8_with(kernel, &xq, &xs, &w8, None, &mut out, m, false);
+                }
+                _ => {
+                    quantize_rows_i8(&x, m, k, &mut xq, &mut xs);
+                    gemm_w4a8_with(kernel, &xq, &xs, &w4, None, &mut out, m, false);
+                }
             });
             let ops = 2.0 * (m * n * k) as f64 * 1e-9;
             println!(
@@ -94,22 +96,26 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
     parse().ok_or_else(|| anyhow::anyhow!("shape {s:?} is not NxK"))
 }
 
-/// The best over `repeats` of the mean time per call, each repeat running enough calls to last
-/// about 50 ms (after one warm-up call, which also sizes the repeats).
-fn seconds_per_call(repeats: usize, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    f();
-    let once = start.elapsed().as_secs_f64();
-    let calls = ((0.05 / once.max(1e-9)) as usize).clamp(1, 100_000);
-    (0..repeats)
-        .map(|_| {
+/// The best over `repeats` of the mean time per call of each of `N` products, `run(i)` running
+/// product i. Each repeat times every product in turn, for about 50 ms each (sized by one
+/// warm-up call), so a load that comes and goes on the machine meets them all alike.
+fn best_seconds_per_call<const N: usize>(repeats: usize, mut run: impl FnMut(usize)) -> [f64; N] {
+    let calls: [usize; N] = std::array::from_fn(|i| {
+        let start = Instant::now();
+        run(i);
+        ((0.05 / start.elapsed().as_secs_f64().max(1e-9)) as usize).clamp(1, 100_000)
+    });
+    let mut best = [f64::INFINITY; N];
+    for _ in 0..repeats {
+        for (i, best) in best.iter_mut().enumerate() {
             let start = Instant::now();
-            for _ in 0..calls {
-                f();
+            for _ in 0..calls[i] {
+                run(i);
             }
-            start.elapsed().as_secs_f64() / calls as f64
-        })
-        .fold(f64::INFINITY, f64::min)
+            *best = best.min(start.elapsed().as_secs_f64() / calls[i] as f64);
+        }
+    }
+    best
 }
 
 fn cpu_model() -> String {

@@ -8,7 +8,7 @@ use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use anyq_engine::{generate as run_generation, perplexity as run_perplexity, Sampler, SamplingParams, TextStream};
 use anyq_models::TokenizerBundle;
 
-use crate::progress::{bar, load_with_progress};
+use crate::progress::{bar, load_quantized, load_with_progress};
 use crate::{GenerateArgs, PplArgs};
 
 fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow::Result<&'a TokenizerBundle> {
@@ -46,7 +46,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;
-    let loaded = load_with_progress(&args.model)?;
+    let loaded = load_quantized(&args.model, args.quantize.as_deref())?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     let ids = prompt_ids(bundle, &args)?;
     if ids.is_empty() {
@@ -92,7 +92,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
-    let loaded = load_with_progress(&args.model)?;
+    let loaded = load_quantized(&args.model, args.quantize.as_deref())?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     if args.ctx > loaded.model.config.max_position_embeddings {
         bail!("--ctx {} exceeds the model's context of {}", args.ctx, loaded.model.config.max_position_embeddings);

@@ -62,6 +62,9 @@ struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Quantize the model in memory first, e.g. `rtn-w4a16-g128`.
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +84,9 @@ struct PplArgs {
     /// Evaluate only the first N windows.
     #[arg(long)]
     max_windows: Option<usize>,
+    /// Quantize the model in memory first, e.g. `rtn-w4a16-g128`.
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Subcommand)]

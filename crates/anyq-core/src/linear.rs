@@ -14,6 +14,8 @@ pub trait Linear: Send + Sync {
     /// Row `row` of the weight (`[in_features]`) as f32: token embeddings read their table this
     /// way, so a tied output projection can share the same stored weight.
     fn weight_row(&self, row: usize, out: &mut [f32]);
+    /// The bias added to every output row, if any.
+    fn bias(&self) -> Option<&[f32]>;
 
     /// The whole weight `[out_features, in_features]` as f32 (what quantization methods start from).
     fn dense_weight(&self) -> Vec<f32> {
@@ -68,6 +70,10 @@ impl Linear for DenseLinear {
 
     fn weight_row(&self, row: usize, out: &mut [f32]) {
         out.copy_from_slice(&self.weight[row * self.in_features..(row + 1) * self.in_features]);
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
 
     fn weight_bytes(&self) -> usize {

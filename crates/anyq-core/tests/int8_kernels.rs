@@ -142,6 +142,9 @@ fn w4a8_matches_reference_on_odd_shapes() {
     }
 }
 
+/// A named way to fill a tensor, from the element's index.
+type Fill = (&'static str, Box<dyn Fn(usize) -> i8>);
+
 /// Extremes catch the u8 offset (x = −127 or −128 becomes u8 1 or 0), i16 saturation of
 /// `vpmaddubsw` (|x|·|w| at its largest in both of a pair) and the sign trick. Unit scales make
 /// each output the i32 sum itself, converted once, so it must equal the integer reference.
@@ -149,20 +152,20 @@ fn w4a8_matches_reference_on_odd_shapes() {
 fn extreme_values_give_exact_integer_sums() {
     let (m, n, k) = (5, 37, 1536);
     let mut rng = XorShift::new(99);
-    let fills_x: [(&str, Box<dyn Fn(usize) -> i8>); 5] = [
+    let fills_x: [Fill; 5] = [
         ("x=127", Box::new(|_| 127)),
         ("x=-127", Box::new(|_| -127)),
         ("x=-128", Box::new(|_| -128)),
         ("x=±127", Box::new(|i| if i % 3 == 0 { 127 } else { -127 })),
         ("x=0", Box::new(|_| 0)),
     ];
-    let w8_fills: [(&str, Box<dyn Fn(usize) -> i8>); 4] = [
+    let w8_fills: [Fill; 4] = [
         ("w=127", Box::new(|_| 127)),
         ("w=-127", Box::new(|_| -127)),
         ("w=±127", Box::new(|i| if i % 2 == 0 { 127 } else { -127 })),
         ("w=random", Box::new(|i| ((i * 2_654_435_761) % 255) as i8)),
     ];
-    let w4_fills: [(&str, Box<dyn Fn(usize) -> i8>); 3] = [
+    let w4_fills: [Fill; 3] = [
         ("w=7", Box::new(|_| 7)),
         ("w=-8", Box::new(|_| -8)),
         ("w=-8/7", Box::new(|i| if i % 5 < 2 { -8 } else { 7 })),

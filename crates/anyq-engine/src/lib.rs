@@ -5,9 +5,11 @@ pub mod calibrate;
 pub mod chat;
 pub mod generate;
 pub mod perplexity;
+pub mod quantize;
 pub mod sampling;
 
 pub use calibrate::{calibrate, CalibrationStats};
 pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
 pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
+pub use quantize::quantize_model;
 pub use sampling::{argmax, Sampler, SamplingParams};

@@ -209,13 +209,13 @@ impl ModelConfig {
         {
             return bad(format!("a model dimension is zero: {self:?}"));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads cannot be grouped over {} KV heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} is odd; RoPE needs pairs", self.head_dim));
         }
         if let Some(f) = &self.rope_freq_factors {

@@ -338,7 +338,7 @@ impl Loader<'_> {
     /// is dequantized to f32.
     fn linear(&self, name: &str, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Result<Box<dyn Linear>, LoadError> {
         if let Some(StoredTensor { ggml_type, shape, bytes }) = self.weights.stored(name) {
-            if shape == [out, inp] && GgmlLinear::supports(ggml_type) && inp % ggml_type.block_size() == 0 {
+            if shape == [out, inp] && GgmlLinear::supports(ggml_type) && inp.is_multiple_of(ggml_type.block_size()) {
                 let linear =
                     GgmlLinear::new(ggml_type, bytes.to_vec(), bias, out, inp).map_err(|e| LoadError::Tensor {
                         path: self.weights.source_path(),

@@ -138,7 +138,7 @@ impl GgmlType {
     /// Bytes that `n_elements` take in this format.
     pub fn bytes_for(self, n_elements: usize) -> Result<usize, GgmlError> {
         let f = self.format();
-        if n_elements % f.block_size != 0 {
+        if !n_elements.is_multiple_of(f.block_size) {
             return Err(GgmlError::NotBlockMultiple { ty: self, n_elements, block_size: f.block_size });
         }
         (n_elements / f.block_size).checked_mul(f.type_size).ok_or(GgmlError::TooLarge { ty: self, n_elements })

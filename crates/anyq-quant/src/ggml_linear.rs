@@ -98,10 +98,6 @@ impl GgmlLinear {
         &self.bytes
     }
 
-    pub fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
-    }
-
     /// Dequantizes weight row `row` (e.g. one token's embedding) into `out`, whose length must
     /// be `in_features`; the values are exactly those of [`GgmlType::dequantize`]. Panics if
     /// `row >= out_features`.
@@ -196,6 +192,10 @@ impl Linear for GgmlLinear {
 
     fn weight_row(&self, row: usize, out: &mut [f32]) {
         self.dequantize_row(row, out);
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
     }
 }
 

@@ -109,7 +109,7 @@ impl QuantSpec {
             if group_size == 0 {
                 return Err(QuantError::ZeroGroupSize);
             }
-            if cols % group_size != 0 {
+            if !cols.is_multiple_of(group_size) {
                 return Err(QuantError::GroupSizeNotDivisor { group_size, cols });
             }
         }

@@ -3,7 +3,6 @@
 
 use anyq_core::cpu::matmul_xwt_reference;
 use anyq_core::testing::XorShift;
-use anyq_core::Linear;
 use anyq_quant::methods::{method_by_name, LayerToQuantize};
 use anyq_quant::quantizer::{fake_quantize, Granularity, QuantSpec, ScaleSearch};
 

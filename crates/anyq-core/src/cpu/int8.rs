@@ -13,6 +13,10 @@
 //! Weights are packed once into 64-byte lines of 16 output channels × 4 consecutive k, the
 //! operand of one AVX-512 VNNI `vpdpbusd`. Each kernel keeps an `MR × 16·NB` tile of sums in
 //! registers over all of k, broadcasting 4 bytes of a row of x against each line.
+//!
+//! `vpdpbusd` (and AVX2's `vpmaddubsw`) multiply unsigned by signed bytes. W8A8 feeds x + 128 as
+//! the unsigned side and subtracts 128·Σ_k w (precomputed per channel); W4A8 stores w + 8 in
+//! [0, 15], unsigned, and subtracts 8·Σ_{k∈g} x per token and group.
 
 use std::ops::Range;
 
@@ -73,21 +77,21 @@ impl IntKernel {
         Self::ALL.into_iter().find(|k| k.is_supported()).unwrap_or(IntKernel::Portable)
     }
 
-    /// Rows × 16-channel blocks of the register tile.
-    fn tile4(self) -> (usize, usize) {
-        if let Ok(v) = std::env::var(format!("TILE4_{:?}", self)) {
-            let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
-            return (v[0], v[1]);
-        }
-        self.tile()
-    }
-    fn tile(self) -> (usize, usize) {
-        if let Ok(v) = std::env::var(format!("TILE_{:?}", self)) {
-            let v: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
-            return (v[0], v[1]);
-        }
+    /// Rows × 16-channel blocks of the W8A8 register tile. VNNI: 24 accumulators + 4 weight
+    /// lines + 1 broadcast of the 32 zmm registers; AVX2: 8 of its 16 ymm.
+    fn tile_w8(self) -> (usize, usize) {
         match self {
             IntKernel::Avx512Vnni => (6, 4),
+            IntKernel::Avx2 => (4, 1),
+            IntKernel::Portable => (1, 1),
+        }
+    }
+
+    /// The W4A8 tile: fewer rows than W8A8, as each block needs two unpacked nibble planes and
+    /// f32 group sums beside the i32 ones.
+    fn tile_w4(self) -> (usize, usize) {
+        match self {
+            IntKernel::Avx512Vnni => (4, 4),
             IntKernel::Avx2 => (4, 1),
             IntKernel::Portable => (1, 1),
         }
@@ -181,7 +185,7 @@ impl I4Weight {
     /// `q` is row-major `[n, k]` in [-8, 7], `scales` is row-major `[n, k/group]`; `group` is a
     /// multiple of 8 that divides k (32, 64 and 128 are the usual ones).
     pub fn new(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Self {
-        assert!(group > 0 && group % 8 == 0, "I4Weight: group={group} is not a multiple of 8");
+        assert!(group > 0 && group.is_multiple_of(8), "I4Weight: group={group} is not a multiple of 8");
         assert_eq!(k % group, 0, "I4Weight: group={group} does not divide k={k}");
         assert_eq!(q.len(), n * k, "I4Weight: q is not [n={n}, k={k}]");
         let groups = k / group;
@@ -250,6 +254,7 @@ impl I4Weight {
 }
 
 /// Calls `$f::<MR, NB>(args)` for the run-time `mr` and `nb`, from the lists of those compiled.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! tiles {
     ($f:ident, $mr:expr, $nb:expr, [$($m:literal)*], $nbs:tt, $args:tt) => {
         match $mr {
@@ -278,6 +283,11 @@ pub fn quantize_rows_i8(x: &[f32], rows: usize, cols: usize, q: &mut [i8], scale
     }
     let quantize = |((x, q), s): ((&[f32], &mut [i8]), &mut f32)| {
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return *s = unsafe { quantize_row_avx512(x, q) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports the features the function was compiled for.
             return *s = unsafe { quantize_row_avx2(x, q) };
@@ -301,9 +311,20 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     // `round_ties_even` it vectorizes without SSE4.1.
     const ROUND: f32 = 12_582_912.0;
     for (q, v) in q.iter_mut().zip(x) {
-        *q = ((v * inv).clamp(-127.0, 127.0) + ROUND - ROUND) as i8;
+        // `max`/`min` also map NaN into range (unlike `clamp`).
+        #[allow(clippy::manual_clamp)]
+        let r = (v * inv).max(-127.0).min(127.0) + ROUND - ROUND;
+        // SAFETY: r is an integer in [-127, 127]. A checked `as` cast would not vectorize.
+        *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
     }
     scale
+}
+
+/// The same code with 512-bit vectors, whose narrowing `vpmovdb` packs i32 to i8 in one step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_row(x, q)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -423,21 +444,17 @@ pub fn gemm_w8a8_with(
     if m == 0 || n == 0 {
         return;
     }
-    // Rows of x padded to whole lines: as u8 x + 128 for VNNI, as they are otherwise.
+    // Rows of x padded with zeros to whole lines (a copy only where k is not a multiple of 4).
     let stride = w.k4 * 4;
-    let x: std::borrow::Cow<[u8]> = match kernel {
-        IntKernel::Avx512Vnni => pad_rows(x_q, m, k, stride, 0x80),
-        _ if k == stride => as_bytes(x_q).into(),
-        _ => pad_rows(x_q, m, k, stride, 0),
-    };
+    let x: std::borrow::Cow<[i8]> = if k == stride { x_q.into() } else { pad_rows(x_q, m, k, stride).into() };
     let job = W8Job { x: &x, stride, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
-    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile(), |r0, mr, b0, nb| match kernel {
+    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile_w8(), |r0, mr, b0, nb| match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `check_args` asserted that the CPU has the kernel's features; the tile lies
         // within the shapes asserted there.
         IntKernel::Avx512Vnni => unsafe { tiles!(w8_vnni, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
         #[cfg(target_arch = "x86_64")]
-        IntKernel::Avx2 => unsafe { tiles!(w8_avx2, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        IntKernel::Avx2 => unsafe { tiles!(w8_avx2, mr, nb, [1 2 3 4], [1], (&job, r0, b0)) },
         _ => w8_portable(&job, r0..r0 + mr, b0..b0 + nb),
     });
 }
@@ -481,12 +498,12 @@ pub fn gemm_w4a8_with(
         _ => x_q.chunks_exact(w.group).map(|g| 8 * g.iter().map(|&v| v as i32).sum::<i32>()).collect(),
     };
     let job = W4Job { x: x_q, offset: &offset, groups, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
-    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile4(), |r0, mr, b0, nb| match kernel {
+    for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile_w4(), |r0, mr, b0, nb| match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `gemm_w8a8_with`.
-        IntKernel::Avx512Vnni => unsafe { tiles!(w4_vnni, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        IntKernel::Avx512Vnni => unsafe { tiles!(w4_vnni, mr, nb, [1 2 3 4], [1 2 3 4], (&job, r0, b0)) },
         #[cfg(target_arch = "x86_64")]
-        IntKernel::Avx2 => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4 5 6], [1 2 3 4], (&job, r0, b0)) },
+        IntKernel::Avx2 => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4], [1], (&job, r0, b0)) },
         _ => w4_portable(&job, r0..r0 + mr, b0..b0 + nb),
     });
 }
@@ -512,20 +529,13 @@ fn check_args(
     }
 }
 
-fn as_bytes(x: &[i8]) -> &[u8] {
-    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
-}
-
-/// Rows of `x` (`[m, k]`) as bytes XOR `flip`, each padded with `flip` (a zero of x) to `stride`.
-fn pad_rows(x: &[i8], m: usize, k: usize, stride: usize, flip: u8) -> std::borrow::Cow<'static, [u8]> {
-    let mut padded = vec![flip; m * stride];
-    for (dst, src) in padded.chunks_exact_mut(stride).zip(as_bytes(x).chunks_exact(k.max(1))) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s ^ flip;
-        }
+/// Rows of `x` (`[m, k]`), each padded with zeros to `stride`.
+fn pad_rows(x: &[i8], m: usize, k: usize, stride: usize) -> Vec<i8> {
+    let mut padded = vec![0; m * stride];
+    for (dst, src) in padded.chunks_exact_mut(stride).zip(x.chunks_exact(k.max(1))) {
+        dst[..k].copy_from_slice(src);
     }
-    padded.into()
+    padded
 }
 
 /// Runs `tile(r0, mr, b0, nb)` over every tile of `m` rows × `blocks` 16-channel blocks, each
@@ -616,8 +626,8 @@ impl<'a> Epilogue<'a> {
 }
 
 struct W8Job<'a> {
-    /// Rows of `stride` bytes: `x_q + 128` for VNNI, `x_q` otherwise.
-    x: &'a [u8],
+    /// Rows of `stride` values.
+    x: &'a [i8],
     stride: usize,
     w: &'a I8Weight,
     ep: Epilogue<'a>,
@@ -626,6 +636,7 @@ struct W8Job<'a> {
 struct W4Job<'a> {
     x: &'a [i8],
     /// `[m, groups]`: 8·Σ_{k∈g} x_q (SIMD kernels only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offset: &'a [i32],
     groups: usize,
     w: &'a I4Weight,
@@ -641,7 +652,7 @@ fn w8_portable(job: &W8Job, rows: Range<usize>, blocks: Range<usize>) {
             let mut acc = [0i32; BLOCK];
             for (line, x) in lines.iter().zip(x.chunks_exact(4)) {
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let dot: i32 = (0..4).map(|j| x[j] as i8 as i32 * line.0[4 * c + j] as i8 as i32).sum();
+                    let dot: i32 = (0..4).map(|j| x[j] as i32 * line.0[4 * c + j] as i8 as i32).sum();
                     *acc = acc.wrapping_add(dot);
                 }
             }
@@ -708,7 +719,10 @@ mod x86 {
     pub(super) unsafe fn w8_vnni<const MR: usize, const NB: usize>(job: &W8Job, r0: usize, b0: usize) {
         let (k4, w) = (job.w.k4, job.w);
         let lines = w.packed.as_ptr().add(b0 * k4);
-        let x = job.x.as_ptr().add(r0 * job.stride);
+        let x = job.x.as_ptr().add(r0 * job.stride).cast::<u8>();
+        // `vpdpbusd` takes u8 × i8: x + 128 as u8 is x XOR 0x80, flipped in registers so x needs
+        // no converted copy; the weight's `offset` takes the extra 128·Σw back out.
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_si512(); NB]; MR];
         for s in 0..k4 {
             let mut wv = [_mm512_setzero_si512(); NB];
@@ -716,7 +730,7 @@ mod x86 {
                 *wv = _mm512_load_si512(lines.add(b * k4 + s).cast());
             }
             for (r, acc) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_epi32(x4(x.add(r * job.stride + 4 * s)));
+                let xv = _mm512_xor_si512(_mm512_set1_epi32(x4(x.add(r * job.stride + 4 * s))), flip);
                 for (acc, &wv) in acc.iter_mut().zip(&wv) {
                     *acc = _mm512_dpbusd_epi32(*acc, xv, wv);
                 }
@@ -841,7 +855,7 @@ mod x86 {
     pub(super) unsafe fn w8_avx2<const MR: usize, const NB: usize>(job: &W8Job, r0: usize, b0: usize) {
         let (k4, w) = (job.w.k4, job.w);
         let lines = w.packed.as_ptr().add(b0 * k4);
-        let x = job.x.as_ptr().add(r0 * job.stride);
+        let x = job.x.as_ptr().add(r0 * job.stride).cast::<u8>();
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[[_mm256_setzero_si256(); 2]; NB]; MR];
         for s in 0..k4 {

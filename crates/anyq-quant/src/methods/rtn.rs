@@ -171,4 +171,8 @@ impl Linear for RtnLinear {
     fn weight_row(&self, row: usize, out: &mut [f32]) {
         self.dequantize_rows(row, out);
     }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
 }
