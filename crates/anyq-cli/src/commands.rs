@@ -46,7 +46,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;
-    let loaded = load_quantized(&args.model, args.quantize.as_deref())?;
+    let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     let ids = prompt_ids(bundle, &args)?;
     if ids.is_empty() {
@@ -92,7 +92,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
-    let loaded = load_quantized(&args.model, args.quantize.as_deref())?;
+    let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     if args.ctx > loaded.model.config.max_position_embeddings {
         bail!("--ctx {} exceeds the model's context of {}", args.ctx, loaded.model.config.max_position_embeddings);

@@ -62,9 +62,24 @@ struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Quantize the model in memory first, e.g. `rtn-w4a16-g128`.
+    #[command(flatten)]
+    quantize: QuantizeArgs,
+}
+
+/// In-memory quantization before running.
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// Quantize the model first, e.g. `rtn-w4a16-g32`, `rtn-w8a8`, `smoothquant-w8a8`.
     #[arg(long)]
-    quantize: Option<String>,
+    pub quantize: Option<String>,
+    /// Calibration text for methods that need activation statistics.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration windows of --calib-ctx tokens.
+    #[arg(long, default_value_t = 128)]
+    pub calib_windows: usize,
+    #[arg(long, default_value_t = 512)]
+    pub calib_ctx: usize,
 }
 
 #[derive(Subcommand)]
@@ -84,9 +99,8 @@ struct PplArgs {
     /// Evaluate only the first N windows.
     #[arg(long)]
     max_windows: Option<usize>,
-    /// Quantize the model in memory first, e.g. `rtn-w4a16-g128`.
-    #[arg(long)]
-    quantize: Option<String>,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
 }
 
 #[derive(Subcommand)]

@@ -2,10 +2,13 @@
 
 use std::path::Path;
 
-use anyq_engine::quantize_model;
+use anyhow::Context;
+use anyq_engine::{calibrate, quantize_model};
 use anyq_models::{load_model, LoadedModel};
 use anyq_quant::methods::method_by_name;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::QuantizeArgs;
 
 pub fn bar(total: usize, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
@@ -29,19 +32,45 @@ pub fn load_with_progress(path: &Path) -> anyhow::Result<LoadedModel> {
     Ok(loaded)
 }
 
-/// Loads a model and, when a method is named, quantizes it in memory, with bars for both.
-pub fn load_quantized(path: &Path, method: Option<&str>) -> anyhow::Result<LoadedModel> {
-    let method = method.map(method_by_name).transpose()?;
+/// Loads a model and, when a method is named, quantizes it in memory (calibrating first where
+/// the method needs it), with bars for each step.
+pub fn load_quantized(path: &Path, args: &QuantizeArgs) -> anyhow::Result<LoadedModel> {
+    let method = args.quantize.as_deref().map(method_by_name).transpose()?;
+    let calib_text = match (&method, &args.calib) {
+        (Some(m), Some(file)) if m.needs_calibration() => {
+            Some(std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?)
+        }
+        (Some(m), None) if m.needs_calibration() => anyhow::bail!("{} needs calibration text: --calib FILE", m.name()),
+        _ => None,
+    };
     let mut loaded = load_with_progress(path)?;
-    if let Some(method) = method {
-        let bar = bar(loaded.model.config.num_layers, "quantize");
-        quantize_model(&mut loaded.model, method.as_ref(), None, &|done, _| bar.set_position(done as u64))?;
-        bar.finish_and_clear();
-        eprintln!(
-            "quantized with {}: weights now {:.1} MiB",
-            method.name(),
-            loaded.model.weight_bytes() as f64 / (1 << 20) as f64
-        );
-    }
+    let Some(method) = method else { return Ok(loaded) };
+    let stats = match calib_text {
+        Some(text) => {
+            let tokenizer = &loaded.tokenizer.as_ref().context("calibration needs the model's tokenizer")?.tokenizer;
+            let ids = tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+            let windows = args.calib_windows.min(ids.len() / args.calib_ctx.max(1));
+            anyhow::ensure!(
+                windows > 0,
+                "the calibration text has {} tokens: not one window of {}",
+                ids.len(),
+                args.calib_ctx
+            );
+            let bar = bar(windows, "calibrate");
+            let stats =
+                calibrate(&loaded.model, &ids, args.calib_ctx, windows, &|done, _| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            Some(stats)
+        }
+        None => None,
+    };
+    let bar = bar(loaded.model.config.num_layers, "quantize");
+    quantize_model(&mut loaded.model, method.as_ref(), stats.as_ref(), &|done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "quantized with {}: weights now {:.1} MiB",
+        method.name(),
+        loaded.model.weight_bytes() as f64 / (1 << 20) as f64
+    );
     Ok(loaded)
 }

@@ -79,7 +79,8 @@ fn bad_method_names_and_shapes_are_errors() {
     for (name, expected) in [
         ("gptq-w4", "unknown quantization method"),
         ("rtn-w9a16", "bit width 9"),
-        ("rtn-w4a8", "expected rtn-w"),
+        ("rtn-w4a8", "8-bit activations go with"),
+        ("rtn-w4a4", "expected rtn-w"),
         ("rtn-w4a16-gx", "group size must be a number"),
         ("rtn-w4a16-g128-zz", "unknown option"),
         ("rtn-w4a16-bb", "bit"),
@@ -91,4 +92,84 @@ fn bad_method_names_and_shapes_are_errors() {
     let w = vec![0.5; 4 * 96];
     let e = method.quantize(&layer(&w, None, 4, 96)).err().unwrap().to_string();
     assert!(e.contains("128") && e.contains("96"), "{e}");
+}
+
+/// `y = deq(q(x / s)) · (ŵ · s)ᵀ`: what an activation-quantized layer must compute from its
+/// own effective weight (`dense_weight`, in x's space) and per-token int8 activations.
+fn act_quant_reference(linear: &dyn anyq_core::Linear, x: &[f32], m: usize, smooth: Option<&[f32]>) -> Vec<f32> {
+    use anyq_core::cpu::int8::quantize_rows_i8;
+    let (n, k) = (linear.out_features(), linear.in_features());
+    let ones = vec![1.0; k];
+    let s = smooth.unwrap_or(&ones);
+    let xs: Vec<f32> = x.chunks_exact(k).flat_map(|row| row.iter().zip(s).map(|(v, s)| v / s)).collect();
+    let (mut q, mut scales) = (vec![0i8; m * k], vec![0.0f32; m]);
+    quantize_rows_i8(&xs, m, k, &mut q, &mut scales);
+    let x_hat: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / k]).collect();
+    let w_s: Vec<f32> =
+        linear.dense_weight().chunks_exact(k).flat_map(|row| row.iter().zip(s).map(|(v, s)| v * s)).collect();
+    let mut y = matmul_xwt_reference(&x_hat, &w_s, m, n, k);
+    if let Some(b) = linear.bias() {
+        y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+    y
+}
+
+#[test]
+fn activation_quantized_methods_compute_with_int8_activations() {
+    use anyq_quant::calibration::ChannelStats;
+    let mut rng = XorShift::new(11);
+    let (n, k) = (70, 256);
+    let w = rng.floats(n * k);
+    let bias = rng.floats(n);
+    // Activations with two outlier channels, as LLMs have.
+    let m = 9;
+    let x: Vec<f32> = rng
+        .floats(m * k)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % k == 3 || i % k == 77 { v * 40.0 } else { *v })
+        .collect();
+    let mut stats = ChannelStats::new(k);
+    stats.update(&x);
+    let dense = matmul_xwt_reference(&x, &w, m, n, k);
+    let mut errors = Vec::new();
+    for name in ["rtn-w8a8", "rtn-w4a8-g32", "smoothquant-w8a8", "smoothquant-w8a8-a0.8"] {
+        let method = method_by_name(name).unwrap();
+        assert_eq!(method.name(), name);
+        let linear = method
+            .quantize(&LayerToQuantize {
+                weight: &w,
+                bias: Some(&bias),
+                out_features: n,
+                in_features: k,
+                input_stats: Some(&stats),
+            })
+            .unwrap();
+        let smooth = name.starts_with("smoothquant").then(|| {
+            let alpha = if name.ends_with("a0.8") { 0.8 } else { 0.5 };
+            anyq_quant::methods::smoothquant::smoothing_factors(stats.abs_max(), &w, k, alpha)
+        });
+        let mut out = vec![f32::NAN; m * n];
+        linear.forward(&x, m, &mut out);
+        let expected = act_quant_reference(linear.as_ref(), &x, m, smooth.as_deref());
+        let scale = expected.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+        for (a, b) in out.iter().zip(&expected) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{name}: {a} vs {b}");
+        }
+        let err: f64 =
+            out.iter().zip(&dense).zip(&bias.repeat(m)).map(|((a, d), b)| ((a - d - b) as f64).powi(2)).sum();
+        errors.push((name, err));
+    }
+    eprintln!("{errors:?}");
+    // Smoothing moves the outliers into the weights: less error than plain per-token W8A8.
+    assert!(errors[2].1 < errors[0].1, "{errors:?}");
+    let e = method_by_name("smoothquant-w8a8")
+        .unwrap()
+        .quantize(&LayerToQuantize { weight: &w, bias: None, out_features: n, in_features: k, input_stats: None })
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("needs calibration"), "{e}");
+    for bad in ["rtn-w4a8", "rtn-w8a8-g32", "smoothquant-w8a8-a2", "smoothquant-w4a8"] {
+        assert!(method_by_name(bad).is_err(), "{bad} accepted");
+    }
 }

@@ -3,7 +3,9 @@
 //! which is an `anyq_core::Linear` that runs `y = x·Wᵀ (+ b)` from that form. Adding a method
 //! is one file and one row in `METHODS`.
 
+pub mod act_quant;
 pub mod rtn;
+pub mod smoothquant;
 
 use anyq_core::Linear;
 
@@ -51,7 +53,10 @@ struct MethodFamily {
     parse: fn(&str) -> Result<Box<dyn QuantMethod>, MethodError>,
 }
 
-const METHODS: &[MethodFamily] = &[MethodFamily { prefix: "rtn-", syntax: rtn::SYNTAX, parse: rtn::parse }];
+const METHODS: &[MethodFamily] = &[
+    MethodFamily { prefix: "rtn-", syntax: rtn::SYNTAX, parse: rtn::parse },
+    MethodFamily { prefix: "smoothquant-", syntax: smoothquant::SYNTAX, parse: smoothquant::parse },
+];
 
 /// The method that `name` selects (`rtn-w4a16-g128`, ...).
 pub fn method_by_name(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {

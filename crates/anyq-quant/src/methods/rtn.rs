@@ -9,22 +9,35 @@ use std::cell::RefCell;
 use anyq_core::cpu::add_bias;
 use anyq_core::Linear;
 
+use super::act_quant::ActQuantLinear;
 use super::{LayerToQuantize, MethodError, QuantMethod};
 use crate::dequant_matmul::{panel_gemm, row_gemv, RowDequantize};
 use crate::packing::{pack, packed_len, unpack_into};
 use crate::quantizer::{quantize, Granularity, QuantSpec, ScaleSearch};
 
-pub const SYNTAX: &str = "rtn-w{2..8}a16[-g{group}][-bb]";
+pub const SYNTAX: &str = "rtn-w{2..8}a16[-g{group}][-bb] | rtn-w8a8 | rtn-w4a8-g{group}";
 
 pub struct Rtn {
     spec: QuantSpec,
 }
 
 /// `rtn-w4a16-g128`: 4-bit weights in groups of 128; no `-g` = one group per output channel;
-/// `-bb` = INT2 bit balance.
+/// `-bb` = INT2 bit balance. `rtn-w8a8` / `rtn-w4a8-g64`: activations quantized per token too
+/// (integer kernels), without SmoothQuant's smoothing or MixQ's outliers.
 pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
     let invalid = |message: &str| MethodError::Invalid { name: name.to_string(), message: message.to_string() };
     let rest = name.strip_prefix("rtn-w").ok_or_else(|| invalid(SYNTAX))?;
+    if let Some((bits, rest)) = rest.split_once("a8") {
+        let group = match rest.strip_prefix("-g") {
+            Some(g) => Some(g.parse().map_err(|_| invalid("group size must be a number"))?),
+            None if rest.is_empty() => None,
+            None => return Err(invalid(&format!("expected {SYNTAX}"))),
+        };
+        return match (bits, group) {
+            ("8", None) | ("4", Some(_)) => Ok(Box::new(RtnA8 { group })),
+            _ => Err(invalid("8-bit activations go with 8-bit weights per channel or 4-bit weights in groups")),
+        };
+    }
     let (bits, rest) = rest.split_once("a16").ok_or_else(|| invalid(&format!("expected {SYNTAX}")))?;
     let bits: u8 = bits.parse().map_err(|_| invalid("weight bits must be a number"))?;
     let mut granularity = Granularity::PerChannel;
@@ -41,6 +54,29 @@ pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
     let spec = QuantSpec { bits, symmetric: bit_balance, bit_balance, granularity, search: ScaleSearch::MinMax };
     spec.validate(spec_cols(&spec)).map_err(|e| invalid(&e.to_string()))?;
     Ok(Box::new(Rtn { spec }))
+}
+
+/// W8A8 (per-channel weights) or W4A8 (grouped weights) with per-token int8 activations.
+pub struct RtnA8 {
+    group: Option<usize>,
+}
+
+impl QuantMethod for RtnA8 {
+    fn name(&self) -> String {
+        match self.group {
+            None => "rtn-w8a8".into(),
+            Some(g) => format!("rtn-w4a8-g{g}"),
+        }
+    }
+
+    fn bits(&self) -> (u8, u8) {
+        (if self.group.is_some() { 4 } else { 8 }, 8)
+    }
+
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
+        let (n, k) = (layer.out_features, layer.in_features);
+        Ok(Box::new(ActQuantLinear::new(layer.weight, n, k, self.group, None, layer.bias)?))
+    }
 }
 
 /// A column count that any valid group size divides, to validate a spec before seeing a layer.
