@@ -124,3 +124,23 @@ fn bad_input_fails_with_a_clear_message() {
     let out = anyq(&["eval", "ppl", model, "--text", short.to_str().unwrap(), "--ctx", "64"]);
     assert!(text(&out.stderr).contains("not enough for one window"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn quantize_on_load_names_the_method_and_rejects_bad_ones() {
+    let model = model();
+    let model = model.to_str().unwrap();
+    let out = anyq(&["generate", model, "-p", "The capital of France is", "-n", "4", "--quantize", "rtn-w8a8"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("quantized with rtn-w8a8"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", model, "-p", "hi", "--quantize", "gptq-w3"], "unknown quantization method \"gptq-w3\""),
+        (&["generate", model, "-p", "hi", "--quantize", "smoothquant-w8a8"], "needs calibration text: --calib FILE"),
+        (&["generate", model, "-p", "hi", "--quantize", "rtn-w4a16-g128"], "group size 128"),
+    ];
+    for (args, expected) in cases {
+        let out = anyq(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
