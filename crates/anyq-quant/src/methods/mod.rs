@@ -4,6 +4,7 @@
 //! is one file and one row in `METHODS`.
 
 pub mod act_quant;
+pub mod mixq;
 pub mod rtn;
 pub mod smoothquant;
 
@@ -56,6 +57,7 @@ struct MethodFamily {
 const METHODS: &[MethodFamily] = &[
     MethodFamily { prefix: "rtn-", syntax: rtn::SYNTAX, parse: rtn::parse },
     MethodFamily { prefix: "smoothquant-", syntax: smoothquant::SYNTAX, parse: smoothquant::parse },
+    MethodFamily { prefix: "mixq-", syntax: mixq::SYNTAX, parse: mixq::parse },
 ];
 
 /// The method that `name` selects (`rtn-w4a16-g128`, ...).

@@ -1,0 +1,551 @@
+//! MixQ (mixed precision, SC'24): the few input channels whose activations are outliers run in
+//! f32, the rest on the integer kernels (W8A8 or W4A8), and the two products are added in the
+//! integer kernel's epilogue.
+//!
+//! - Outliers from calibration: channel j is one if `abs_max_j > T · median(abs_max)` (T = 8 by
+//!   default), keeping at most the 2% largest. A threshold relative to the median does not depend
+//!   on the model's activation scale (an absolute one such as LLM.int8()'s 6.0 does); ordinary
+//!   channels stay within a few times the median while outlier channels reach tens of times it.
+//!   The cap bounds the f32 product, `m·n·n_outliers` multiply-adds beside the integer `m·n·k`.
+//! - The outlier set is sorted: its columns of x are gathered in order into a small dense
+//!   `[m, n_outliers]` matrix, and the matching f32 weight columns are kept as `[n, n_outliers]`.
+//! - The integer product covers the other channels: outlier channels are left out of the
+//!   per-token amax and zeroed in the int8 activations, so the integer weight stays the whole
+//!   quantized weight of all columns.
+//! - Locality: outlier channels recur from token to token, so a channel that exceeds the
+//!   absolute threshold `T · median` at run time joins the set for good (its f32 column is the
+//!   dequantized integer column, the original weight being gone). `outlier_stats` counts how
+//!   often that happens.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
+
+use anyq_core::cpu::int8::{gemm_w4a8, gemm_w8a8, I4Weight, I8Weight};
+use anyq_core::cpu::matmul_xwt;
+use anyq_core::Linear;
+
+use super::{LayerToQuantize, MethodError, QuantMethod};
+use crate::quantizer::{quantize, Granularity, QuantSpec};
+
+pub const SYNTAX: &str = "mixq-w8a8[-t{threshold}] | mixq-w4a8-g{group}[-t{threshold}]";
+/// Outlier threshold, as a multiple of the median channel's calibration abs max.
+pub const DEFAULT_THRESHOLD: f32 = 8.0;
+/// Largest share of input channels that calibration may mark as outliers.
+pub const MAX_CALIBRATION_FRACTION: f64 = 0.02;
+/// Largest share the set may grow to at run time: past it, new outliers are quantized with the
+/// rest, so that a shifted distribution cannot turn the layer into an f32 product.
+pub const MAX_RUNTIME_FRACTION: f64 = 0.08;
+
+pub struct MixQ {
+    /// `None`: 8-bit weights per output channel; `Some(g)`: 4-bit weights in groups of g.
+    group: Option<usize>,
+    threshold: f32,
+}
+
+/// `mixq-w8a8`, `mixq-w4a8-g128`, optionally followed by `-t{threshold}` (e.g. `-t6`).
+pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
+    Ok(Box::new(MixQ::from_name(name)?))
+}
+
+impl MixQ {
+    /// The method `name` selects, as its own type (to reach `MixQLinear` without a downcast).
+    pub fn from_name(name: &str) -> Result<Self, MethodError> {
+        let invalid = |message: String| MethodError::Invalid { name: name.to_string(), message };
+        let rest = name.strip_prefix("mixq-").ok_or_else(|| invalid(format!("expected {SYNTAX}")))?;
+        let (group, rest) = if let Some(rest) = rest.strip_prefix("w8a8") {
+            (None, rest)
+        } else if let Some(rest) = rest.strip_prefix("w4a8-g") {
+            let end = rest.find('-').unwrap_or(rest.len());
+            let g: usize = rest[..end].parse().map_err(|_| invalid("group size must be a number".into()))?;
+            if g == 0 || !g.is_multiple_of(8) {
+                return Err(invalid(format!("4-bit groups must be a positive multiple of 8, not {g}")));
+            }
+            (Some(g), &rest[end..])
+        } else {
+            return Err(invalid(format!("expected {SYNTAX}")));
+        };
+        let threshold = match rest.strip_prefix("-t") {
+            Some(t) => t.parse().map_err(|_| invalid(format!("threshold {t:?} is not a number")))?,
+            None if rest.is_empty() => DEFAULT_THRESHOLD,
+            None => return Err(invalid(format!("unknown option {rest:?}; expected {SYNTAX}"))),
+        };
+        if !(threshold.is_finite() && threshold > 0.0) {
+            return Err(invalid(format!("threshold {threshold} must be a positive number")));
+        }
+        Ok(MixQ { group, threshold })
+    }
+
+    /// `quantize`, returning the layer's own type (for `outlier_stats`).
+    pub fn quantize_layer(&self, layer: &LayerToQuantize) -> Result<MixQLinear, MethodError> {
+        let stats = layer.input_stats.ok_or_else(|| MethodError::NeedsCalibration(self.name()))?;
+        let invalid = |message: String| MethodError::Invalid { name: self.name(), message };
+        let k = layer.in_features;
+        if stats.channels() != k {
+            return Err(invalid(format!("calibration has {} channels for a layer of {k} inputs", stats.channels())));
+        }
+        let (channels, abs_threshold) =
+            calibration_outliers(stats.abs_max(), self.threshold, MAX_CALIBRATION_FRACTION).map_err(invalid)?;
+        MixQLinear::new(layer, self.group, &channels, abs_threshold)
+    }
+}
+
+impl QuantMethod for MixQ {
+    fn name(&self) -> String {
+        let base = match self.group {
+            None => "mixq-w8a8".to_string(),
+            Some(g) => format!("mixq-w4a8-g{g}"),
+        };
+        if self.threshold == DEFAULT_THRESHOLD {
+            base
+        } else {
+            format!("{base}-t{}", self.threshold)
+        }
+    }
+
+    fn bits(&self) -> (u8, u8) {
+        (if self.group.is_some() { 4 } else { 8 }, 8)
+    }
+
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
+        Ok(Box::new(self.quantize_layer(layer)?))
+    }
+}
+
+/// The calibration outliers of one layer, sorted, and the absolute threshold `T · median` that
+/// run time compares |x| with: channels with `abs_max > T · median(abs_max)`, at most
+/// `⌈max_fraction · k⌉` of them (the largest).
+pub fn calibration_outliers(abs_max: &[f32], threshold: f32, max_fraction: f64) -> Result<(Vec<usize>, f32), String> {
+    if abs_max.is_empty() {
+        return Err("the layer has no input channels".into());
+    }
+    if let Some(j) = abs_max.iter().position(|v| !v.is_finite()) {
+        return Err(format!("calibration abs max of channel {j} is {}", abs_max[j]));
+    }
+    let mut sorted = abs_max.to_vec();
+    let mid = sorted.len() / 2;
+    let median = *sorted.select_nth_unstable_by(mid, f32::total_cmp).1;
+    if median <= 0.0 {
+        return Err("the median channel's calibration abs max is 0 (were any tokens seen?)".into());
+    }
+    let abs_threshold = threshold * median;
+    let mut outliers: Vec<usize> = (0..abs_max.len()).filter(|&j| abs_max[j] > abs_threshold).collect();
+    let cap = (max_fraction * abs_max.len() as f64).ceil() as usize;
+    if outliers.len() > cap {
+        outliers.sort_by(|&a, &b| abs_max[b].total_cmp(&abs_max[a]));
+        outliers.truncate(cap);
+    }
+    outliers.sort_unstable();
+    Ok((outliers, abs_threshold))
+}
+
+/// The channels that run in f32, in increasing order, with their f32 weight columns.
+#[derive(Clone, Debug)]
+pub struct OutlierSet {
+    channels: Vec<usize>,
+    /// `[n, channels.len()]`: column c is the weight column of `channels[c]`.
+    weight: Vec<f32>,
+    n: usize,
+    /// `[k]`: whether channel j is in the set (the per-element test of the activation scan).
+    member: Vec<bool>,
+}
+
+impl OutlierSet {
+    /// The set of `channels` (any order, no duplicates, each < k) with their columns taken from
+    /// `w` (`[n, k]`).
+    pub fn new(channels: &[usize], w: &[f32], n: usize, k: usize) -> Self {
+        let mut set = Self { channels: Vec::new(), weight: Vec::new(), n, member: vec![false; k] };
+        set.insert(channels, |row, j| w[row * k + j]);
+        set
+    }
+
+    /// The channels, in increasing order.
+    pub fn channels(&self) -> &[usize] {
+        &self.channels
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    pub fn contains(&self, j: usize) -> bool {
+        self.member.get(j).copied().unwrap_or(false)
+    }
+
+    /// The f32 weight columns `[n, len]`, in the order of `channels`.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    /// The set's columns of `x` (`[m, k]`), in order: a dense `[m, len]` matrix.
+    pub fn gather(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let k = self.member.len();
+        let mut out = Vec::with_capacity(m * self.len());
+        for row in x.chunks_exact(k.max(1)).take(m) {
+            out.extend(self.channels.iter().map(|&j| row[j]));
+        }
+        out
+    }
+
+    /// Adds the channels not yet in the set, each column from `column(row, j)`, keeping the order.
+    fn insert(&mut self, new: &[usize], column: impl Fn(usize, usize) -> f32) -> usize {
+        let mut new: Vec<usize> = new.iter().copied().filter(|&j| !self.member[j]).collect();
+        new.sort_unstable();
+        new.dedup();
+        if new.is_empty() {
+            return 0;
+        }
+        let old = std::mem::take(&mut self.channels);
+        let mut merged = Vec::with_capacity(old.len() + new.len());
+        // `Ok(c)`: old column c; `Err(j)`: new channel j.
+        let mut sources = Vec::with_capacity(old.len() + new.len());
+        let (mut a, mut b) = (0, 0);
+        while a < old.len() || b < new.len() {
+            if b == new.len() || (a < old.len() && old[a] < new[b]) {
+                merged.push(old[a]);
+                sources.push(Ok(a));
+                a += 1;
+            } else {
+                merged.push(new[b]);
+                sources.push(Err(new[b]));
+                b += 1;
+            }
+        }
+        let width = old.len();
+        let mut weight = Vec::with_capacity(self.n * merged.len());
+        for row in 0..self.n {
+            weight.extend(sources.iter().map(|s| match *s {
+                Ok(c) => self.weight[row * width + c],
+                Err(j) => column(row, j),
+            }));
+        }
+        for &j in &new {
+            self.member[j] = true;
+        }
+        self.channels = merged;
+        self.weight = weight;
+        new.len()
+    }
+}
+
+/// How the outlier set of a layer has evolved (the locality claim: new outliers are rare).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierStats {
+    pub channels_at_calibration: usize,
+    pub channels_now: usize,
+    /// Forward calls so far.
+    pub calls: u64,
+    /// Calls that added at least one channel to the set.
+    pub calls_with_new_outliers: u64,
+    /// Calls that saw outliers the full set could not take (quantized with the rest).
+    pub calls_over_cap: u64,
+}
+
+/// One pass over the activations: per-token amax of the channels outside the set, and the
+/// channels outside the set whose |x| exceeds the threshold (left out of the amax).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActivationScan {
+    /// `[m]`: `max |x_j|` over channels j neither in the set nor in `new_outliers`.
+    pub amax: Vec<f32>,
+    /// New outlier channels, sorted, without duplicates.
+    pub new_outliers: Vec<usize>,
+}
+
+enum IntWeight {
+    W8(I8Weight),
+    W4(I4Weight),
+}
+
+impl IntWeight {
+    /// The dequantized weight `[n, k]`.
+    fn dequantize(&self, k: usize) -> Vec<f32> {
+        match self {
+            IntWeight::W8(w) => w
+                .values()
+                .chunks_exact(k.max(1))
+                .zip(w.scales())
+                .flat_map(|(row, s)| row.iter().map(move |&v| v as f32 * s))
+                .collect(),
+            IntWeight::W4(w) => {
+                let (g, scales) = (w.group(), w.scales());
+                w.values().iter().enumerate().map(|(i, &v)| v as f32 * scales[i / g]).collect()
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            IntWeight::W8(w) => w.bytes(),
+            IntWeight::W4(w) => w.bytes(),
+        }
+    }
+}
+
+pub struct MixQLinear {
+    weight: IntWeight,
+    bias: Option<Vec<f32>>,
+    outliers: RwLock<OutlierSet>,
+    /// |x| above this (`T · median` of calibration) marks an outlier at run time.
+    abs_threshold: f32,
+    max_outliers: usize,
+    channels_at_calibration: usize,
+    calls: AtomicU64,
+    calls_with_new_outliers: AtomicU64,
+    calls_over_cap: AtomicU64,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl MixQLinear {
+    /// Quantizes the layer's weight (8 bits per output channel, or 4 bits per group of `group`)
+    /// and keeps the f32 columns of `outliers` (channel indices < k).
+    pub fn new(
+        layer: &LayerToQuantize,
+        group: Option<usize>,
+        outliers: &[usize],
+        abs_threshold: f32,
+    ) -> Result<Self, MethodError> {
+        let (n, k, w) = (layer.out_features, layer.in_features, layer.weight);
+        let invalid = |message: String| MethodError::Invalid { name: "mixq".into(), message };
+        if w.len() != n * k {
+            return Err(invalid(format!("weight has {} values, not {n}x{k}", w.len())));
+        }
+        if let Some(b) = layer.bias.filter(|b| b.len() != n) {
+            return Err(invalid(format!("bias has {} values for {n} outputs", b.len())));
+        }
+        if let Some(&j) = outliers.iter().find(|&&j| j >= k) {
+            return Err(invalid(format!("outlier channel {j} is not below {k}")));
+        }
+        if !(abs_threshold.is_finite() && abs_threshold > 0.0) {
+            return Err(invalid(format!("outlier threshold {abs_threshold} must be positive")));
+        }
+        let weight = match group {
+            None => {
+                let q = quantize(w, n, k, &QuantSpec::new(8, true, Granularity::PerChannel))?;
+                IntWeight::W8(I8Weight::new(&q.values, &q.scales, n, k))
+            }
+            Some(g) => {
+                if !g.is_multiple_of(8) {
+                    return Err(invalid(format!("4-bit groups must be a multiple of 8, not {g}")));
+                }
+                let q = quantize(w, n, k, &QuantSpec::new(4, true, Granularity::PerGroup(g)))?;
+                IntWeight::W4(I4Weight::new(&q.values, &q.scales, n, k, g))
+            }
+        };
+        let set = OutlierSet::new(outliers, w, n, k);
+        let channels_at_calibration = set.len();
+        let max_outliers = channels_at_calibration.max((MAX_RUNTIME_FRACTION * k as f64).ceil() as usize);
+        Ok(Self {
+            weight,
+            bias: layer.bias.map(<[f32]>::to_vec),
+            outliers: RwLock::new(set),
+            abs_threshold,
+            max_outliers,
+            channels_at_calibration,
+            calls: AtomicU64::new(0),
+            calls_with_new_outliers: AtomicU64::new(0),
+            calls_over_cap: AtomicU64::new(0),
+            out_features: n,
+            in_features: k,
+        })
+    }
+
+    /// A copy of the current outlier set.
+    pub fn outlier_set(&self) -> OutlierSet {
+        self.read_set().clone()
+    }
+
+    /// The absolute run-time threshold on |x| (`T · median` of the calibration abs max).
+    pub fn abs_threshold(&self) -> f32 {
+        self.abs_threshold
+    }
+
+    pub fn outlier_stats(&self) -> OutlierStats {
+        OutlierStats {
+            channels_at_calibration: self.channels_at_calibration,
+            channels_now: self.read_set().len(),
+            calls: self.calls.load(Ordering::Relaxed),
+            calls_with_new_outliers: self.calls_with_new_outliers.load(Ordering::Relaxed),
+            calls_over_cap: self.calls_over_cap.load(Ordering::Relaxed),
+        }
+    }
+
+    fn read_set(&self) -> RwLockReadGuard<'_, OutlierSet> {
+        // The set is only written by `insert`, which leaves it whole even if a panic poisons the lock.
+        self.outliers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The one pass over `x` (`[m, k]`) against the current set. A producer of x (RMSNorm) can
+    /// build the same scan itself from `outlier_set().contains` and `abs_threshold` while it
+    /// writes x; a set that grows in between only makes the amax conservative.
+    pub fn scan(&self, x: &[f32], m: usize) -> ActivationScan {
+        let set = self.read_set();
+        scan_activations(x, m, self.in_features, &set.member, self.abs_threshold)
+    }
+
+    /// `forward` from a precomputed `scan` of x: adds its new outliers to the set, then runs the
+    /// f32 product of the set's columns and adds the integer product of the rest onto it.
+    pub fn forward_with_scan(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        assert_eq!(x.len(), m * k, "MixQLinear: x is not [m={m}, k={k}]");
+        assert_eq!(out.len(), m * n, "MixQLinear: out is not [m={m}, n={n}]");
+        assert_eq!(scan.amax.len(), m, "MixQLinear: the scan's amax is not [m={m}]");
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if m == 0 {
+            return;
+        }
+        // Readers share the lock; only a call that meets a new outlier takes it for writing.
+        let fresh = {
+            let set = self.read_set();
+            scan.new_outliers.iter().any(|&j| !set.contains(j))
+        };
+        if fresh {
+            self.add_outliers(&scan.new_outliers);
+        }
+        let set = self.read_set();
+        let dropped = scan.new_outliers.iter().any(|&j| !set.contains(j));
+        let recomputed;
+        let amax = if dropped {
+            // The set is full: channels it could not take are quantized with the rest, so the
+            // amax must cover them (rare; a second pass).
+            self.calls_over_cap.fetch_add(1, Ordering::Relaxed);
+            recomputed = amax_outside(x, k, &set.member);
+            &recomputed
+        } else {
+            &scan.amax
+        };
+        // f32 product of the outlier columns, then the integer product added in its epilogue.
+        if set.is_empty() {
+            out.fill(0.0);
+        } else {
+            let x_out = set.gather(x, m);
+            matmul_xwt(&x_out, &set.weight, out, m, n, set.len());
+        }
+        let (x_q, x_scales) = quantize_outside(x, k, amax, &set.member);
+        let bias = self.bias.as_deref();
+        match &self.weight {
+            IntWeight::W8(w) => gemm_w8a8(&x_q, &x_scales, w, bias, out, m, true),
+            IntWeight::W4(w) => gemm_w4a8(&x_q, &x_scales, w, bias, out, m, true),
+        }
+    }
+
+    /// Adds `channels` (those not yet in, up to the cap) with columns of the dequantized weight.
+    fn add_outliers(&self, channels: &[usize]) {
+        let k = self.in_features;
+        let mut set = self.outliers.write().unwrap_or_else(|e| e.into_inner());
+        let mut new: Vec<usize> = channels.iter().copied().filter(|&j| !set.contains(j)).collect();
+        let room = self.max_outliers.saturating_sub(set.len());
+        if new.is_empty() || room == 0 {
+            return;
+        }
+        // Past the cap, the channels of this call's largest |x| are unknown here; keep the first.
+        new.truncate(room);
+        let w = self.weight.dequantize(k);
+        if set.insert(&new, |row, j| w[row * k + j]) > 0 {
+            self.calls_with_new_outliers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// In one pass: per-token amax of the channels outside `member` whose |x| is at most
+/// `abs_threshold`, and the channels outside `member` where some |x| exceeds it.
+fn scan_activations(x: &[f32], m: usize, k: usize, member: &[bool], abs_threshold: f32) -> ActivationScan {
+    let mut amax = vec![0.0f32; m];
+    let mut seen = vec![false; k];
+    for (row, a) in x.chunks_exact(k.max(1)).zip(&mut amax) {
+        for ((v, &is_out), s) in row.iter().zip(member).zip(&mut seen) {
+            let v = v.abs();
+            if is_out {
+                continue;
+            }
+            if v > abs_threshold {
+                *s = true;
+            } else {
+                *a = a.max(v);
+            }
+        }
+    }
+    let new_outliers = (0..k).filter(|&j| seen[j]).collect();
+    ActivationScan { amax, new_outliers }
+}
+
+/// Per-token amax of the channels outside `member`.
+fn amax_outside(x: &[f32], k: usize, member: &[bool]) -> Vec<f32> {
+    x.chunks_exact(k.max(1))
+        .map(|row| row.iter().zip(member).filter(|(_, &o)| !o).fold(0.0f32, |a, (v, _)| a.max(v.abs())))
+        .collect()
+}
+
+/// Per-token symmetric int8 activations with the scale `amax/127` (1 for an all-zero row), as
+/// `quantize_rows_i8` rounds them; the set's channels are 0.
+fn quantize_outside(x: &[f32], k: usize, amax: &[f32], member: &[bool]) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(amax.len());
+    // Adding and subtracting 1.5·2²³ rounds to an integer, ties to even (as `quantize_rows_i8`).
+    const ROUND: f32 = 12_582_912.0;
+    for ((row, q), &a) in x.chunks_exact(k.max(1)).zip(q.chunks_exact_mut(k.max(1))).zip(amax) {
+        let scale = if a > 0.0 { a / 127.0 } else { 1.0 };
+        let inv = 1.0 / scale;
+        for ((q, v), &is_out) in q.iter_mut().zip(row).zip(member) {
+            // `max`/`min` also map NaN into range (unlike `clamp`).
+            #[allow(clippy::manual_clamp)]
+            let r = (v * inv).max(-127.0).min(127.0) + ROUND - ROUND;
+            *q = if is_out { 0 } else { r as i8 };
+        }
+        scales.push(scale);
+    }
+    (q, scales)
+}
+
+impl Linear for MixQLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.in_features, "MixQLinear: x is not [m={m}, k={}]", self.in_features);
+        let scan = self.scan(x, m);
+        self.forward_with_scan(x, m, &scan, out);
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let set = self.read_set();
+        self.weight.bytes()
+            + 4 * set.weight.len()
+            + std::mem::size_of::<usize>() * set.len()
+            + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    fn weight_row(&self, row: usize, out: &mut [f32]) {
+        let k = self.in_features;
+        out.copy_from_slice(&self.dense_weight()[row * k..(row + 1) * k]);
+    }
+
+    /// The weight the layer computes with: the set's f32 columns, dequantized integers elsewhere.
+    fn dense_weight(&self) -> Vec<f32> {
+        let k = self.in_features;
+        let mut w = self.weight.dequantize(k);
+        let set = self.read_set();
+        for (row, cols) in w.chunks_exact_mut(k.max(1)).zip(set.weight.chunks_exact(set.len().max(1))) {
+            for (&j, &v) in set.channels.iter().zip(cols) {
+                row[j] = v;
+            }
+        }
+        w
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+}
