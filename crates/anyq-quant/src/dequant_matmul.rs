@@ -5,8 +5,7 @@
 
 use std::cell::RefCell;
 
-use anyq_core::cpu::dot;
-use gemm::{gemm, Parallelism};
+use anyq_core::cpu::{dot, gemm_rows};
 use rayon::prelude::*;
 
 /// Most weight rows in one prefill panel, most bytes of its f32 buffer (for long rows), and
@@ -94,27 +93,7 @@ pub fn panel_gemm<W: RowDequantize + ?Sized>(w: &W, x: &[f32], m: usize, out: &m
             // (row stride n), which no other panel writes, and `out` outlives every panel (the
             // caller waits for them all).
             unsafe {
-                gemm(
-                    m,
-                    rows,
-                    k,
-                    out_ptr.get().add(first),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                gemm_rows(m, rows, k, out_ptr.get().add(first), n, x.as_ptr(), k, buf.as_ptr(), k, true, 1.0, false)
             }
         });
     };

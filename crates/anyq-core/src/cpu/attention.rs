@@ -1,8 +1,8 @@
 //! Causal scaled-dot-product attention with grouped KV heads (GQA), for prefill and decode alike.
 
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::matmul::gemm_rows;
 use super::ops::softmax_inplace;
 
 /// Queries per task: a block of scores `[QUERY_BLOCK, keys]` stays small while each task still
@@ -51,27 +51,20 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape:
             // SAFETY: q rows first..first+rows of head h, K rows 0..cols of KV head g, and a
             // rows×cols score buffer: all within the lengths asserted above.
             unsafe {
-                gemm(
+                gemm_rows(
                     rows,
                     cols,
                     d,
                     scores.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
+                    cols,
                     q.as_ptr().add(first * q_width + h * d),
-                    1,
-                    q_width as isize,
+                    q_width,
                     k.as_ptr().add(g * d),
-                    kv_width as isize,
-                    1,
-                    0.0,
+                    kv_width,
+                    true,
                     scale,
                     false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                )
             }
             for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
                 let visible = past + first + r + 1;
@@ -81,27 +74,20 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape:
             let mut block_out = vec![0.0f32; rows * d];
             // SAFETY: scores is rows×cols, V rows 0..cols of KV head g, block_out rows×d.
             unsafe {
-                gemm(
+                gemm_rows(
                     rows,
                     d,
                     cols,
                     block_out.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
+                    d,
                     scores.as_ptr(),
-                    1,
-                    cols as isize,
+                    cols,
                     v.as_ptr().add(g * d),
-                    1,
-                    kv_width as isize,
-                    0.0,
+                    kv_width,
+                    false,
                     1.0,
                     false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                )
             }
             (h, first, block_out)
         })

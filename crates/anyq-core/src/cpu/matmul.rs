@@ -31,35 +31,60 @@ pub fn matmul_xwt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: 
         });
         return;
     }
-    let parallelism = if m * n * k < PARALLEL_MIN_WORK {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(rayon::current_num_threads())
-    };
+    let parallel = m * n * k >= PARALLEL_MIN_WORK;
     // SAFETY: the asserts above bound every index that the strides below reach:
     // out (m×n, row stride n), x (m×k, row stride k), and Wᵀ read as k×n with column stride k.
+    unsafe { gemm_rows(m, n, k, out.as_mut_ptr(), n, x.as_ptr(), k, w.as_ptr(), k, true, 1.0, parallel) }
+}
+
+/// `c[m, n] = alpha · a[m, k] · op(b)` for row-major operands given as pointers and row strides
+/// (`lda`, `ldb`, `ldc`), through the `gemm` crate: `op(b)` is `bᵀ` for `b` stored `[n, k]`
+/// (`b_transposed`, a linear layer's weight or attention's keys) or `b` stored `[k, n]`.
+/// `parallel` splits the product over rayon's threads.
+///
+/// # Safety
+/// Every element the shapes and strides reach must be valid: `a` and `b` readable, `c` writable
+/// and not read or written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    b_transposed: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    let (b_cs, b_rs) = if b_transposed { (ldb as isize, 1) } else { (1, ldb as isize) };
+    let parallelism = if parallel { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+    // SAFETY: the caller's promise covers every index these strides reach.
     unsafe {
         gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            c,
             1,
-            n as isize,
+            ldc as isize,
             false,
-            x.as_ptr(),
+            a,
             1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
+            lda as isize,
+            b,
+            b_cs,
+            b_rs,
             0.0,
-            1.0,
+            alpha,
             false,
             false,
             false,
             parallelism,
-        );
+        )
     }
 }
 

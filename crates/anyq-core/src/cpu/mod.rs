@@ -7,5 +7,5 @@ mod matmul;
 mod ops;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionShape};
-pub use matmul::{matmul_xwt, matmul_xwt_reference};
+pub use matmul::{gemm_rows, matmul_xwt, matmul_xwt_reference};
 pub use ops::{add_bias, add_inplace, dot, rms_norm, silu_mul, softmax_inplace, Rope, RopeStyle};
