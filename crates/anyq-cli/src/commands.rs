@@ -5,7 +5,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
-use anyq_engine::{generate as run_generation, perplexity as run_perplexity, Sampler, SamplingParams, TextStream};
+use anyq_engine::{
+    generate as run_generation, outlier_report, perplexity as run_perplexity, Sampler, SamplingParams, TextStream,
+};
 use anyq_models::TokenizerBundle;
 
 use crate::progress::{bar, load_quantized, load_with_progress};
@@ -114,7 +116,34 @@ pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
         (report.nll_per_window.len() * report.ctx) as f64 / secs
     );
     println!("ppl: {:.4}", report.ppl);
+    print_outliers(&loaded.model);
     Ok(())
+}
+
+/// MixQ's outlier statistics after a run, per module summed over layers: how many channels the
+/// set started with, how many it holds now, and how often a call met a channel not yet in it
+/// (outlier locality: the rarer, the better the kept set serves).
+fn print_outliers(model: &anyq_models::LlamaModel) {
+    let report = outlier_report(model);
+    if report.is_empty() {
+        return;
+    }
+    println!("\nMixQ outlier channels ({} layers):", model.config.num_layers);
+    println!("| module | at calibration | now | forward calls | calls adding a channel | rate |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for module in anyq_models::LINEAR_MODULES {
+        let (mut start, mut now, mut calls, mut new) = (0, 0, 0, 0);
+        for (_, _, s) in report.iter().filter(|(_, m, _)| *m == module) {
+            (start, now, calls, new) = (
+                start + s.channels_at_calibration,
+                now + s.channels_now,
+                calls + s.calls,
+                new + s.calls_with_new_outliers,
+            );
+        }
+        let rate = 100.0 * new as f64 / calls.max(1) as f64;
+        println!("| {module} | {start} | {now} | {calls} | {new} | {rate:.2}% |");
+    }
 }
 
 pub fn info(model: &Path) -> anyhow::Result<()> {

@@ -144,3 +144,38 @@ fn quantize_on_load_names_the_method_and_rejects_bad_ones() {
         assert!(!out.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn mixq_evaluation_reports_its_outlier_channels() {
+    let model = model();
+    let novel = std::fs::read_to_string(assets().join("text/persuasion.txt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (calib, eval) = (dir.path().join("calib.txt"), dir.path().join("eval.txt"));
+    std::fs::write(&calib, &novel[..6000]).unwrap();
+    std::fs::write(&eval, &novel[6000..12000]).unwrap();
+    let out = anyq(&[
+        "eval",
+        "ppl",
+        model.to_str().unwrap(),
+        "--text",
+        eval.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--max-windows",
+        "2",
+        "--quantize",
+        "mixq-w8a8",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-windows",
+        "4",
+        "--calib-ctx",
+        "128",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("MixQ outlier channels (30 layers)"), "{stdout}");
+    // Two windows through 30 layers: 60 forward calls per module.
+    let down = stdout.lines().find(|l| l.starts_with("| mlp.down_proj |")).expect("a row per module");
+    assert_eq!(down.split('|').nth(4).unwrap().trim(), "60", "{down}");
+}

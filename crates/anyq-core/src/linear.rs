@@ -16,6 +16,8 @@ pub trait Linear: Send + Sync {
     fn weight_row(&self, row: usize, out: &mut [f32]);
     /// The bias added to every output row, if any.
     fn bias(&self) -> Option<&[f32]>;
+    /// The concrete layer, for reports that read a method's own state (MixQ's outlier counters).
+    fn as_any(&self) -> &dyn std::any::Any;
 
     /// The whole weight `[out_features, in_features]` as f32 (what quantization methods start from).
     fn dense_weight(&self) -> Vec<f32> {
@@ -78,5 +80,9 @@ impl Linear for DenseLinear {
 
     fn weight_bytes(&self) -> usize {
         (self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)) * std::mem::size_of::<f32>()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -11,5 +11,5 @@ pub mod sampling;
 pub use calibrate::{calibrate, CalibrationStats};
 pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
 pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
-pub use quantize::quantize_model;
+pub use quantize::{outlier_report, quantize_model};
 pub use sampling::{argmax, Sampler, SamplingParams};

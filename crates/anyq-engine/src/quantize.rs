@@ -3,6 +3,7 @@
 //! statistics of its input).
 
 use anyq_models::{LinearInput, LlamaModel, LINEAR_MODULES};
+use anyq_quant::methods::mixq::{MixQLinear, OutlierStats};
 use anyq_quant::methods::{LayerToQuantize, MethodError, QuantMethod};
 
 use crate::calibrate::CalibrationStats;
@@ -40,4 +41,19 @@ pub fn quantize_model(
         progress(layer + 1, layers);
     }
     Ok(())
+}
+
+/// MixQ's outlier counters of every block linear layer that is a MixQ layer: (layer, module,
+/// counters). Empty for other methods.
+pub fn outlier_report(model: &LlamaModel) -> Vec<(usize, &'static str, OutlierStats)> {
+    let mut report = Vec::new();
+    for layer in 0..model.config.num_layers {
+        for module in LINEAR_MODULES {
+            let linear = model.linear(layer, module).expect("LINEAR_MODULES name every block layer");
+            if let Some(mixq) = linear.as_any().downcast_ref::<MixQLinear>() {
+                report.push((layer, module, mixq.outlier_stats()));
+            }
+        }
+    }
+    report
 }

@@ -197,6 +197,10 @@ impl Linear for GgmlLinear {
     fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// Dequantizes whole blocks on the calling thread, in pieces small enough that

@@ -139,4 +139,8 @@ impl Linear for ActQuantLinear {
     fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

@@ -548,4 +548,8 @@ impl Linear for MixQLinear {
     fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

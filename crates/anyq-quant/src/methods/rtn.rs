@@ -211,4 +211,8 @@ impl Linear for RtnLinear {
     fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
