@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::progress::load_with_progress;
+use crate::progress::load_quantized;
+use crate::QuantizeArgs;
 
 #[derive(Args)]
 pub struct CpuBenchArgs {
@@ -21,6 +22,8 @@ pub struct CpuBenchArgs {
     /// Print one JSON line instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
 }
 
 pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
@@ -28,7 +31,7 @@ pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
         args.prompt_tokens > 0 && args.gen_tokens > 0 && args.repeats > 0,
         "token counts and repeats must be > 0"
     );
-    let loaded = load_with_progress(&args.model)?;
+    let loaded = load_quantized(&args.model, &args.quantize)?;
     let model = &loaded.model;
     let vocab = model.config.vocab_size as u32;
     // Token ids spread over the vocabulary; values do not change the work of a dense model.
