@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 
 use anyq_core::cpu::{dot, gemm_rows};
+use anyq_core::Linear;
 use rayon::prelude::*;
 
 /// Most weight rows in one prefill panel, most bytes of its f32 buffer (for long rows), and
@@ -26,10 +27,8 @@ thread_local! {
     static BUFFER: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A `[out_features, in_features]` weight that can dequantize any range of its rows.
-pub trait RowDequantize: Sync {
-    fn out_features(&self) -> usize;
-    fn in_features(&self) -> usize;
+/// A linear layer whose `[out_features, in_features]` weight can dequantize any range of its rows.
+pub trait RowDequantize: Linear {
     /// Stored bytes of one row (sizes the tasks).
     fn row_bytes(&self) -> usize;
     /// Rows `first..first + out.len() / in_features` into `out`, on the calling thread (no

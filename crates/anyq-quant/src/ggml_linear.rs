@@ -133,14 +133,6 @@ impl GgmlLinear {
 }
 
 impl RowDequantize for GgmlLinear {
-    fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    fn in_features(&self) -> usize {
-        self.in_features
-    }
-
     fn row_bytes(&self) -> usize {
         self.row_bytes
     }

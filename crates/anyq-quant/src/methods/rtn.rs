@@ -146,14 +146,6 @@ pub struct RtnLinear {
 }
 
 impl RowDequantize for RtnLinear {
-    fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    fn in_features(&self) -> usize {
-        self.in_features
-    }
-
     fn row_bytes(&self) -> usize {
         self.row_bytes
     }
