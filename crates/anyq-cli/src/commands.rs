@@ -1,4 +1,4 @@
-//! The `generate`, `eval ppl` and `info` subcommands.
+//! The `generate`, `quantize`, `eval ppl` and `info` subcommands.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,10 +8,11 @@ use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use anyq_engine::{
     generate as run_generation, outlier_report, perplexity as run_perplexity, Sampler, SamplingParams, TextStream,
 };
-use anyq_models::TokenizerBundle;
+use anyq_models::{save_quantized, TokenizerBundle};
+use anyq_quant::methods::method_by_name;
 
-use crate::progress::{bar, load_quantized, load_with_progress};
-use crate::{GenerateArgs, PplArgs};
+use crate::progress::{bar, load_quantized, load_with_progress, quantize_loaded, read_calibration_text};
+use crate::{GenerateArgs, PplArgs, QuantizeCommandArgs};
 
 fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow::Result<&'a TokenizerBundle> {
     bundle.with_context(|| format!("{} has no tokenizer (GGUF tokenizer metadata or tokenizer.json)", model.display()))
@@ -37,6 +38,24 @@ fn prompt_ids(bundle: &TokenizerBundle, args: &GenerateArgs) -> anyhow::Result<V
     // The tokenizer's post-processor adds BOS where the model asks for it.
     let encoding = tokenizer.encode(args.prompt.as_str(), true).map_err(anyhow::Error::msg)?;
     Ok(encoding.get_ids().to_vec())
+}
+
+pub fn quantize(args: QuantizeCommandArgs) -> anyhow::Result<()> {
+    let method = method_by_name(&args.method)?;
+    let calib_text = read_calibration_text(method.as_ref(), &args.calib)?;
+    // Fail before hours of work, not after: save_quantized checks again.
+    if std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} is not empty; choose a new folder", args.out.display());
+    }
+    let mut loaded = load_with_progress(&args.model)?;
+    quantize_loaded(&mut loaded, method.as_ref(), calib_text.as_deref(), &args.calib)?;
+    let bar = bar(loaded.model.config.num_layers, "save");
+    let size = save_quantized(&loaded.model, method.as_ref(), loaded.tokenizer.as_ref(), &args.out, &|done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!("{}: {} checkpoint, {:.1} MiB", args.out.display(), method.name(), size as f64 / (1 << 20) as f64);
+    Ok(())
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Quantize a model (calibrating where the method needs it) and write a checkpoint folder
+    /// that `generate` and `eval` load directly.
+    Quantize(QuantizeCommandArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -72,7 +75,14 @@ pub struct QuantizeArgs {
     /// Quantize the model first, e.g. `rtn-w4a16-g32`, `rtn-w8a8`, `smoothquant-w8a8`.
     #[arg(long)]
     pub quantize: Option<String>,
-    /// Calibration text for methods that need activation statistics.
+    #[command(flatten)]
+    pub calib: CalibArgs,
+}
+
+/// Calibration text for methods that need activation statistics.
+#[derive(Args)]
+pub struct CalibArgs {
+    /// A UTF-8 text file (not the evaluation text).
     #[arg(long)]
     pub calib: Option<PathBuf>,
     /// Calibration windows of --calib-ctx tokens.
@@ -80,6 +90,20 @@ pub struct QuantizeArgs {
     pub calib_windows: usize,
     #[arg(long, default_value_t = 512)]
     pub calib_ctx: usize,
+}
+
+#[derive(Args)]
+struct QuantizeCommandArgs {
+    /// A .gguf file, or a Hugging Face model folder.
+    model: PathBuf,
+    /// mixq-w8a8, mixq-w4a8-g128, smoothquant-w8a8, rtn-w4a16-g128, ... (see README).
+    #[arg(long)]
+    method: String,
+    #[command(flatten)]
+    calib: CalibArgs,
+    /// The new checkpoint folder (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +149,7 @@ fn main() -> ExitCode {
     };
     let result = pool.install(|| match cli.command {
         Command::Generate(args) => commands::generate(args),
+        Command::Quantize(args) => commands::quantize(args),
         Command::Eval(EvalCommand::Ppl(args)) => commands::perplexity(args),
         Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels::run(args),

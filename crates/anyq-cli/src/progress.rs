@@ -5,10 +5,10 @@ use std::path::Path;
 use anyhow::Context;
 use anyq_engine::{calibrate, quantize_model};
 use anyq_models::{load_model, LoadedModel};
-use anyq_quant::methods::method_by_name;
+use anyq_quant::methods::{method_by_name, QuantMethod};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::QuantizeArgs;
+use crate::{CalibArgs, QuantizeArgs};
 
 pub fn bar(total: usize, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
@@ -36,15 +36,40 @@ pub fn load_with_progress(path: &Path) -> anyhow::Result<LoadedModel> {
 /// the method needs it), with bars for each step.
 pub fn load_quantized(path: &Path, args: &QuantizeArgs) -> anyhow::Result<LoadedModel> {
     let method = args.quantize.as_deref().map(method_by_name).transpose()?;
-    let calib_text = match (&method, &args.calib) {
-        (Some(m), Some(file)) if m.needs_calibration() => {
-            Some(std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?)
-        }
-        (Some(m), None) if m.needs_calibration() => anyhow::bail!("{} needs calibration text: --calib FILE", m.name()),
-        _ => None,
+    let calib_text = match &method {
+        Some(m) => read_calibration_text(m.as_ref(), &args.calib)?,
+        None => None,
     };
     let mut loaded = load_with_progress(path)?;
-    let Some(method) = method else { return Ok(loaded) };
+    if let Some(method) = method {
+        quantize_loaded(&mut loaded, method.as_ref(), calib_text.as_deref(), &args.calib)?;
+    }
+    Ok(loaded)
+}
+
+/// The calibration text, read before any long work so that a wrong path fails at once.
+pub fn read_calibration_text(method: &dyn QuantMethod, args: &CalibArgs) -> anyhow::Result<Option<String>> {
+    match &args.calib {
+        Some(file) if method.needs_calibration() => {
+            Ok(Some(std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?))
+        }
+        None if method.needs_calibration() => {
+            anyhow::bail!("{} needs calibration text: --calib FILE", method.name())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Quantizes `loaded` in place with `method`, calibrating on `calib_text` first when given.
+pub fn quantize_loaded(
+    loaded: &mut LoadedModel,
+    method: &dyn QuantMethod,
+    calib_text: Option<&str>,
+    args: &CalibArgs,
+) -> anyhow::Result<()> {
+    if let Some(q) = &loaded.quantization {
+        anyhow::bail!("{} is already quantized ({}); quantize its float source", loaded.source.display(), q.method);
+    }
     let stats = match calib_text {
         Some(text) => {
             let tokenizer = &loaded.tokenizer.as_ref().context("calibration needs the model's tokenizer")?.tokenizer;
@@ -64,13 +89,15 @@ pub fn load_quantized(path: &Path, args: &QuantizeArgs) -> anyhow::Result<Loaded
         }
         None => None,
     };
+    // Quantized layers are stored in Hugging Face's Q/K row order, in memory as in checkpoints.
+    loaded.model.use_neox_rope();
     let bar = bar(loaded.model.config.num_layers, "quantize");
-    quantize_model(&mut loaded.model, method.as_ref(), stats.as_ref(), &|done, _| bar.set_position(done as u64))?;
+    quantize_model(&mut loaded.model, method, stats.as_ref(), &|done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     eprintln!(
         "quantized with {}: weights now {:.1} MiB",
         method.name(),
         loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
-    Ok(loaded)
+    Ok(())
 }

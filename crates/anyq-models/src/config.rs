@@ -16,6 +16,23 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// The `model_type` of Hugging Face configs and `general.architecture` of GGUF.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    fn hf_class(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self, LoadError> {
         match name {
             "llama" => Ok(Self::Llama),
@@ -64,6 +81,9 @@ struct HfConfig {
     #[serde(default)]
     tie_word_embeddings: bool,
     attention_bias: Option<bool>,
+    /// anyq's own key for RoPE divisors that no `rope_scaling` form describes (GGUF's
+    /// `rope_freqs`), written by `to_hf_json`.
+    rope_freq_factors: Option<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +106,7 @@ impl ModelConfig {
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
         let rope_theta = hf.rope_theta.unwrap_or(10_000.0);
         let rope_freq_factors = match &hf.rope_scaling {
+            _ if hf.rope_freq_factors.is_some() => hf.rope_freq_factors,
             None => None,
             Some(s) => {
                 let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
@@ -137,6 +158,31 @@ impl ModelConfig {
             qkv_bias: hf.attention_bias.unwrap_or(architecture == Architecture::Qwen2),
         };
         config.validate()
+    }
+
+    /// The Hugging Face `config.json` that `from_hf_json` reads back as this config; Q/K rows
+    /// must be in Hugging Face's order (`rope_style` NeoX) for it to describe the weights.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "model_type": self.architecture.name(),
+            "architectures": [self.architecture.hf_class()],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_bias,
+        });
+        if let Some(factors) = &self.rope_freq_factors {
+            json["rope_freq_factors"] = serde_json::json!(factors);
+        }
+        json
     }
 
     /// From GGUF metadata. `has_output`, `has_qkv_bias` and `freq_factors` come from the tensor
@@ -284,6 +330,14 @@ mod tests {
         let yarn = LLAMA31.replace("\"rope_type\":\"llama3\"", "\"rope_type\":\"yarn\"");
         assert!(ModelConfig::from_hf_json(&yarn).unwrap_err().to_string().contains("yarn"));
         assert!(ModelConfig::from_hf_json("{").is_err());
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let mut c = ModelConfig::from_hf_json(LLAMA31).unwrap();
+        c.rope_freq_factors.as_mut().unwrap()[5] = 3.25;
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{c:?}"));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use anyq_core::cpu::{add_inplace, causal_attention, rms_norm, silu_mul, AttentionShape, Rope};
+use anyq_core::cpu::{add_inplace, causal_attention, rms_norm, silu_mul, AttentionShape, Rope, RopeStyle};
 use anyq_core::{DenseLinear, Linear};
 use anyq_quant::ggml_linear::GgmlLinear;
+use anyq_quant::methods::QuantMethod;
 
 use crate::config::ModelConfig;
 use crate::error::LoadError;
@@ -120,42 +121,37 @@ pub enum ForwardError {
 }
 
 impl LlamaModel {
-    /// Builds the model from named weights (Hugging Face names), checking every shape.
+    /// Builds the model from named weights (Hugging Face names), checking every shape. With
+    /// `quantized`, the block linear layers are that method's stored arrays.
     pub fn load(
         config: ModelConfig,
         weights: &dyn WeightSource,
+        quantized: Option<&dyn QuantMethod>,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Self, LoadError> {
         let c = &config;
         let (h, kv_width, q_width) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.num_heads * c.head_dim);
-        let loader = Loader { weights };
+        let loader = Loader { weights, quantized };
         let embed_tokens: Arc<dyn Linear> = loader.linear("model.embed_tokens.weight", None, c.vocab_size, h)?.into();
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             progress(i, c.num_layers);
             let p = format!("model.layers.{i}");
-            let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>, LoadError> {
-                if c.qkv_bias {
-                    Ok(Some(loader.vector(&format!("{p}.self_attn.{name}.bias"), n)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            let linear = |name: &str, b: Option<Vec<f32>>, out: usize, inp: usize| {
-                loader.linear(&format!("{p}.{name}.weight"), b, out, inp)
+            let linear = |name: &str, bias: bool, out: usize, inp: usize| {
+                loader.block_linear(&format!("{p}.{name}"), bias && c.qkv_bias, out, inp)
             };
             blocks.push(Block {
                 attn_norm: loader.vector(&format!("{p}.input_layernorm.weight"), h)?,
                 mlp_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 // In LINEAR_MODULES order.
                 linears: [
-                    linear("self_attn.q_proj", bias("q_proj", q_width)?, q_width, h)?,
-                    linear("self_attn.k_proj", bias("k_proj", kv_width)?, kv_width, h)?,
-                    linear("self_attn.v_proj", bias("v_proj", kv_width)?, kv_width, h)?,
-                    linear("self_attn.o_proj", None, h, q_width)?,
-                    linear("mlp.gate_proj", None, c.intermediate_size, h)?,
-                    linear("mlp.up_proj", None, c.intermediate_size, h)?,
-                    linear("mlp.down_proj", None, h, c.intermediate_size)?,
+                    linear("self_attn.q_proj", true, q_width, h)?,
+                    linear("self_attn.k_proj", true, kv_width, h)?,
+                    linear("self_attn.v_proj", true, kv_width, h)?,
+                    linear("self_attn.o_proj", false, h, q_width)?,
+                    linear("mlp.gate_proj", false, c.intermediate_size, h)?,
+                    linear("mlp.up_proj", false, c.intermediate_size, h)?,
+                    linear("mlp.down_proj", false, h, c.intermediate_size)?,
                 ],
             });
         }
@@ -194,6 +190,45 @@ impl LlamaModel {
             ));
         }
         Ok(std::mem::replace(slot, linear))
+    }
+
+    /// Puts Q/K rows in Hugging Face's order (NeoX "rotate half" RoPE) where they are in
+    /// llama.cpp's interleaved order, so that the model can be written as a Hugging Face folder.
+    /// Both orders compute the same function; the Q/K layers become f32.
+    pub fn use_neox_rope(&mut self) {
+        if self.config.rope_style == RopeStyle::Neox {
+            return;
+        }
+        let head_dim = self.config.head_dim;
+        for block in &mut self.blocks {
+            for i in [Q_PROJ, K_PROJ] {
+                let old = &block.linears[i];
+                let (n, k) = (old.out_features(), old.in_features());
+                let weight = interleaved_to_neox_rows(&old.dense_weight(), k, head_dim);
+                let bias = old.bias().map(|b| interleaved_to_neox_rows(b, 1, head_dim));
+                block.linears[i] = Box::new(DenseLinear::new(weight, bias, n, k));
+            }
+        }
+        let c = &mut self.config;
+        c.rope_style = RopeStyle::Neox;
+        self.rope = Rope::new(c.rope_style, c.head_dim, c.rope_theta, c.rope_freq_factors.as_deref());
+    }
+
+    /// The weights outside the block linear layers, by Hugging Face name, with their shapes:
+    /// embeddings, norms and (when not tied) the output projection.
+    pub fn float_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let (c, h) = (&self.config, self.config.hidden_size);
+        let mut tensors =
+            vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], self.embed_tokens.dense_weight())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            tensors.push((format!("model.layers.{i}.input_layernorm.weight"), vec![h], b.attn_norm.clone()));
+            tensors.push((format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h], b.mlp_norm.clone()));
+        }
+        tensors.push(("model.norm.weight".into(), vec![h], self.norm.clone()));
+        if !c.tie_word_embeddings {
+            tensors.push(("lm_head.weight".into(), vec![c.vocab_size, h], self.lm_head.dense_weight()));
+        }
+        tensors
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -311,9 +346,24 @@ impl LlamaModel {
     }
 }
 
+/// llama.cpp's Q/K row order back to Hugging Face's: interleaved row `2i + s` of a head is row
+/// `s · d/2 + i` in "rotate half" order. `w` is `[rows, cols]` with rows a multiple of `head_dim`.
+fn interleaved_to_neox_rows(w: &[f32], cols: usize, head_dim: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for (head_in, head_out) in w.chunks_exact(head_dim * cols).zip(out.chunks_exact_mut(head_dim * cols)) {
+        for (row, src) in head_in.chunks_exact(cols).enumerate() {
+            let (i, s) = (row / 2, row % 2);
+            let to = s * head_dim / 2 + i;
+            head_out[to * cols..(to + 1) * cols].copy_from_slice(src);
+        }
+    }
+    out
+}
+
 /// Fetches weights by name and checks their shapes, naming the tensor when one is wrong.
 struct Loader<'a> {
     weights: &'a dyn WeightSource,
+    quantized: Option<&'a dyn QuantMethod>,
 }
 
 impl Loader<'_> {
@@ -331,6 +381,21 @@ impl Loader<'_> {
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, LoadError> {
         self.get(name, &[n])
+    }
+
+    /// The block linear layer `module` (`model.layers.3.self_attn.q_proj`), `[out, inp]`.
+    fn block_linear(&self, module: &str, bias: bool, out: usize, inp: usize) -> Result<Box<dyn Linear>, LoadError> {
+        if let Some(method) = self.quantized {
+            // The method's arrays include the bias.
+            let arrays = self.weights.arrays(module)?;
+            return method.load(arrays, out, inp).map_err(|e| LoadError::Tensor {
+                path: self.weights.source_path(),
+                tensor: module.to_string(),
+                message: e.to_string(),
+            });
+        }
+        let bias = if bias { Some(self.vector(&format!("{module}.bias"), out)?) } else { None };
+        self.linear(&format!("{module}.weight"), bias, out, inp)
     }
 
     /// A linear layer `[out, inp]`: GGML blocks that have a kernel stay as stored (4-8x less

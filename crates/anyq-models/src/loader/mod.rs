@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyq_core::Tensor;
 use anyq_quant::ggml::GgmlType;
+use anyq_quant::layer_arrays::LayerArrays;
 
+use crate::checkpoint::QuantizationConfig;
 use crate::config::ModelConfig;
 use crate::error::LoadError;
 use crate::llama::LlamaModel;
@@ -26,6 +28,13 @@ pub trait WeightSource {
     /// stay quantized in memory. `None` otherwise.
     fn stored(&self, _name: &str) -> Option<StoredTensor<'_>> {
         None
+    }
+    /// The arrays of a quantized layer: every tensor named `{prefix}.{array}`, by array name.
+    fn arrays(&self, prefix: &str) -> Result<LayerArrays, LoadError> {
+        Err(LoadError::Format {
+            path: self.source_path(),
+            message: format!("{prefix}: this format holds no quantized layers"),
+        })
     }
 }
 
@@ -92,6 +101,8 @@ pub struct LoadedModel {
     /// `None` for weights-only sources (a GGUF without tokenizer metadata).
     pub tokenizer: Option<TokenizerBundle>,
     pub source: PathBuf,
+    /// How a quantized checkpoint's layers are stored; `None` for float/GGML weights.
+    pub quantization: Option<QuantizationConfig>,
 }
 
 /// Loads a `.gguf` file, a folder holding one, or a Hugging Face folder (`config.json`).
@@ -148,8 +159,8 @@ fn load_gguf(path: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedModel
     } else {
         None
     };
-    let model = LlamaModel::load(config, &file, progress)?;
-    Ok(LoadedModel { model, tokenizer, source: path.to_path_buf() })
+    let model = LlamaModel::load(config, &file, None, progress)?;
+    Ok(LoadedModel { model, tokenizer, source: path.to_path_buf(), quantization: None })
 }
 
 fn load_hf_folder(dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedModel, LoadError> {
@@ -159,10 +170,27 @@ fn load_hf_folder(dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedM
         LoadError::Metadata(m) => LoadError::Format { path: config_path.clone(), message: m },
         other => other,
     })?;
+    let quantization = quantization_config(&text).map_err(|message| LoadError::Format {
+        path: config_path.clone(),
+        message: format!("quantization_config: {message}"),
+    })?;
+    let method = quantization.as_ref().map(|q| q.method()).transpose().map_err(|message| LoadError::Format {
+        path: config_path.clone(),
+        message: format!("quantization_config: {message}"),
+    })?;
     let weights = safetensors::SafetensorsWeights::open_folder(dir)?;
     let tokenizer = crate::tokenizer::tokenizer_from_hf_folder(dir)?;
-    let model = LlamaModel::load(config, &weights, progress)?;
-    Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf() })
+    let model = LlamaModel::load(config, &weights, method.as_deref(), progress)?;
+    Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf(), quantization })
+}
+
+/// The `quantization_config` of a `config.json`, if it has one.
+fn quantization_config(config_json: &str) -> Result<Option<QuantizationConfig>, String> {
+    let json: serde_json::Value = serde_json::from_str(config_json).map_err(|e| e.to_string())?;
+    match json.get("quantization_config") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(q) => serde_json::from_value(q.clone()).map(Some).map_err(|e| e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Hugging Face model folders: `config.json` plus `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`. F32, F16 and BF16 tensors are widened to f32.
+//! `model.safetensors.index.json`. F32, F16 and BF16 tensors are widened to f32; the integer
+//! arrays of quantized layers (I8, U8, I32) are read as stored.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyq_core::Tensor;
+use anyq_quant::layer_arrays::{Array, ArrayData, LayerArrays};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -54,24 +56,57 @@ impl SafetensorsWeights {
     }
 }
 
-impl WeightSource for SafetensorsWeights {
-    fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
+impl SafetensorsWeights {
+    /// The tensor `name` as stored, widened to f32 if it is a float, or `None` if absent.
+    fn array(&self, name: &str) -> Result<Option<Array>, LoadError> {
         let Some(&file) = self.index.get(name) else { return Ok(None) };
         let (path, mmap) = &self.files[file];
         let err = |message: String| LoadError::Tensor { path: path.clone(), tensor: name.to_string(), message };
         let tensors = SafeTensors::deserialize(mmap).map_err(|e| err(e.to_string()))?;
         let view = tensors.tensor(name).map_err(|e| err(e.to_string()))?;
         let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(err(format!("dtype {other:?} is not supported (F32, F16 and BF16 are)"))),
+        let data = match view.dtype() {
+            Dtype::F32 => {
+                ArrayData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+            }
+            Dtype::F16 => {
+                ArrayData::F32(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+            }
+            Dtype::BF16 => {
+                ArrayData::F32(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+            }
+            Dtype::I8 => ArrayData::I8(bytes.iter().map(|&b| b as i8).collect()),
+            Dtype::U8 => ArrayData::U8(bytes.to_vec()),
+            Dtype::I32 => {
+                ArrayData::I32(bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect())
+            }
+            other => return Err(err(format!("dtype {other:?} is not supported (F32, F16, BF16, I8, U8, I32 are)"))),
         };
-        Tensor::new(view.shape().to_vec(), data).map(Some).map_err(|e| err(e.to_string()))
+        Array::new(view.shape().to_vec(), data).map(Some).ok_or_else(|| err("data does not fill its shape".into()))
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
+        let Some(array) = self.array(name)? else { return Ok(None) };
+        let err = |message: String| LoadError::Tensor { path: self.source_path(), tensor: name.to_string(), message };
+        match array.data {
+            ArrayData::F32(data) => Tensor::new(array.shape, data).map(Some).map_err(|e| err(e.to_string())),
+            other => Err(err(format!("dtype {} where a float tensor belongs", other.dtype()))),
+        }
     }
 
     fn source_path(&self) -> PathBuf {
         self.files.first().map(|(p, _)| p.clone()).unwrap_or_default()
+    }
+
+    fn arrays(&self, prefix: &str) -> Result<LayerArrays, LoadError> {
+        let mut arrays = LayerArrays::new();
+        let dotted = format!("{prefix}.");
+        for name in self.index.keys().filter(|n| n.starts_with(&dotted)) {
+            let array = self.array(name)?.expect("indexed tensors exist");
+            arrays.insert(name[dotted.len()..].to_string(), array);
+        }
+        Ok(arrays)
     }
 }

@@ -4,16 +4,12 @@
 //! vector s (SmoothQuant) is folded into the weight, `W·diag(s)`, and divided out of x before
 //! x is quantized.
 
-use anyq_core::cpu::int8::{gemm_w4a8, gemm_w8a8, quantize_rows_i8, I4Weight, I8Weight};
+use anyq_core::cpu::int8::quantize_rows_i8;
 use anyq_core::Linear;
 
+use super::int_weight::IntWeight;
 use super::MethodError;
-use crate::quantizer::{quantize, Granularity, QuantSpec};
-
-enum IntWeight {
-    W8(I8Weight),
-    W4(I4Weight),
-}
+use crate::layer_arrays::LayerArrays;
 
 pub struct ActQuantLinear {
     weight: IntWeight,
@@ -43,22 +39,7 @@ impl ActQuantLinear {
             }
             None => w,
         };
-        let weight = match group {
-            None => {
-                let q = quantize(w, n, k, &QuantSpec::new(8, true, Granularity::PerChannel))?;
-                IntWeight::W8(I8Weight::new(&q.values, &q.scales, n, k))
-            }
-            Some(g) => {
-                if g % 8 != 0 {
-                    return Err(MethodError::Invalid {
-                        name: format!("g{g}"),
-                        message: "4-bit groups must be a multiple of 8".into(),
-                    });
-                }
-                let q = quantize(w, n, k, &QuantSpec::new(4, true, Granularity::PerGroup(g)))?;
-                IntWeight::W4(I4Weight::new(&q.values, &q.scales, n, k, g))
-            }
-        };
+        let weight = IntWeight::quantize(w, n, k, group)?;
         Ok(Self {
             weight,
             inv_smooth: smooth.map(|s| s.iter().map(|v| 1.0 / v).collect()),
@@ -66,6 +47,43 @@ impl ActQuantLinear {
             out_features: n,
             in_features: k,
         })
+    }
+}
+
+impl ActQuantLinear {
+    /// `qweight`, `scales`, `smooth_inv` (`1/s`, where the layer smooths) and `bias`.
+    pub fn save(&self) -> LayerArrays {
+        let mut arrays = LayerArrays::new();
+        self.weight.save(&mut arrays);
+        if let Some(inv) = &self.inv_smooth {
+            arrays.put_f32("smooth_inv", vec![self.in_features], inv.clone());
+        }
+        if let Some(bias) = &self.bias {
+            arrays.put_f32("bias", vec![self.out_features], bias.clone());
+        }
+        arrays
+    }
+
+    /// The layer `save` wrote; `smoothed` says whether it must have smoothing factors.
+    pub fn load(
+        mut arrays: LayerArrays,
+        n: usize,
+        k: usize,
+        group: Option<usize>,
+        smoothed: bool,
+    ) -> Result<Self, MethodError> {
+        let weight = IntWeight::load(&mut arrays, n, k, group)?;
+        let inv_smooth = match smoothed {
+            true => {
+                let inv = arrays.take_f32("smooth_inv", &[k])?;
+                super::check_scales("smooth_inv", &inv)?;
+                Some(inv)
+            }
+            false => None,
+        };
+        let bias = arrays.take_f32_opt("bias", &[n])?;
+        arrays.finish()?;
+        Ok(Self { weight, inv_smooth, bias, out_features: n, in_features: k })
     }
 }
 
@@ -91,19 +109,12 @@ impl Linear for ActQuantLinear {
         let mut x_q = vec![0i8; m * k];
         let mut x_scales = vec![0.0f32; m];
         quantize_rows_i8(x, m, k, &mut x_q, &mut x_scales);
-        let bias = self.bias.as_deref();
-        match &self.weight {
-            IntWeight::W8(w) => gemm_w8a8(&x_q, &x_scales, w, bias, out, m, false),
-            IntWeight::W4(w) => gemm_w4a8(&x_q, &x_scales, w, bias, out, m, false),
-        }
+        self.weight.gemm(&x_q, &x_scales, self.bias.as_deref(), out, m, false);
     }
 
     fn weight_bytes(&self) -> usize {
-        let w = match &self.weight {
-            IntWeight::W8(w) => w.bytes(),
-            IntWeight::W4(w) => w.bytes(),
-        };
-        w + 4 * (self.inv_smooth.as_ref().map_or(0, Vec::len) + self.bias.as_ref().map_or(0, Vec::len))
+        self.weight.bytes()
+            + 4 * (self.inv_smooth.as_ref().map_or(0, Vec::len) + self.bias.as_ref().map_or(0, Vec::len))
     }
 
     fn weight_row(&self, row: usize, out: &mut [f32]) {
@@ -114,20 +125,7 @@ impl Linear for ActQuantLinear {
     /// The weight in the space of the layer's input: `ŵ / s` per input channel.
     fn dense_weight(&self) -> Vec<f32> {
         let k = self.in_features;
-        let mut w: Vec<f32> = match &self.weight {
-            IntWeight::W8(w) => {
-                let scales = w.scales();
-                w.values()
-                    .chunks_exact(k)
-                    .zip(scales)
-                    .flat_map(|(row, s)| row.iter().map(move |&v| v as f32 * s))
-                    .collect()
-            }
-            IntWeight::W4(w) => {
-                let (g, scales) = (w.group(), w.scales());
-                w.values().iter().enumerate().map(|(i, &v)| v as f32 * scales[i / g]).collect()
-            }
-        };
+        let mut w = self.weight.dequantize(k);
         if let Some(inv) = &self.inv_smooth {
             for row in w.chunks_exact_mut(k) {
                 row.iter_mut().zip(inv).for_each(|(v, i)| *v *= i);

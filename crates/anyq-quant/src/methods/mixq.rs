@@ -20,12 +20,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use anyq_core::cpu::int8::{gemm_w4a8, gemm_w8a8, I4Weight, I8Weight};
 use anyq_core::cpu::matmul_xwt;
 use anyq_core::Linear;
 
-use super::{LayerToQuantize, MethodError, QuantMethod};
-use crate::quantizer::{quantize, Granularity, QuantSpec};
+use super::int_weight::IntWeight;
+use super::{own_layer, LayerToQuantize, MethodError, QuantMethod};
+use crate::layer_arrays::{ArrayError, LayerArrays};
 
 pub const SYNTAX: &str = "mixq-w8a8[-t{threshold}] | mixq-w4a8-g{group}[-t{threshold}]";
 /// Outlier threshold, as a multiple of the median channel's calibration abs max.
@@ -110,8 +110,20 @@ impl QuantMethod for MixQ {
         true
     }
 
+    fn group_size(&self) -> Option<usize> {
+        self.group
+    }
+
     fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
         Ok(Box::new(self.quantize_layer(layer)?))
+    }
+
+    fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError> {
+        Ok(own_layer::<MixQLinear>(self, layer)?.save())
+    }
+
+    fn load(&self, arrays: LayerArrays, n: usize, k: usize) -> Result<Box<dyn Linear>, MethodError> {
+        Ok(Box::new(MixQLinear::load(arrays, n, k, self.group)?))
     }
 }
 
@@ -160,6 +172,13 @@ impl OutlierSet {
         let mut set = Self { channels: Vec::new(), weight: Vec::new(), n, member: vec![false; k] };
         set.insert(channels, |row, j| w[row * k + j]);
         set
+    }
+
+    /// The set of `channels` (increasing, each < k) whose columns `weight` (`[n, len]`) holds.
+    fn from_columns(channels: &[usize], weight: Vec<f32>, n: usize, k: usize) -> Self {
+        let mut member = vec![false; k];
+        channels.iter().for_each(|&j| member[j] = true);
+        Self { channels: channels.to_vec(), weight, n, member }
     }
 
     /// The channels, in increasing order.
@@ -258,36 +277,6 @@ pub struct ActivationScan {
     pub new_outliers: Vec<usize>,
 }
 
-enum IntWeight {
-    W8(I8Weight),
-    W4(I4Weight),
-}
-
-impl IntWeight {
-    /// The dequantized weight `[n, k]`.
-    fn dequantize(&self, k: usize) -> Vec<f32> {
-        match self {
-            IntWeight::W8(w) => w
-                .values()
-                .chunks_exact(k.max(1))
-                .zip(w.scales())
-                .flat_map(|(row, s)| row.iter().map(move |&v| v as f32 * s))
-                .collect(),
-            IntWeight::W4(w) => {
-                let (g, scales) = (w.group(), w.scales());
-                w.values().iter().enumerate().map(|(i, &v)| v as f32 * scales[i / g]).collect()
-            }
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            IntWeight::W8(w) => w.bytes(),
-            IntWeight::W4(w) => w.bytes(),
-        }
-    }
-}
-
 pub struct MixQLinear {
     weight: IntWeight,
     bias: Option<Vec<f32>>,
@@ -326,25 +315,24 @@ impl MixQLinear {
         if !(abs_threshold.is_finite() && abs_threshold > 0.0) {
             return Err(invalid(format!("outlier threshold {abs_threshold} must be positive")));
         }
-        let weight = match group {
-            None => {
-                let q = quantize(w, n, k, &QuantSpec::new(8, true, Granularity::PerChannel))?;
-                IntWeight::W8(I8Weight::new(&q.values, &q.scales, n, k))
-            }
-            Some(g) => {
-                if !g.is_multiple_of(8) {
-                    return Err(invalid(format!("4-bit groups must be a multiple of 8, not {g}")));
-                }
-                let q = quantize(w, n, k, &QuantSpec::new(4, true, Granularity::PerGroup(g)))?;
-                IntWeight::W4(I4Weight::new(&q.values, &q.scales, n, k, g))
-            }
-        };
+        let weight = IntWeight::quantize(w, n, k, group)?;
         let set = OutlierSet::new(outliers, w, n, k);
+        Ok(Self::from_parts(weight, set, abs_threshold, layer.bias.map(<[f32]>::to_vec), n, k))
+    }
+
+    fn from_parts(
+        weight: IntWeight,
+        set: OutlierSet,
+        abs_threshold: f32,
+        bias: Option<Vec<f32>>,
+        n: usize,
+        k: usize,
+    ) -> Self {
         let channels_at_calibration = set.len();
         let max_outliers = channels_at_calibration.max((MAX_RUNTIME_FRACTION * k as f64).ceil() as usize);
-        Ok(Self {
+        Self {
             weight,
-            bias: layer.bias.map(<[f32]>::to_vec),
+            bias,
             outliers: RwLock::new(set),
             abs_threshold,
             max_outliers,
@@ -354,7 +342,46 @@ impl MixQLinear {
             calls_over_cap: AtomicU64::new(0),
             out_features: n,
             in_features: k,
-        })
+        }
+    }
+
+    /// `qweight`, `scales`, the outlier set (`outlier_channels`, increasing, and their f32
+    /// columns `outlier_weight` `[n, len]`), `outlier_threshold` and `bias`.
+    pub fn save(&self) -> LayerArrays {
+        let (n, set) = (self.out_features, self.read_set());
+        let mut arrays = LayerArrays::new();
+        self.weight.save(&mut arrays);
+        arrays.put_i32("outlier_channels", vec![set.len()], set.channels.iter().map(|&j| j as i32).collect());
+        arrays.put_f32("outlier_weight", vec![n, set.len()], set.weight.clone());
+        arrays.put_f32("outlier_threshold", vec![1], vec![self.abs_threshold]);
+        if let Some(bias) = &self.bias {
+            arrays.put_f32("bias", vec![n], bias.clone());
+        }
+        arrays
+    }
+
+    /// The layer `save` wrote (4-bit weights in groups of `group`, or 8-bit with `None`).
+    pub fn load(mut arrays: LayerArrays, n: usize, k: usize, group: Option<usize>) -> Result<Self, MethodError> {
+        let invalid = |name: &str, message: String| ArrayError::Invalid { name: name.into(), message };
+        let weight = IntWeight::load(&mut arrays, n, k, group)?;
+        let count = arrays.vector_len("outlier_channels")?;
+        let channels = arrays.take_i32("outlier_channels", &[count])?;
+        if let Some(&j) = channels.iter().find(|&&j| j < 0 || j as usize >= k) {
+            return Err(invalid("outlier_channels", format!("channel {j} is outside 0..{k}")).into());
+        }
+        if channels.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid("outlier_channels", "channels are not strictly increasing".into()).into());
+        }
+        let columns = arrays.take_f32("outlier_weight", &[n, count])?;
+        let threshold = arrays.take_f32("outlier_threshold", &[1])?[0];
+        if !(threshold.is_finite() && threshold > 0.0) {
+            return Err(invalid("outlier_threshold", format!("{threshold} must be positive")).into());
+        }
+        let bias = arrays.take_f32_opt("bias", &[n])?;
+        arrays.finish()?;
+        let channels: Vec<usize> = channels.iter().map(|&j| j as usize).collect();
+        let set = OutlierSet::from_columns(&channels, columns, n, k);
+        Ok(Self::from_parts(weight, set, threshold, bias, n, k))
     }
 
     /// A copy of the current outlier set.
@@ -429,11 +456,7 @@ impl MixQLinear {
             matmul_xwt(&x_out, &set.weight, out, m, n, set.len());
         }
         let (x_q, x_scales) = quantize_outside(x, k, amax, &set.member);
-        let bias = self.bias.as_deref();
-        match &self.weight {
-            IntWeight::W8(w) => gemm_w8a8(&x_q, &x_scales, w, bias, out, m, true),
-            IntWeight::W4(w) => gemm_w4a8(&x_q, &x_scales, w, bias, out, m, true),
-        }
+        self.weight.gemm(&x_q, &x_scales, self.bias.as_deref(), out, m, true);
     }
 
     /// Adds `channels` (those not yet in, up to the cap) with columns of the dequantized weight.

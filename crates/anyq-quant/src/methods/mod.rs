@@ -4,6 +4,7 @@
 //! is one file and one row in `METHODS`.
 
 pub mod act_quant;
+pub mod int_weight;
 pub mod mixq;
 pub mod rtn;
 pub mod smoothquant;
@@ -11,6 +12,7 @@ pub mod smoothquant;
 use anyq_core::Linear;
 
 use crate::calibration::ChannelStats;
+use crate::layer_arrays::{ArrayError, LayerArrays};
 use crate::quantizer::QuantError;
 
 /// One linear layer to quantize: its weight `[out_features, in_features]`, bias and, where the
@@ -33,6 +35,10 @@ pub enum MethodError {
     NeedsCalibration(String),
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Arrays(#[from] ArrayError),
+    #[error("method {method}: the layer was not made by this method")]
+    ForeignLayer { method: String },
 }
 
 /// A quantization method with its parameters, as named on the command line.
@@ -44,7 +50,36 @@ pub trait QuantMethod: Send + Sync {
     fn needs_calibration(&self) -> bool {
         false
     }
+    /// Weights are in groups of this many inputs (`None`: one scale per output channel).
+    fn group_size(&self) -> Option<usize> {
+        None
+    }
     fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError>;
+    /// The arrays that store `layer`, a layer this method made (by `quantize` or `load`).
+    fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError>;
+    /// The layer `[out_features, in_features]` back from the arrays `save` wrote, every array
+    /// checked: a missing, extra or misshapen one is an error.
+    fn load(
+        &self,
+        arrays: LayerArrays,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Box<dyn Linear>, MethodError>;
+}
+
+/// Stored scales must be usable: finite and positive.
+fn check_scales(name: &str, scales: &[f32]) -> Result<(), ArrayError> {
+    match scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        Some(s) => {
+            Err(ArrayError::Invalid { name: name.into(), message: format!("scale {s} is not finite and positive") })
+        }
+        None => Ok(()),
+    }
+}
+
+/// `layer` as the concrete type that `method` makes.
+fn own_layer<'a, T: 'static>(method: &dyn QuantMethod, layer: &'a dyn Linear) -> Result<&'a T, MethodError> {
+    layer.as_any().downcast_ref::<T>().ok_or_else(|| MethodError::ForeignLayer { method: method.name() })
 }
 
 /// A method family: its name prefix, the syntax of its parameters, and its parser.

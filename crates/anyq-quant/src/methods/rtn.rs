@@ -10,8 +10,9 @@ use anyq_core::cpu::add_bias;
 use anyq_core::Linear;
 
 use super::act_quant::ActQuantLinear;
-use super::{LayerToQuantize, MethodError, QuantMethod};
+use super::{check_scales, own_layer, LayerToQuantize, MethodError, QuantMethod};
 use crate::dequant_matmul::{panel_gemm, row_gemv, RowDequantize};
+use crate::layer_arrays::{ArrayError, LayerArrays};
 use crate::packing::{pack, packed_len, unpack_into};
 use crate::quantizer::{quantize, Granularity, QuantSpec, ScaleSearch};
 
@@ -73,9 +74,21 @@ impl QuantMethod for RtnA8 {
         (if self.group.is_some() { 4 } else { 8 }, 8)
     }
 
+    fn group_size(&self) -> Option<usize> {
+        self.group
+    }
+
     fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
         let (n, k) = (layer.out_features, layer.in_features);
         Ok(Box::new(ActQuantLinear::new(layer.weight, n, k, self.group, None, layer.bias)?))
+    }
+
+    fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError> {
+        Ok(own_layer::<ActQuantLinear>(self, layer)?.save())
+    }
+
+    fn load(&self, arrays: LayerArrays, n: usize, k: usize) -> Result<Box<dyn Linear>, MethodError> {
+        Ok(Box::new(ActQuantLinear::load(arrays, n, k, self.group, false)?))
     }
 }
 
@@ -100,28 +113,90 @@ impl QuantMethod for Rtn {
         (self.spec.bits, 16)
     }
 
+    fn group_size(&self) -> Option<usize> {
+        match self.spec.granularity {
+            Granularity::PerGroup(g) => Some(g),
+            _ => None,
+        }
+    }
+
     fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
         let (n, k) = (layer.out_features, layer.in_features);
         let q = quantize(layer.weight, n, k, &self.spec)?;
         let bits = self.spec.storage_bits();
-        let row_bytes = packed_len(k, bits);
-        let mut packed = Vec::with_capacity(n * row_bytes);
+        let mut packed = Vec::with_capacity(n * packed_len(k, bits));
         for row in q.values.chunks_exact(k.max(1)) {
             packed.extend(pack(row, bits).expect("quantized values fit their storage bits"));
         }
-        let groups_per_row = q.scales.len() / n.max(1);
-        Ok(Box::new(RtnLinear {
+        // Zero points lie in [qmin, qmax] of at most 8 bits.
+        let zeros = q.zeros.iter().map(|&z| z as i8).collect();
+        Ok(Box::new(self.layer(packed, q.scales, zeros, layer.bias.map(<[f32]>::to_vec), n, k)))
+    }
+
+    fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError> {
+        let l: &RtnLinear = own_layer(self, layer)?;
+        let (n, groups) = (l.out_features, l.groups_per_row);
+        let mut arrays = LayerArrays::new();
+        arrays.put_u8("qweight", vec![n, l.row_bytes], l.packed.clone());
+        arrays.put_f32("scales", vec![n, groups], l.scales.clone());
+        if !l.zeros.is_empty() {
+            arrays.put_i8("zeros", vec![n, groups], l.zeros.clone());
+        }
+        if let Some(bias) = &l.bias {
+            arrays.put_f32("bias", vec![n], bias.clone());
+        }
+        Ok(arrays)
+    }
+
+    fn load(&self, mut arrays: LayerArrays, n: usize, k: usize) -> Result<Box<dyn Linear>, MethodError> {
+        self.spec.validate(k)?;
+        let groups = self.group_size().map_or(1, |g| k.div_ceil(g));
+        let packed = arrays.take_u8("qweight", &[n, packed_len(k, self.spec.storage_bits())])?;
+        let scales = arrays.take_f32("scales", &[n, groups])?;
+        check_scales("scales", &scales)?;
+        let zeros = if self.spec.symmetric {
+            Vec::new()
+        } else {
+            let zeros = arrays.take_i8("zeros", &[n, groups])?;
+            let range = self.spec.qmin()..=self.spec.qmax();
+            if let Some(z) = zeros.iter().find(|&&z| !range.contains(&(z as i32))) {
+                return Err(
+                    ArrayError::Invalid { name: "zeros".into(), message: format!("{z} is outside {range:?}") }.into()
+                );
+            }
+            zeros
+        };
+        let bias = arrays.take_f32_opt("bias", &[n])?;
+        arrays.finish()?;
+        Ok(Box::new(self.layer(packed, scales, zeros, bias, n, k)))
+    }
+}
+
+impl Rtn {
+    /// The layer from its stored parts (`packed` rows of `k` values, `[n, groups]` scales and,
+    /// when asymmetric, zeros).
+    fn layer(
+        &self,
+        packed: Vec<u8>,
+        scales: Vec<f32>,
+        zeros: Vec<i8>,
+        bias: Option<Vec<f32>>,
+        n: usize,
+        k: usize,
+    ) -> RtnLinear {
+        let bits = self.spec.storage_bits();
+        let groups_per_row = scales.len() / n.max(1);
+        RtnLinear {
             packed,
             bits,
-            row_bytes,
-            scales: q.scales,
-            // Zero points lie in [qmin, qmax] of at most 8 bits.
-            zeros: q.zeros.iter().map(|&z| z as i8).collect(),
+            row_bytes: packed_len(k, bits),
+            scales,
+            zeros,
             groups_per_row,
-            bias: layer.bias.map(<[f32]>::to_vec),
+            bias,
             out_features: n,
             in_features: k,
-        }))
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 use anyq_core::Linear;
 
 use super::act_quant::ActQuantLinear;
-use super::{LayerToQuantize, MethodError, QuantMethod};
+use super::{own_layer, LayerToQuantize, MethodError, QuantMethod};
+use crate::layer_arrays::LayerArrays;
 
 pub const SYNTAX: &str = "smoothquant-w8a8[-a{alpha}]";
 const DEFAULT_ALPHA: f32 = 0.5;
@@ -75,5 +76,13 @@ impl QuantMethod for SmoothQuant {
         }
         let s = smoothing_factors(stats.abs_max(), layer.weight, k, self.alpha);
         Ok(Box::new(ActQuantLinear::new(layer.weight, n, k, None, Some(&s), layer.bias)?))
+    }
+
+    fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError> {
+        Ok(own_layer::<ActQuantLinear>(self, layer)?.save())
+    }
+
+    fn load(&self, arrays: LayerArrays, n: usize, k: usize) -> Result<Box<dyn Linear>, MethodError> {
+        Ok(Box::new(ActQuantLinear::load(arrays, n, k, None, true)?))
     }
 }
