@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyq_models::LlamaModel;
 use clap::Args;
 
 use crate::progress::load_quantized;
@@ -33,9 +34,7 @@ pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
     );
     let loaded = load_quantized(&args.model, &args.quantize)?;
     let model = &loaded.model;
-    let vocab = model.config.vocab_size as u32;
-    // Token ids spread over the vocabulary; values do not change the work of a dense model.
-    let tokens: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let tokens = synthetic_tokens(model, args.prompt_tokens);
 
     let run_prefill = || -> anyhow::Result<f64> {
         let mut cache = model.new_cache();
@@ -43,14 +42,7 @@ pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
         model.forward_last(&tokens, &mut cache)?;
         Ok(args.prompt_tokens as f64 / start.elapsed().as_secs_f64())
     };
-    let run_decode = || -> anyhow::Result<f64> {
-        let mut cache = model.new_cache();
-        let start = Instant::now();
-        for &t in tokens.iter().cycle().take(args.gen_tokens) {
-            model.forward_last(&[t], &mut cache)?;
-        }
-        Ok(args.gen_tokens as f64 / start.elapsed().as_secs_f64())
-    };
+    let run_decode = || decode_rate(model, &[], args.gen_tokens);
     // One warm-up of each, as llama-bench does, then the mean rate over the repeats.
     run_prefill()?;
     run_decode()?;
@@ -78,4 +70,24 @@ pub fn cpu(args: CpuBenchArgs) -> anyhow::Result<()> {
         println!("threads: {threads}");
     }
     Ok(())
+}
+
+/// Token ids spread over the vocabulary; values do not change the work of a dense model.
+pub fn synthetic_tokens(model: &LlamaModel, n: usize) -> Vec<u32> {
+    let vocab = model.config.vocab_size as u32;
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+/// Decode tokens/s: `gen_tokens` tokens run one at a time after `context` (prefilled, untimed).
+pub fn decode_rate(model: &LlamaModel, context: &[u32], gen_tokens: usize) -> anyhow::Result<f64> {
+    let mut cache = model.new_cache();
+    if !context.is_empty() {
+        model.forward_last(context, &mut cache)?;
+    }
+    let tokens = synthetic_tokens(model, gen_tokens);
+    let start = Instant::now();
+    for &t in &tokens {
+        model.forward_last(&[t], &mut cache)?;
+    }
+    Ok(gen_tokens as f64 / start.elapsed().as_secs_f64())
 }

@@ -21,10 +21,13 @@ pub struct KernelBenchArgs {
     /// machine the others measure its neighbours); each lasts about 50 ms.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Group size of the W4A8 scales (64 divides every default k; SmolLM2's 576 is not a
-    /// multiple of 128).
+    /// Group size of the W4A8 scales (64 divides every default k; SmolLM2's 576 in groups of
+    /// 128 ends each row in a group of 64).
     #[arg(long, default_value_t = 64)]
     group: usize,
+    /// W4A8 weights with zero points (asymmetric).
+    #[arg(long)]
+    zeros: bool,
     /// Integer kernel: avx512vnni, avx2 or portable (default: the best this CPU has).
     #[arg(long)]
     kernel: Option<String>,
@@ -43,12 +46,13 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(kernel.is_supported(), "this CPU cannot run the {kernel:?} kernel");
     let shapes = args.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<Vec<_>>>()?;
     for &(n, k) in &shapes {
-        anyhow::ensure!(k % args.group == 0, "W4A8 needs k={k} to be a multiple of --group={}", args.group);
+        anyhow::ensure!(k.is_multiple_of(8), "W4A8 needs k={k} to be a multiple of 8");
         anyhow::ensure!(n > 0, "shape {n}x{k} is empty");
     }
 
     println!("cpu: {}, threads: {}, integer kernel: {kernel:?}", cpu_model(), rayon::current_num_threads());
-    println!("W8A8/W4A8 times include quantizing x per token; W4A8 groups of {}.\n", args.group);
+    let zeros = if args.zeros { " with zero points" } else { "" };
+    println!("W8A8/W4A8 times include quantizing x per token; W4A8 groups of {}{zeros}.\n", args.group);
     println!("| shape (n×k) | m | f32 GFLOP/s | W8A8 GOP/s | W4A8 GOP/s | W8A8/f32 | W4A8/f32 |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &(n, k) in &shapes {
@@ -58,7 +62,10 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
             (0..len).map(|_| ((rng.next_u64() % (2 * span + 1)) as i64 - span as i64) as i8).collect::<Vec<_>>()
         };
         let w8 = I8Weight::new(&random_i8(&mut rng, n * k, 127), &vec![0.01; n], n, k);
-        let w4 = I4Weight::new(&random_i8(&mut rng, n * k, 7), &vec![0.01; n * k / args.group], n, k, args.group);
+        let groups = n * k.div_ceil(args.group);
+        let w4_zeros = args.zeros.then(|| random_i8(&mut rng, groups, 7));
+        let w4_values = random_i8(&mut rng, n * k, 7);
+        let w4 = I4Weight::new(&w4_values, &vec![0.01; groups], w4_zeros.as_deref(), n, k, args.group);
         for &m in &args.m {
             let x = rng.floats(m * k);
             let mut out = vec![0.0f32; m * n];

@@ -5,13 +5,14 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
-use anyq_engine::{
-    generate as run_generation, outlier_report, perplexity as run_perplexity, Sampler, SamplingParams, TextStream,
-};
-use anyq_models::{save_quantized, TokenizerBundle};
+use anyq_engine::{generate as run_generation, outlier_report, Sampler, SamplingParams, TextStream};
+use anyq_models::TokenizerBundle;
 use anyq_quant::methods::method_by_name;
 
-use crate::progress::{bar, load_quantized, load_with_progress, quantize_loaded, read_calibration_text};
+use crate::progress::{
+    load_quantized, load_with_progress, perplexity_with_progress, quantize_loaded, read_calibration_text,
+    save_with_progress,
+};
 use crate::{GenerateArgs, PplArgs, QuantizeCommandArgs};
 
 fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow::Result<&'a TokenizerBundle> {
@@ -49,11 +50,7 @@ pub fn quantize(args: QuantizeCommandArgs) -> anyhow::Result<()> {
     }
     let mut loaded = load_with_progress(&args.model)?;
     quantize_loaded(&mut loaded, method.as_ref(), calib_text.as_deref(), &args.calib)?;
-    let bar = bar(loaded.model.config.num_layers, "save");
-    let size = save_quantized(&loaded.model, method.as_ref(), loaded.tokenizer.as_ref(), &args.out, &|done, _| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
+    let size = save_with_progress(&loaded, method.as_ref(), &args.out)?;
     println!("{}: {} checkpoint, {:.1} MiB", args.out.display(), method.name(), size as f64 / (1 << 20) as f64);
     Ok(())
 }
@@ -115,24 +112,14 @@ pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
     let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
-    if args.ctx > loaded.model.config.max_position_embeddings {
-        bail!("--ctx {} exceeds the model's context of {}", args.ctx, loaded.model.config.max_position_embeddings);
-    }
     let ids = bundle.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-    let windows = args.max_windows.map_or(ids.len() / args.ctx, |m| m.min(ids.len() / args.ctx));
-    let progress = bar(windows, "ppl");
-    let started = std::time::Instant::now();
-    let report =
-        run_perplexity(&loaded.model, &ids, args.ctx, args.max_windows, &|done, _| progress.set_position(done as u64))?;
-    progress.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
+    let (report, rate) = perplexity_with_progress(&loaded.model, &ids, args.ctx, args.max_windows)?;
     println!("text: {} ({} tokens)", args.text.display(), ids.len());
     println!(
-        "windows: {} x {} tokens, {} tokens predicted, {:.1} tokens/s",
+        "windows: {} x {} tokens, {} tokens predicted, {rate:.1} tokens/s",
         report.nll_per_window.len(),
         report.ctx,
-        report.tokens_predicted,
-        (report.nll_per_window.len() * report.ctx) as f64 / secs
+        report.tokens_predicted
     );
     println!("ppl: {:.4}", report.ppl);
     print_outliers(&loaded.model);

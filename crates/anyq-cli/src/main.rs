@@ -4,6 +4,7 @@ mod bench;
 mod bench_kernels;
 mod commands;
 mod progress;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Compare methods on one model: checkpoint size, perplexity and speed, as a markdown table
+    /// and a chart of perplexity against weight bits.
+    Report(report::ReportArgs),
     /// Print a model's configuration and size.
     Info {
         /// A .gguf file, or a Hugging Face model folder.
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Ppl(args)) => commands::perplexity(args),
         Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels::run(args),
+        Command::Report(args) => report::run(args),
         Command::Info { model } => commands::info(&model),
     });
     match result {

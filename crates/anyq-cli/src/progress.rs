@@ -1,10 +1,11 @@
 //! Progress bars for long work (loading, evaluation), drawn on stderr.
 
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::Context;
-use anyq_engine::{calibrate, quantize_model};
-use anyq_models::{load_model, LoadedModel};
+use anyq_engine::{calibrate_with, perplexity, quantize_model, CalibrationStats, PerplexityReport};
+use anyq_models::{load_model, save_quantized, LlamaModel, LoadedModel};
 use anyq_quant::methods::{method_by_name, QuantMethod};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -67,32 +68,49 @@ pub fn quantize_loaded(
     calib_text: Option<&str>,
     args: &CalibArgs,
 ) -> anyhow::Result<()> {
+    let stats = calib_text.map(|text| calibration_stats(loaded, text, args, method.needs_hessian())).transpose()?;
+    quantize_with_stats(loaded, method, stats.as_ref())
+}
+
+/// Methods start from float weights: quantizing a quantized checkpoint again would compound errors.
+pub fn ensure_float(loaded: &LoadedModel) -> anyhow::Result<()> {
     if let Some(q) = &loaded.quantization {
         anyhow::bail!("{} is already quantized ({}); quantize its float source", loaded.source.display(), q.method);
     }
-    let stats = match calib_text {
-        Some(text) => {
-            let tokenizer = &loaded.tokenizer.as_ref().context("calibration needs the model's tokenizer")?.tokenizer;
-            let ids = tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-            let windows = args.calib_windows.min(ids.len() / args.calib_ctx.max(1));
-            anyhow::ensure!(
-                windows > 0,
-                "the calibration text has {} tokens: not one window of {}",
-                ids.len(),
-                args.calib_ctx
-            );
-            let bar = bar(windows, "calibrate");
-            let stats =
-                calibrate(&loaded.model, &ids, args.calib_ctx, windows, &|done, _| bar.set_position(done as u64))?;
-            bar.finish_and_clear();
-            Some(stats)
-        }
-        None => None,
-    };
+    Ok(())
+}
+
+/// Activation statistics of the float model `loaded` on windows of `text`, with a bar.
+/// With `hessians`, each input's `XᵀX` too (GPTQ).
+pub fn calibration_stats(
+    loaded: &LoadedModel,
+    text: &str,
+    args: &CalibArgs,
+    hessians: bool,
+) -> anyhow::Result<CalibrationStats> {
+    ensure_float(loaded)?;
+    let tokenizer = &loaded.tokenizer.as_ref().context("calibration needs the model's tokenizer")?.tokenizer;
+    let ids = tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    let windows = args.calib_windows.min(ids.len() / args.calib_ctx.max(1));
+    anyhow::ensure!(windows > 0, "the calibration text has {} tokens: not one window of {}", ids.len(), args.calib_ctx);
+    let bar = bar(windows, "calibrate");
+    let progress = |done, _| bar.set_position(done as u64);
+    let stats = calibrate_with(&loaded.model, &ids, args.calib_ctx, windows, hessians, &progress)?;
+    bar.finish_and_clear();
+    Ok(stats)
+}
+
+/// Quantizes `loaded` in place with `method`, given the calibration statistics it needs.
+pub fn quantize_with_stats(
+    loaded: &mut LoadedModel,
+    method: &dyn QuantMethod,
+    stats: Option<&CalibrationStats>,
+) -> anyhow::Result<()> {
+    ensure_float(loaded)?;
     // Quantized layers are stored in Hugging Face's Q/K row order, in memory as in checkpoints.
     loaded.model.use_neox_rope();
     let bar = bar(loaded.model.config.num_layers, "quantize");
-    quantize_model(&mut loaded.model, method, stats.as_ref(), &|done, _| bar.set_position(done as u64))?;
+    quantize_model(&mut loaded.model, method, stats, &|done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     eprintln!(
         "quantized with {}: weights now {:.1} MiB",
@@ -100,4 +118,36 @@ pub fn quantize_loaded(
         loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Writes the quantized `loaded` to the new folder `dir` with a bar; returns its size in bytes.
+pub fn save_with_progress(loaded: &LoadedModel, method: &dyn QuantMethod, dir: &Path) -> anyhow::Result<u64> {
+    let bar = bar(loaded.model.config.num_layers, "save");
+    let size = save_quantized(&loaded.model, method, loaded.tokenizer.as_ref(), dir, &|done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok(size)
+}
+
+/// Perplexity on the first `max_windows` windows of `ids` with a bar, and the rate at which the
+/// windows' tokens went through the model (prefill tokens/s, output logits included).
+pub fn perplexity_with_progress(
+    model: &LlamaModel,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+) -> anyhow::Result<(PerplexityReport, f64)> {
+    if ctx > model.config.max_position_embeddings {
+        anyhow::bail!("--ctx {ctx} exceeds the model's context of {}", model.config.max_position_embeddings);
+    }
+    let progress = bar(0, "ppl");
+    let started = Instant::now();
+    let report = perplexity(model, ids, ctx, max_windows, &|done, total| {
+        progress.set_length(total as u64);
+        progress.set_position(done as u64);
+    })?;
+    progress.finish_and_clear();
+    let rate = (report.nll_per_window.len() * report.ctx) as f64 / started.elapsed().as_secs_f64();
+    Ok((report, rate))
 }

@@ -6,5 +6,6 @@ pub mod linear;
 pub mod tensor;
 pub mod testing;
 
+pub use cpu::{ActivationScan, ChannelSet, ScanRequest};
 pub use linear::{DenseLinear, Linear};
 pub use tensor::Tensor;

@@ -1,7 +1,7 @@
 //! The linear layer abstraction that every weight format implements: models call `forward`
 //! and never learn how the weight is stored.
 
-use crate::cpu::{add_bias, matmul_xwt};
+use crate::cpu::{add_bias, matmul_xwt, ActivationScan, ScanRequest};
 
 /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
 pub trait Linear: Send + Sync {
@@ -18,6 +18,20 @@ pub trait Linear: Send + Sync {
     fn bias(&self) -> Option<&[f32]>;
     /// The concrete layer, for reports that read a method's own state (MixQ's outlier counters).
     fn as_any(&self) -> &dyn std::any::Any;
+
+    /// A scan of its input that the layer would otherwise make itself (MixQ: amax outside its
+    /// outlier channels), for the op that writes the input to compute in the same pass. Layers
+    /// that read one input and ask equal requests can share one scan. The default asks nothing.
+    fn input_scan(&self) -> Option<ScanRequest> {
+        None
+    }
+
+    /// `forward` given `scan`, the scan of `x` for a request that `input_scan` returned (earlier
+    /// in this call's forward pass). The default does not need it.
+    fn forward_scanned(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
+        let _ = scan;
+        self.forward(x, m, out);
+    }
 
     /// The whole weight `[out_features, in_features]` as f32 (what quantization methods start from).
     fn dense_weight(&self) -> Vec<f32> {

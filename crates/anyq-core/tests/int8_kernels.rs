@@ -1,13 +1,14 @@
 //! The integer kernels against their plain references: every kernel this CPU can run (not only
 //! the one `detect` picks), on odd shapes, extreme values, with and without bias and
-//! accumulation, and on 1 and 2 threads. The kernels follow the references' order of f32
-//! operations, so outputs must match bit for bit.
+//! accumulation, W4A8 with and without zero points and with a shorter last group, and on 1 and
+//! 2 threads. The kernels follow the references' order of f32 operations, so outputs must match
+//! bit for bit.
 
 use anyq_core::cpu::int8::{
     gemm_i8_i32_reference, gemm_w4a8_reference, gemm_w4a8_with, gemm_w8a8_reference, gemm_w8a8_with, quantize_rows_i8,
-    I4Weight, I8Weight, IntKernel,
+    quantize_rows_i8_outside, I4Weight, I8Weight, IntKernel,
 };
-use anyq_core::cpu::matmul_xwt_reference;
+use anyq_core::cpu::{matmul_xwt_reference, ChannelSet};
 use anyq_core::testing::XorShift;
 
 const MS: [usize; 8] = [1, 2, 3, 5, 16, 33, 64, 130];
@@ -71,15 +72,40 @@ fn check_w8a8(kernel: IntKernel, case: &Case, wq: &[i8], w_scales: &[f32], m: us
     assert_identical(&got, &want, &what);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_w4a8(kernel: IntKernel, case: &Case, wq: &[i8], w_scales: &[f32], g: usize, m: usize, n: usize, k: usize) {
-    let w = I4Weight::new(wq, w_scales, n, k, g);
-    let bias = case.bias.as_deref();
+/// An int4 weight as `I4Weight::new` takes it.
+struct W4 {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    zeros: Option<Vec<i8>>,
+    group: usize,
+}
+
+impl W4 {
+    /// Random values and scales `[n, ⌈k/group⌉]`, and zero points if `zeros`.
+    fn random(rng: &mut XorShift, n: usize, k: usize, group: usize, zeros: bool) -> Self {
+        let groups = n * k.div_ceil(group);
+        let (q, scales) = (i8s(rng, n * k, -8, 7), scales(rng, groups));
+        Self { q, scales, zeros: zeros.then(|| i8s(rng, groups, -8, 7)), group }
+    }
+
+    fn packed(&self, n: usize, k: usize) -> I4Weight {
+        I4Weight::new(&self.q, &self.scales, self.zeros.as_deref(), n, k, self.group)
+    }
+}
+
+fn check_w4a8(kernel: IntKernel, case: &Case, w: &W4, m: usize, n: usize, k: usize) {
+    let (bias, zeros, g) = (case.bias.as_deref(), w.zeros.as_deref(), w.group);
     let mut want = case.init.clone();
-    gemm_w4a8_reference(&case.x, &case.x_scales, wq, w_scales, g, bias, &mut want, m, n, k, case.accumulate);
+    let (x, xs) = (&case.x, &case.x_scales);
+    gemm_w4a8_reference(x, xs, &w.q, &w.scales, zeros, g, bias, &mut want, m, n, k, case.accumulate);
     let mut got = case.init.clone();
-    gemm_w4a8_with(kernel, &case.x, &case.x_scales, &w, bias, &mut got, m, case.accumulate);
-    let what = format!("{kernel:?} W4A8 m={m} n={n} k={k} g={g} bias={} acc={}", bias.is_some(), case.accumulate);
+    gemm_w4a8_with(kernel, x, xs, &w.packed(n, k), bias, &mut got, m, case.accumulate);
+    let what = format!(
+        "{kernel:?} W4A8 m={m} n={n} k={k} g={g} zeros={} bias={} acc={}",
+        zeros.is_some(),
+        bias.is_some(),
+        case.accumulate
+    );
     assert_identical(&got, &want, &what);
 }
 
@@ -126,16 +152,38 @@ fn w4a8_matches_reference_on_odd_shapes() {
     for &k in &KS {
         for &n in &NS {
             let mut rng = XorShift::new((n * 104_729 + k) as u64);
-            let wq = i8s(&mut rng, n * k, -8, 7);
             for &m in &MS {
                 variant += 1;
-                // Every group size that divides k, in turn.
-                let gs: Vec<usize> = [32, 64, 128].into_iter().filter(|g| k % g == 0).collect();
-                let g = gs[variant % gs.len()];
-                let w_scales = scales(&mut rng, n * k / g);
+                // Group sizes in turn, dividing k or not (576 = 4·128 + 64; 32 = one short group
+                // of 128), with and without zero points.
+                let g = [32, 64, 128][variant % 3];
+                let w = W4::random(&mut rng, n, k, g, variant / 4 % 2 == 1);
                 let case = Case::new(&mut rng, m, n, k, variant);
                 for &kernel in &kernels {
-                    check_w4a8(kernel, &case, &wq, &w_scales, g, m, n, k);
+                    check_w4a8(kernel, &case, &w, m, n, k);
+                }
+            }
+        }
+    }
+}
+
+/// Group sizes that leave a shorter last group (or are longer than k), down to one line (8) and
+/// up past the AVX2 kernel's 4-line i16 runs, with and without zero points.
+#[test]
+fn w4a8_shorter_last_group_with_and_without_zeros() {
+    let kernels = kernels();
+    let mut variant = 0;
+    for &(k, groups) in &[(8, [8, 16, 128]), (24, [16, 40, 64]), (200, [8, 48, 136]), (1000, [40, 96, 128])] {
+        for &g in &groups {
+            for &n in &[1, 17, 45] {
+                for &m in &[1, 4, 7] {
+                    variant += 1;
+                    let mut rng = XorShift::new((variant * 31 + k) as u64);
+                    let w = W4::random(&mut rng, n, k, g, variant % 2 == 0);
+                    let case = Case::new(&mut rng, m, n, k, variant / 2);
+                    for &kernel in &kernels {
+                        check_w4a8(kernel, &case, &w, m, n, k);
+                    }
                 }
             }
         }
@@ -185,12 +233,26 @@ fn extreme_values_give_exact_integer_sums() {
             }
             for (wname, fw) in &w4_fills {
                 let wq: Vec<i8> = (0..n * k).map(fw).collect();
-                let want: Vec<f32> = gemm_i8_i32_reference(&x, &wq, m, n, k).iter().map(|&s| s as f32).collect();
-                for g in [32, 64, 128] {
-                    let w = I4Weight::new(&wq, &vec![1.0; n * k / g], n, k, g);
-                    let mut got = init.clone();
-                    gemm_w4a8_with(kernel, &x, &ones_m, &w, None, &mut got, m, false);
-                    assert_identical(&got, &want, &format!("{kernel:?} W4A8 g={g} {xname} {wname}"));
+                // Groups that divide k and one that does not (1536 = 38·40 + 16); zero points at
+                // both ends of their range, so that w − z reaches ±15.
+                for g in [32, 40, 64, 128] {
+                    let groups = n * k.div_ceil(g);
+                    let zero_fills: [(&str, Option<Vec<i8>>); 4] = [
+                        ("symmetric", None),
+                        ("z=-8", Some(vec![-8; groups])),
+                        ("z=7", Some(vec![7; groups])),
+                        ("z=7/-8", Some((0..groups).map(|i| if i % 3 == 0 { 7 } else { -8 }).collect())),
+                    ];
+                    for (zname, zeros) in &zero_fills {
+                        let zero_of = |i: usize| zeros.as_ref().map_or(0, |z| z[i / k * k.div_ceil(g) + i % k / g]);
+                        let w_minus_z: Vec<i8> = wq.iter().enumerate().map(|(i, &v)| v - zero_of(i)).collect();
+                        let want = gemm_i8_i32_reference(&x, &w_minus_z, m, n, k);
+                        let want: Vec<f32> = want.iter().map(|&s| s as f32).collect();
+                        let w = I4Weight::new(&wq, &vec![1.0; groups], zeros.as_deref(), n, k, g);
+                        let mut got = init.clone();
+                        gemm_w4a8_with(kernel, &x, &ones_m, &w, None, &mut got, m, false);
+                        assert_identical(&got, &want, &format!("{kernel:?} W4A8 g={g} {xname} {wname} {zname}"));
+                    }
                 }
             }
         }
@@ -203,15 +265,20 @@ fn extreme_values_with_bias_and_accumulation() {
     for &(m, n, k) in &[(1, 576, 576), (64, 100, 1536), (33, 7, 96)] {
         for (xv, wv) in [(127i8, 127i8), (-127, 127), (-127, -127), (-128, -127)] {
             let w8 = vec![wv; n * k];
-            let w4 = vec![if wv > 0 { 7 } else { -8 }; n * k];
             let w_scales = scales(&mut rng, n);
-            let g_scales = scales(&mut rng, n * k / 32);
+            let q4 = vec![if wv > 0 { 7 } else { -8 }; n * k];
+            let w4 = W4 { q: q4.clone(), scales: scales(&mut rng, n * k / 32), zeros: None, group: 32 };
+            // Zero points at the other end: w − z = ±15, in groups of 40 that do not divide k.
+            let groups = n * k.div_ceil(40);
+            let zeros = vec![if wv > 0 { -8 } else { 7 }; groups];
+            let w4z = W4 { q: q4, scales: scales(&mut rng, groups), zeros: Some(zeros), group: 40 };
             for variant in 0..4 {
                 let mut case = Case::new(&mut rng, m, n, k, variant);
                 case.x.fill(xv);
                 for kernel in kernels() {
                     check_w8a8(kernel, &case, &w8, &w_scales, m, n, k);
-                    check_w4a8(kernel, &case, &w4, &g_scales, 32, m, n, k);
+                    check_w4a8(kernel, &case, &w4, m, n, k);
+                    check_w4a8(kernel, &case, &w4z, m, n, k);
                 }
             }
         }
@@ -227,22 +294,25 @@ fn results_do_not_depend_on_thread_count() {
         let mut rng = XorShift::new((m + n + k) as u64);
         let case = Case::new(&mut rng, m, n, k, 3);
         let w8 = I8Weight::new(&i8s(&mut rng, n * k, -127, 127), &scales(&mut rng, n), n, k);
-        let w4 = I4Weight::new(&i8s(&mut rng, n * k, -8, 7), &scales(&mut rng, n * k / 64), n, k, 64);
+        let w4 = W4::random(&mut rng, n, k, 64, false).packed(n, k);
+        let w4z = W4::random(&mut rng, n, k, 128, true).packed(n, k);
         for kernel in kernels() {
             let run = |pool: &rayon::ThreadPool| {
                 pool.install(|| {
-                    let (mut a, mut b) = (case.init.clone(), case.init.clone());
+                    let (mut a, mut b, mut c) = (case.init.clone(), case.init.clone(), case.init.clone());
                     let bias = case.bias.as_deref();
                     gemm_w8a8_with(kernel, &case.x, &case.x_scales, &w8, bias, &mut a, m, true);
                     gemm_w4a8_with(kernel, &case.x, &case.x_scales, &w4, bias, &mut b, m, true);
-                    (a, b)
+                    gemm_w4a8_with(kernel, &case.x, &case.x_scales, &w4z, bias, &mut c, m, true);
+                    (a, b, c)
                 })
             };
-            let (a1, b1) = run(&one);
+            let (a1, b1, c1) = run(&one);
             for (threads, pool) in [(2, &two), (3, &three)] {
-                let (a, b) = run(pool);
+                let (a, b, c) = run(pool);
                 assert_identical(&a, &a1, &format!("{kernel:?} W8A8 ({m},{n},{k}) on {threads} threads vs 1"));
                 assert_identical(&b, &b1, &format!("{kernel:?} W4A8 ({m},{n},{k}) on {threads} threads vs 1"));
+                assert_identical(&c, &c1, &format!("{kernel:?} W4A8 zeros ({m},{n},{k}) on {threads} threads vs 1"));
             }
         }
     }
@@ -260,13 +330,16 @@ fn packing_round_trips() {
         assert_eq!(w8.scales(), &s8[..]);
         assert!(w8.bytes() >= n * k);
 
-        let q4 = i8s(&mut rng, n * k, -8, 7);
-        let s4 = scales(&mut rng, n * k / 32);
-        let w4 = I4Weight::new(&q4, &s4, n, k, 32);
-        assert_eq!((w4.n(), w4.k(), w4.group()), (n, k, 32));
-        assert_eq!(w4.values(), q4);
-        assert_eq!(w4.scales(), s4);
-        assert!(w4.bytes() >= n * k / 2 && w4.bytes() < n.div_ceil(16) * 16 * k);
+        // 40 divides none of the k: a shorter last group (all of k, for k = 32).
+        for (g, zeros) in [(32, false), (32, true), (40, false), (40, true)] {
+            let w = W4::random(&mut rng, n, k, g, zeros);
+            let w4 = w.packed(n, k);
+            assert_eq!((w4.n(), w4.k(), w4.group(), w4.groups()), (n, k, g, k.div_ceil(g)));
+            assert_eq!(w4.values(), w.q);
+            assert_eq!(w4.scales(), w.scales);
+            assert_eq!(w4.zeros(), w.zeros);
+            assert!(w4.bytes() >= n * k / 2 && w4.bytes() < n.div_ceil(16) * 16 * k);
+        }
     }
 }
 
@@ -292,6 +365,33 @@ fn quantize_rows_follows_its_definition() {
     assert_eq!(q[2 * cols + 5], -127);
 }
 
+#[test]
+fn quantize_rows_outside_a_set_is_quantize_rows_with_the_set_zeroed() {
+    // 130 × 576 runs on several threads, the others on one.
+    for (rows, cols) in [(1, 1), (3, 37), (5, 576), (130, 576)] {
+        let mut rng = XorShift::new(rows as u64);
+        let mut x = rng.floats(rows * cols);
+        let members: Vec<usize> = (0..cols).filter(|j| j % 9 == 4).collect();
+        for row in x.chunks_exact_mut(cols) {
+            members.iter().for_each(|&j| row[j] *= 100.0);
+        }
+        let mut zeroed = x.clone();
+        for row in zeroed.chunks_exact_mut(cols) {
+            members.iter().for_each(|&j| row[j] = 0.0);
+        }
+        let (mut want_q, mut want_s) = (vec![0i8; rows * cols], vec![0.0f32; rows]);
+        quantize_rows_i8(&zeroed, rows, cols, &mut want_q, &mut want_s);
+        let amax: Vec<f32> = zeroed.chunks_exact(cols).map(|r| r.iter().fold(0.0f32, |a, v| a.max(v.abs()))).collect();
+        let (mut q, mut s) = (vec![1i8; rows * cols], vec![0.0f32; rows]);
+        quantize_rows_i8_outside(&x, rows, cols, &amax, &ChannelSet::new(cols, &members), &mut q, &mut s);
+        assert_eq!((&q, &s), (&want_q, &want_s), "{rows}x{cols}");
+        // A larger amax (a set that grew after the scan) only coarsens the scale.
+        let doubled: Vec<f32> = amax.iter().map(|a| 2.0 * a).collect();
+        quantize_rows_i8_outside(&x, rows, cols, &doubled, &ChannelSet::new(cols, &members), &mut q, &mut s);
+        assert!(s.iter().zip(&want_s).all(|(s, w)| *s == 2.0 * w || *w == 1.0), "{rows}x{cols}: {s:?}");
+    }
+}
+
 /// End to end on real-valued data: quantize x per token and W per channel (or per group); the
 /// kernels' product equals the f32 product of the dequantized operands up to f32 rounding, and
 /// is near the unquantized product.
@@ -314,6 +414,20 @@ fn quantized_product_approximates_f32_product() {
     let xd = dequant(&xq, &|i| xs[i / k]);
     let w8_product = matmul_xwt_reference(&xd, &dequant(&w8, &|i| w8s[i / k]), m, n, k);
     let w4_product = matmul_xwt_reference(&xd, &dequant(&w4, &|i| w4s[i / g]), m, n, k);
+    // Asymmetric min/max in groups of 128, which do not divide k: 4 × 128 + 64 per row.
+    let (ga, groups) = (128, k.div_ceil(128));
+    let (mut wa, mut was, mut waz) = (Vec::new(), Vec::new(), Vec::new());
+    for group in w.chunks(k).flat_map(|row| row.chunks(ga)) {
+        let (lo, hi) = group.iter().fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let scale = (hi - lo) / 15.0;
+        let zero = ((-lo / scale).round() - 8.0).clamp(-8.0, 7.0);
+        wa.extend(group.iter().map(|v| ((v / scale).round() + zero).clamp(-8.0, 7.0) as i8));
+        was.push(scale);
+        waz.push(zero as i8);
+    }
+    let at = |i: usize| i / k * groups + i % k / ga;
+    let wad: Vec<f32> = wa.iter().enumerate().map(|(i, &v)| was[at(i)] * (v - waz[at(i)]) as f32).collect();
+    let wa_product = matmul_xwt_reference(&xd, &wad, m, n, k);
     let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     for kernel in kernels() {
         let mut got = vec![0.0; m * n];
@@ -321,9 +435,12 @@ fn quantized_product_approximates_f32_product() {
         assert!(max_diff(&got, &w8_product) < 1e-5 * rms, "{kernel:?} W8A8 vs dequantized product");
         // Rounding errors of 8-bit x and w: about 0.5% of the output's rms, a few σ at most.
         assert!(max_diff(&got, &exact) < 0.03 * rms, "{kernel:?} W8A8 vs f32 product");
-        gemm_w4a8_with(kernel, &xq, &xs, &I4Weight::new(&w4, &w4s, n, k, g), None, &mut got, m, false);
+        gemm_w4a8_with(kernel, &xq, &xs, &I4Weight::new(&w4, &w4s, None, n, k, g), None, &mut got, m, false);
         assert!(max_diff(&got, &w4_product) < 1e-5 * rms, "{kernel:?} W4A8 vs dequantized product");
         // 4-bit steps of amax/7: about 7% of the rms.
         assert!(max_diff(&got, &exact) < 0.4 * rms, "{kernel:?} W4A8 vs f32 product");
+        gemm_w4a8_with(kernel, &xq, &xs, &I4Weight::new(&wa, &was, Some(&waz), n, k, ga), None, &mut got, m, false);
+        assert!(max_diff(&got, &wa_product) < 1e-5 * rms, "{kernel:?} asymmetric W4A8 vs dequantized product");
+        assert!(max_diff(&got, &exact) < 0.4 * rms, "{kernel:?} asymmetric W4A8 vs f32 product");
     }
 }

@@ -11,11 +11,15 @@ use anyq_quant::calibration::ChannelStats;
 pub struct CalibrationStats {
     pub inputs: BTreeMap<(usize, LinearInput), ChannelStats>,
     pub tokens: usize,
+    /// Whether the inputs' `XᵀX` is gathered too (GPTQ).
+    pub hessians: bool,
 }
 
 impl ActivationObserver for CalibrationStats {
     fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], cols: usize) {
-        self.inputs.entry((layer, input)).or_insert_with(|| ChannelStats::new(cols)).update(x);
+        let hessians = self.hessians;
+        let new = || if hessians { ChannelStats::with_hessian(cols) } else { ChannelStats::new(cols) };
+        self.inputs.entry((layer, input)).or_insert_with(new).update(x);
     }
 }
 
@@ -34,7 +38,20 @@ pub fn calibrate(
     max_windows: usize,
     progress: &dyn Fn(usize, usize),
 ) -> Result<CalibrationStats, ForwardError> {
-    let mut stats = CalibrationStats::default();
+    calibrate_with(model, ids, window, max_windows, false, progress)
+}
+
+/// `calibrate`, gathering each input's `XᵀX` too when `hessians` (for GPTQ; `k²` values per
+/// input and a `k²·tokens` product per window).
+pub fn calibrate_with(
+    model: &LlamaModel,
+    ids: &[u32],
+    window: usize,
+    max_windows: usize,
+    hessians: bool,
+    progress: &dyn Fn(usize, usize),
+) -> Result<CalibrationStats, ForwardError> {
+    let mut stats = CalibrationStats { hessians, ..Default::default() };
     let windows: Vec<&[u32]> = ids.chunks_exact(window.max(1)).take(max_windows).collect();
     if windows.is_empty() {
         return Err(ForwardError::Empty);

@@ -8,7 +8,7 @@ pub mod perplexity;
 pub mod quantize;
 pub mod sampling;
 
-pub use calibrate::{calibrate, CalibrationStats};
+pub use calibrate::{calibrate, calibrate_with, CalibrationStats};
 pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
 pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
 pub use quantize::{outlier_report, quantize_model};

@@ -2,7 +2,8 @@
 //! tokenizer files) whose block linear layers are stored as their quantization method's arrays,
 //! `model.layers.{i}.{module}.{array}` (`qweight`, `scales`, ...), and whose `config.json`
 //! carries a `quantization_config` that names the method, as GPTQ and AWQ checkpoints do.
-//! Embeddings and the output projection are stored as f16, norms as f32.
+//! Embeddings and the output projection are stored as f16, or in the GGML block format they
+//! were loaded in (exact, and as compact as the source); norms as f32.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::llama::{LlamaModel, LINEAR_MODULES};
+use crate::llama::{FloatWeight, LlamaModel, LINEAR_MODULES};
 use crate::loader::TokenizerBundle;
 
 /// `quant_method` of the checkpoints anyq writes.
@@ -35,6 +36,10 @@ pub struct QuantizationConfig {
     /// are what loads.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outlier_channels: BTreeMap<String, Vec<i32>>,
+    /// Float weights kept in the GGML block format they were loaded in (a GGUF's Q8_0
+    /// embeddings), by tensor name: stored as U8 `[rows, bytes per row]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ggml_tensors: BTreeMap<String, String>,
 }
 
 impl QuantizationConfig {
@@ -47,6 +52,7 @@ impl QuantizationConfig {
             activation_bits,
             group_size: method.group_size(),
             outlier_channels: BTreeMap::new(),
+            ggml_tensors: BTreeMap::new(),
         }
     }
 
@@ -126,18 +132,24 @@ pub fn save_quantized(
     if dir.exists() && std::fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
         return Err(SaveError::NotEmpty(dir.to_path_buf()));
     }
+    let mut quantization = QuantizationConfig::of(method);
     let mut tensors = Vec::new();
-    for (name, shape, data) in model.float_tensors() {
-        // Vectors (norms) stay f32; matrices (embeddings) are f16, as Hugging Face ships them.
-        let bytes = if shape.len() == 1 {
-            Bytes::from_array(name, shape, &ArrayData::F32(data))
-        } else {
-            let data = data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
-            Bytes { name, dtype: Dtype::F16, shape, data }
+    for (name, shape, weight) in model.float_tensors() {
+        let bytes = match weight {
+            // Vectors (norms) stay f32; matrices are f16, as Hugging Face ships them.
+            FloatWeight::F32(data) if shape.len() == 1 => Bytes::from_array(name, shape, &ArrayData::F32(data)),
+            FloatWeight::F32(data) => {
+                let data = data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+                Bytes { name, dtype: Dtype::F16, shape, data }
+            }
+            FloatWeight::Ggml { ggml_type, bytes } => {
+                quantization.ggml_tensors.insert(name.clone(), ggml_type.name().to_string());
+                let rows = shape[0];
+                Bytes { name, dtype: Dtype::U8, shape: vec![rows, bytes.len() / rows.max(1)], data: bytes }
+            }
         };
         tensors.push(bytes);
     }
-    let mut quantization = QuantizationConfig::of(method);
     let layers = model.config.num_layers;
     for layer in 0..layers {
         for module in LINEAR_MODULES {

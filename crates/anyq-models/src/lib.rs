@@ -11,5 +11,5 @@ pub mod tokenizer;
 pub use checkpoint::{save_quantized, QuantizationConfig, SaveError};
 pub use config::{Architecture, ModelConfig};
 pub use error::LoadError;
-pub use llama::{ActivationObserver, ForwardError, KvCache, LinearInput, LlamaModel, LINEAR_MODULES};
+pub use llama::{ActivationObserver, FloatWeight, ForwardError, KvCache, LinearInput, LlamaModel, LINEAR_MODULES};
 pub use loader::{load_model, LoadedModel, TokenizerBundle};

@@ -3,8 +3,12 @@
 
 use std::sync::Arc;
 
-use anyq_core::cpu::{add_inplace, causal_attention, rms_norm, silu_mul, AttentionShape, Rope, RopeStyle};
-use anyq_core::{DenseLinear, Linear};
+use anyq_core::cpu::{
+    add_inplace, causal_attention, rms_norm, rms_norm_scanned, scan_activations, silu_mul, silu_mul_scanned,
+    AttentionShape, Rope, RopeStyle,
+};
+use anyq_core::{ActivationScan, DenseLinear, Linear, ScanRequest};
+use anyq_quant::ggml::GgmlType;
 use anyq_quant::ggml_linear::GgmlLinear;
 use anyq_quant::methods::QuantMethod;
 
@@ -49,6 +53,13 @@ pub struct LlamaModel {
     norm: Vec<f32>,
     lm_head: Arc<dyn Linear>,
     rope: Rope,
+}
+
+/// A weight outside the block linear layers: f32, or GGML blocks kept as loaded (a GGUF's Q8_0
+/// embeddings), rows back to back.
+pub enum FloatWeight {
+    F32(Vec<f32>),
+    Ggml { ggml_type: GgmlType, bytes: Vec<u8> },
 }
 
 /// Keys and values of every layer for one sequence, `[len, n_kv_heads · head_dim]` per layer.
@@ -108,6 +119,56 @@ impl LinearInput {
 /// Sees every linear layer's input during a forward pass (`x` is `[tokens, cols]`).
 pub trait ActivationObserver {
     fn observe(&mut self, layer: usize, input: LinearInput, x: &[f32], cols: usize);
+}
+
+/// The layers that read one activation, with the scans of it that they ask for
+/// (`Linear::input_scan`): the op that writes the activation computes the first in the same
+/// pass, any other distinct request gets a pass of its own, and layers whose requests are equal
+/// share one scan (q/k/v under MixQ, whose outlier sets come from the same statistics and grow
+/// from the same scans).
+struct InputScans<'a, const N: usize> {
+    layers: [&'a dyn Linear; N],
+    /// Per layer, its scan in `scans`, if it asked for one.
+    scan_of: [Option<usize>; N],
+    scans: Vec<ActivationScan>,
+}
+
+impl<'a, const N: usize> InputScans<'a, N> {
+    /// Writes the activation `x` (`[m, cols]`) that `layers` read: with `plain`, or with
+    /// `scanned`, the same op computing a scan as it writes, when a layer asks for one.
+    fn produce(
+        layers: [&'a dyn Linear; N],
+        x: &mut [f32],
+        m: usize,
+        plain: impl FnOnce(&mut [f32]),
+        scanned: impl FnOnce(&mut [f32], &ScanRequest) -> ActivationScan,
+    ) -> Self {
+        let mut requests: Vec<ScanRequest> = Vec::new();
+        let scan_of = layers.map(|layer| {
+            let request = layer.input_scan()?;
+            Some(requests.iter().position(|r| *r == request).unwrap_or_else(|| {
+                requests.push(request);
+                requests.len() - 1
+            }))
+        });
+        let mut scans = Vec::with_capacity(requests.len());
+        match requests.split_first() {
+            None => plain(x),
+            Some((first, rest)) => {
+                scans.push(scanned(x, first));
+                scans.extend(rest.iter().map(|r| scan_activations(x, m, r)));
+            }
+        }
+        Self { layers, scan_of, scans }
+    }
+
+    /// `layers[i]` on the activation.
+    fn forward(&self, i: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        match self.scan_of[i] {
+            Some(s) => self.layers[i].forward_scanned(x, m, &self.scans[s], out),
+            None => self.layers[i].forward(x, m, out),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,17 +277,23 @@ impl LlamaModel {
 
     /// The weights outside the block linear layers, by Hugging Face name, with their shapes:
     /// embeddings, norms and (when not tied) the output projection.
-    pub fn float_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    pub fn float_tensors(&self) -> Vec<(String, Vec<usize>, FloatWeight)> {
         let (c, h) = (&self.config, self.config.hidden_size);
+        let matrix = |linear: &dyn Linear| match linear.as_any().downcast_ref::<GgmlLinear>() {
+            Some(g) => FloatWeight::Ggml { ggml_type: g.ggml_type(), bytes: g.bytes().to_vec() },
+            None => FloatWeight::F32(linear.dense_weight()),
+        };
         let mut tensors =
-            vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], self.embed_tokens.dense_weight())];
+            vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], matrix(self.embed_tokens.as_ref()))];
         for (i, b) in self.blocks.iter().enumerate() {
-            tensors.push((format!("model.layers.{i}.input_layernorm.weight"), vec![h], b.attn_norm.clone()));
-            tensors.push((format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h], b.mlp_norm.clone()));
+            let norms = [("input_layernorm", &b.attn_norm), ("post_attention_layernorm", &b.mlp_norm)];
+            for (name, norm) in norms {
+                tensors.push((format!("model.layers.{i}.{name}.weight"), vec![h], FloatWeight::F32(norm.clone())));
+            }
         }
-        tensors.push(("model.norm.weight".into(), vec![h], self.norm.clone()));
+        tensors.push(("model.norm.weight".into(), vec![h], FloatWeight::F32(self.norm.clone())));
         if !c.tie_word_embeddings {
-            tensors.push(("lm_head.weight".into(), vec![c.vocab_size, h], self.lm_head.dense_weight()));
+            tensors.push(("lm_head.weight".into(), vec![c.vocab_size, h], matrix(self.lm_head.as_ref())));
         }
         tensors
     }
@@ -300,13 +367,20 @@ impl LlamaModel {
                 o.observe(layer, input, x, cols);
             }
         };
+        let eps = c.rms_norm_eps;
         for (layer, b) in self.blocks.iter().enumerate() {
             normed.copy_from_slice(&x);
-            rms_norm(&mut normed, &b.attn_norm, c.rms_norm_eps);
+            let qkv = InputScans::produce(
+                [Q_PROJ, K_PROJ, V_PROJ].map(|i| b.linears[i].as_ref()),
+                &mut normed,
+                t,
+                |x| rms_norm(x, &b.attn_norm, eps),
+                |x, request| rms_norm_scanned(x, &b.attn_norm, eps, request),
+            );
             observe(layer, LinearInput::Attention, &normed, h);
-            b.linears[Q_PROJ].forward(&normed, t, &mut q);
-            b.linears[K_PROJ].forward(&normed, t, &mut k);
-            b.linears[V_PROJ].forward(&normed, t, &mut v);
+            qkv.forward(0, &normed, t, &mut q);
+            qkv.forward(1, &normed, t, &mut k);
+            qkv.forward(2, &normed, t, &mut v);
             self.rope.apply(&mut q, c.num_heads, &cos, &sin);
             self.rope.apply(&mut k, c.num_kv_heads, &cos, &sin);
             cache.keys[layer].extend_from_slice(&k);
@@ -317,13 +391,25 @@ impl LlamaModel {
             add_inplace(&mut x, &out);
 
             normed.copy_from_slice(&x);
-            rms_norm(&mut normed, &b.mlp_norm, c.rms_norm_eps);
+            let gate_up = InputScans::produce(
+                [GATE_PROJ, UP_PROJ].map(|i| b.linears[i].as_ref()),
+                &mut normed,
+                t,
+                |x| rms_norm(x, &b.mlp_norm, eps),
+                |x, request| rms_norm_scanned(x, &b.mlp_norm, eps, request),
+            );
             observe(layer, LinearInput::Mlp, &normed, h);
-            b.linears[GATE_PROJ].forward(&normed, t, &mut gate);
-            b.linears[UP_PROJ].forward(&normed, t, &mut up);
-            silu_mul(&mut gate, &up);
+            gate_up.forward(0, &normed, t, &mut gate);
+            gate_up.forward(1, &normed, t, &mut up);
+            let down = InputScans::produce(
+                [b.linears[DOWN_PROJ].as_ref()],
+                &mut gate,
+                t,
+                |g| silu_mul(g, &up),
+                |g, request| silu_mul_scanned(g, &up, request),
+            );
             observe(layer, LinearInput::MlpDown, &gate, c.intermediate_size);
-            b.linears[DOWN_PROJ].forward(&gate, t, &mut out);
+            down.forward(0, &gate, t, &mut out);
             add_inplace(&mut x, &out);
         }
         cache.len += t;

@@ -461,3 +461,88 @@ fn linear_layers_can_be_read_and_replaced_by_name() {
     assert!(e.contains("no linear layer mlp.nothing"), "{e}");
     assert!(loaded.model.linear(LAYERS, "mlp.up_proj").is_none());
 }
+
+#[test]
+fn producers_scan_the_activation_for_the_layers_that_ask() {
+    use std::sync::Mutex;
+
+    use anyq_core::cpu::scan_activations;
+    use anyq_core::{ActivationScan, ChannelSet, DenseLinear, Linear, ScanRequest};
+    use anyq_models::LINEAR_MODULES;
+
+    /// A dense layer that asks for `request` and records each input with the scan it came with.
+    struct Asking {
+        dense: DenseLinear,
+        request: Option<ScanRequest>,
+        calls: Mutex<Vec<(Vec<f32>, Option<ActivationScan>)>>,
+    }
+    impl Linear for Asking {
+        fn in_features(&self) -> usize {
+            self.dense.in_features()
+        }
+        fn out_features(&self) -> usize {
+            self.dense.out_features()
+        }
+        fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+            self.calls.lock().unwrap().push((x.to_vec(), None));
+            self.dense.forward(x, m, out);
+        }
+        fn input_scan(&self) -> Option<ScanRequest> {
+            self.request.clone()
+        }
+        fn forward_scanned(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
+            self.calls.lock().unwrap().push((x.to_vec(), Some(scan.clone())));
+            self.dense.forward(x, m, out);
+        }
+        fn weight_bytes(&self) -> usize {
+            self.dense.weight_bytes()
+        }
+        fn weight_row(&self, row: usize, out: &mut [f32]) {
+            self.dense.weight_row(row, out);
+        }
+        fn bias(&self) -> Option<&[f32]> {
+            None
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf_writer(&tiny_weights(false), "llama").write(&path).unwrap();
+    let mut loaded = load(&path).unwrap();
+    let before = all_logits(&loaded, &TOKENS);
+    // Equal requests built separately, as MixQ's q/k/v build theirs.
+    let asks = |k: usize, threshold: f32| Some(ScanRequest::new(ChannelSet::new(k, &[1, 6, k - 2]), threshold));
+    let (h, f) = (HIDDEN, FFN);
+    // In LINEAR_MODULES order. Layer 0: q/k/v share one scan, gate asks and up does not.
+    // Layer 1: q and v ask different scans of one activation, k none.
+    let requests = [
+        [asks(h, 1.5), asks(h, 1.5), asks(h, 1.5), None, asks(h, 1.0), None, asks(f, 0.3)],
+        [asks(h, 1.2), None, asks(h, 1.7), None, None, asks(h, 1.0), asks(f, 0.2)],
+    ];
+    for (layer, requests) in requests.iter().enumerate() {
+        for (module, request) in LINEAR_MODULES.into_iter().zip(requests) {
+            let old = loaded.model.linear(layer, module).unwrap();
+            let dense = DenseLinear::new(old.dense_weight(), None, old.out_features(), old.in_features());
+            let asking = Asking { dense, request: request.clone(), calls: Mutex::default() };
+            loaded.model.replace_linear(layer, module, Box::new(asking)).unwrap();
+        }
+    }
+    assert_eq!(all_logits(&loaded, &TOKENS), before, "scans change no output");
+
+    let mut crossings = 0;
+    for (layer, requests) in requests.iter().enumerate() {
+        for (module, request) in LINEAR_MODULES.into_iter().zip(requests) {
+            let asking = loaded.model.linear(layer, module).unwrap().as_any().downcast_ref::<Asking>().unwrap();
+            let calls = asking.calls.lock().unwrap();
+            assert_eq!(calls.len(), 1, "layer {layer} {module}");
+            let (x, scan) = &calls[0];
+            let expected = request.as_ref().map(|r| scan_activations(x, x.len() / r.channels(), r));
+            assert_eq!(scan, &expected, "layer {layer} {module}");
+            crossings += scan.as_ref().map_or(0, |s| s.outliers.len());
+        }
+    }
+    assert!(crossings > 0, "some activation must cross its threshold");
+}

@@ -121,6 +121,11 @@ impl GgmlType {
         self.format().id
     }
 
+    /// The type named `name` (`Q8_0`, `F16`, ...), as `name` spells it.
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        FORMATS.iter().find(|f| f.name == name).map(|f| f.ty)
+    }
+
     pub fn name(self) -> &'static str {
         self.format().name
     }

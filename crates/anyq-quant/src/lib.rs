@@ -4,6 +4,7 @@ pub mod calibration;
 pub mod dequant_matmul;
 pub mod ggml;
 pub mod ggml_linear;
+pub mod gptq;
 pub mod layer_arrays;
 pub mod methods;
 pub mod packing;

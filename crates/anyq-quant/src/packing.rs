@@ -113,12 +113,25 @@ fn unpack_codes_into<T>(bytes: &[u8], bits: u8, out: &mut [T], decode: impl Fn(u
     if bytes.len() < needed {
         return Err(PackError::ShortBuffer { n, bits, needed, got: bytes.len() });
     }
+    // Widths that divide a byte: values never straddle bytes, and byte-wise loops vectorize
+    // (decode reads every stored value of a weight-only layer per token).
+    match bits {
+        8 => unpack_whole_bytes::<1, T>(bytes, out, decode),
+        4 => unpack_whole_bytes::<2, T>(bytes, out, decode),
+        2 => unpack_whole_bytes::<4, T>(bytes, out, decode),
+        _ => unpack_straddling(bytes, bits, out, decode),
+    }
+    Ok(())
+}
+
+/// Widths whose values may straddle bytes (3, 5, 6, 7 bits): a bit stream.
+fn unpack_straddling<T>(bytes: &[u8], bits: u8, out: &mut [T], decode: impl Fn(u8) -> T) {
     let mask = (1u32 << bits) - 1;
-    let mut next_byte = bytes[..needed].iter();
+    let mut next_byte = bytes.iter();
     let (mut pending, mut pending_bits) = (0u32, 0u8);
     for value in out.iter_mut() {
         if pending_bits < bits {
-            // `needed` bytes hold every bit of the n values, so the byte is there.
+            // The caller checked that the bytes hold every bit of the values.
             pending |= (*next_byte.next().unwrap_or(&0) as u32) << pending_bits;
             pending_bits += 8;
         }
@@ -126,5 +139,22 @@ fn unpack_codes_into<T>(bytes: &[u8], bits: u8, out: &mut [T], decode: impl Fn(u
         pending >>= bits;
         pending_bits -= bits;
     }
-    Ok(())
+}
+
+/// `PER` values of `8 / PER` bits per byte, low bits first.
+fn unpack_whole_bytes<const PER: usize, T>(bytes: &[u8], out: &mut [T], decode: impl Fn(u8) -> T) {
+    let bits = (8 / PER) as u8;
+    let mask = ((1u16 << bits) - 1) as u8;
+    let whole = out.len() / PER;
+    let mut chunks = out.chunks_exact_mut(PER);
+    for (values, &byte) in (&mut chunks).zip(bytes) {
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = decode((byte >> (i as u8 * bits)) & mask);
+        }
+    }
+    let tail = chunks.into_remainder();
+    let last = bytes.get(whole).copied().unwrap_or(0);
+    for (i, v) in tail.iter_mut().enumerate() {
+        *v = decode((last >> (i as u8 * bits)) & mask);
+    }
 }

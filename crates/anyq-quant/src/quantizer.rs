@@ -17,7 +17,9 @@
 //!
 //! Groups are contiguous runs of the row-major data: the whole tensor, one row (per output
 //! channel of a weight, or per token of an activation matrix), or `g` consecutive elements of a
-//! row.
+//! row. `g` need not divide the columns: each row then ends in a shorter group of
+//! `cols − g·⌊cols/g⌋` elements (SmolLM2's 576 inputs in groups of 128 are 4 × 128 + 64), so a
+//! `[rows, cols]` matrix has `rows · ⌈cols/g⌉` groups.
 
 use rayon::prelude::*;
 
@@ -35,8 +37,6 @@ pub enum QuantError {
     BitBalanceNeedsSymmetricInt2 { bits: u8, symmetric: bool },
     #[error("group size must be positive")]
     ZeroGroupSize,
-    #[error("group size {group_size} does not divide the {cols} columns")]
-    GroupSizeNotDivisor { group_size: usize, cols: usize },
     #[error("clip search needs at least one step")]
     ZeroSearchSteps,
     #[error("clip search min_ratio {min_ratio} is outside (0, 1]")]
@@ -54,7 +54,8 @@ pub enum Granularity {
     /// One pair per row: per output channel of a `[out, in]` weight, or per token of a
     /// `[tokens, features]` activation matrix.
     PerChannel,
-    /// `g` consecutive elements along each row; `g` must divide the columns.
+    /// `g` consecutive elements along each row, the last group of a row shorter when `g` does not
+    /// divide the columns.
     PerGroup(usize),
 }
 
@@ -102,16 +103,11 @@ impl QuantSpec {
         Self { bits, symmetric, bit_balance: false, granularity, search: ScaleSearch::MinMax }
     }
 
-    /// Checks the spec against a matrix with `cols` columns.
-    pub fn validate(&self, cols: usize) -> Result<(), QuantError> {
+    /// Checks the spec; it then fits a matrix of any shape.
+    pub fn validate(&self) -> Result<(), QuantError> {
         self.validate_format()?;
-        if let Granularity::PerGroup(group_size) = self.granularity {
-            if group_size == 0 {
-                return Err(QuantError::ZeroGroupSize);
-            }
-            if !cols.is_multiple_of(group_size) {
-                return Err(QuantError::GroupSizeNotDivisor { group_size, cols });
-            }
+        if self.granularity == Granularity::PerGroup(0) {
+            return Err(QuantError::ZeroGroupSize);
         }
         Ok(())
     }
@@ -294,31 +290,60 @@ impl QuantSpec {
             .sum()
     }
 
-    /// (number of groups, elements per group) of a `[rows, cols]` matrix; the spec is valid.
-    fn group_layout(&self, rows: usize, cols: usize) -> (usize, usize) {
-        match self.granularity {
-            Granularity::PerTensor => (1, rows * cols),
-            Granularity::PerChannel => (rows, cols),
-            Granularity::PerGroup(group_size) => (rows * (cols / group_size), group_size),
-        }
+    /// The groups of a `[rows, cols]` matrix; the spec is valid.
+    fn group_layout(&self, rows: usize, cols: usize) -> GroupLayout {
+        let (segments, segment_len, group_len) = match self.granularity {
+            Granularity::PerTensor => (1, rows * cols, rows * cols),
+            Granularity::PerChannel => (rows, cols, cols),
+            Granularity::PerGroup(group_size) => (rows, cols, group_size),
+        };
+        // An empty row still has its (per channel) group; per group it has none.
+        let per_segment = if group_len == 0 { 1 } else { segment_len.div_ceil(group_len) };
+        GroupLayout { segment_len, group_len, per_segment, groups: segments * per_segment }
     }
 
     /// Validates everything and computes every group's parameters.
-    fn matrix_params(&self, x: &[f32], rows: usize, cols: usize) -> Result<(Vec<GroupParams>, usize), QuantError> {
-        self.validate(cols)?;
+    fn matrix_params(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<(Vec<GroupParams>, GroupLayout), QuantError> {
+        self.validate()?;
         if rows.checked_mul(cols) != Some(x.len()) {
             return Err(QuantError::ShapeMismatch { rows, cols, len: x.len() });
         }
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(QuantError::NonFinite { row: i / cols, col: i % cols, value: x[i] });
         }
-        let (groups, group_len) = self.group_layout(rows, cols);
-        let params = if group_len == 0 {
-            vec![self.params_for_range(0.0, 0.0); groups]
-        } else {
-            x.par_chunks(group_len).map(|group| self.params_of_finite(group)).collect()
-        };
-        Ok((params, group_len))
+        let layout = self.group_layout(rows, cols);
+        let params = (0..layout.groups).into_par_iter().map(|g| self.params_of_finite(&x[layout.range(g)])).collect();
+        Ok((params, layout))
+    }
+}
+
+/// How a matrix splits into groups: `groups / per_segment` segments (the whole tensor, or each
+/// row) of `segment_len` elements, each cut into `per_segment` runs of `group_len`, the last
+/// run of a segment shorter when `group_len` does not divide `segment_len`.
+#[derive(Clone, Copy, Debug)]
+struct GroupLayout {
+    segment_len: usize,
+    group_len: usize,
+    per_segment: usize,
+    groups: usize,
+}
+
+impl GroupLayout {
+    /// The elements of group `g` (`g < groups`).
+    fn range(&self, g: usize) -> std::ops::Range<usize> {
+        let (segment, j) = (g / self.per_segment, g % self.per_segment);
+        let start = segment * self.segment_len + j * self.group_len;
+        start..(start + self.group_len).min((segment + 1) * self.segment_len)
+    }
+
+    /// The group of element `i` (an element exists, so both lengths are positive).
+    fn group_of(&self, i: usize) -> usize {
+        i / self.segment_len * self.per_segment + i % self.segment_len / self.group_len
     }
 }
 
@@ -331,7 +356,7 @@ pub struct QuantizedMatrix {
     /// Row-major, each in `[spec.qmin(), spec.qmax()]` (asymmetric values shifted: see the
     /// module doc).
     pub values: Vec<i8>,
-    /// One per group, in row-major group order: `[rows, cols / g]` per group, `[rows]` per
+    /// One per group, in row-major group order: `[rows, ⌈cols/g⌉]` per group, `[rows]` per
     /// channel, a single one per tensor.
     pub scales: Vec<f32>,
     /// Zero points, shaped as `scales`; empty when symmetric.
@@ -342,8 +367,8 @@ impl QuantizedMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let params: Vec<GroupParams> = (0..self.scales.len()).map(|g| self.params_at(g)).collect();
         let mut out = vec![0.0; self.values.len()];
-        let (_, group_len) = self.spec.group_layout(self.rows, self.cols);
-        map_by_group(&self.values, group_len, &params, &mut out, |q, params| params.dequantize(q));
+        let layout = self.spec.group_layout(self.rows, self.cols);
+        map_by_group(&self.values, layout, &params, &mut out, |q, params| params.dequantize(q));
         out
     }
 
@@ -366,16 +391,16 @@ impl QuantizedMatrix {
         match self.spec.granularity {
             Granularity::PerTensor => 0,
             Granularity::PerChannel => row,
-            Granularity::PerGroup(group_size) => row * (self.cols / group_size) + col / group_size,
+            Granularity::PerGroup(group_size) => row * self.cols.div_ceil(group_size) + col / group_size,
         }
     }
 }
 
 /// Quantizes the row-major `[rows, cols]` matrix `x`.
 pub fn quantize(x: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedMatrix, QuantError> {
-    let (params, group_len) = spec.matrix_params(x, rows, cols)?;
+    let (params, layout) = spec.matrix_params(x, rows, cols)?;
     let mut values = vec![0; x.len()];
-    map_by_group(x, group_len, &params, &mut values, |x, params| spec.quantize_value(x, params));
+    map_by_group(x, layout, &params, &mut values, |x, params| spec.quantize_value(x, params));
     let scales = params.iter().map(|p| p.scale).collect();
     let zeros = if spec.symmetric { Vec::new() } else { params.iter().map(|p| p.zero).collect() };
     Ok(QuantizedMatrix { rows, cols, spec: *spec, values, scales, zeros })
@@ -384,17 +409,17 @@ pub fn quantize(x: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result
 /// `quantize` then `dequantize` (bit for bit the same), without storing the integers: what
 /// calibration searches measure.
 pub fn fake_quantize(x: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<Vec<f32>, QuantError> {
-    let (params, group_len) = spec.matrix_params(x, rows, cols)?;
+    let (params, layout) = spec.matrix_params(x, rows, cols)?;
     let mut out = vec![0.0; x.len()];
-    map_by_group(x, group_len, &params, &mut out, |x, params| params.dequantize(spec.quantize_value(x, params)));
+    map_by_group(x, layout, &params, &mut out, |x, params| params.dequantize(spec.quantize_value(x, params)));
     Ok(out)
 }
 
-/// `out[i] = f(input[i], params[i / group_len])`, in parallel over fixed-size chunks so that a
+/// `out[i] = f(input[i], params[group of i])`, in parallel over fixed-size chunks so that a
 /// single huge group (per tensor) is split too.
 fn map_by_group<I: Copy + Sync, O: Send>(
     input: &[I],
-    group_len: usize,
+    layout: GroupLayout,
     params: &[GroupParams],
     out: &mut [O],
     f: impl Fn(I, GroupParams) -> O + Sync,
@@ -403,8 +428,8 @@ fn map_by_group<I: Copy + Sync, O: Send>(
         let base = chunk * MAP_CHUNK;
         let mut start = 0;
         while start < out.len() {
-            let group = (base + start) / group_len;
-            let end = ((group + 1) * group_len - base).min(out.len());
+            let group = layout.group_of(base + start);
+            let end = (layout.range(group).end - base).min(out.len());
             let params = params[group];
             for (o, &v) in out[start..end].iter_mut().zip(&input[start..end]) {
                 *o = f(v, params);

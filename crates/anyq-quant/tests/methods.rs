@@ -15,6 +15,8 @@ fn rtn_layers_compute_with_their_dequantized_weight() {
     let cases = [
         ("rtn-w8a16", QuantSpec::new(8, false, Granularity::PerChannel)),
         ("rtn-w4a16-g32", QuantSpec::new(4, false, Granularity::PerGroup(32))),
+        // Rows of 64 and 128 end in a shorter group: 48 + 16, 2·48 + 32.
+        ("rtn-w4a16-g48", QuantSpec::new(4, false, Granularity::PerGroup(48))),
         ("rtn-w3a16-g64", QuantSpec::new(3, false, Granularity::PerGroup(64))),
         ("rtn-w2a16-g32", QuantSpec::new(2, false, Granularity::PerGroup(32))),
         (
@@ -77,7 +79,9 @@ fn rtn_error_shrinks_with_bits_and_bit_balance_beats_plain_int2() {
 #[test]
 fn bad_method_names_and_shapes_are_errors() {
     for (name, expected) in [
-        ("gptq-w4", "unknown quantization method"),
+        ("awq-w4", "unknown quantization method"),
+        ("gptq-w4", "expected gptq-w"),
+        ("mixq-w8a8-gptq-t2", "unknown option"),
         ("rtn-w9a16", "bit width 9"),
         ("rtn-w4a8", "8-bit activations go with"),
         ("rtn-w4a4", "expected rtn-w"),
@@ -88,10 +92,11 @@ fn bad_method_names_and_shapes_are_errors() {
         let e = method_by_name(name).err().unwrap_or_else(|| panic!("{name} was accepted")).to_string();
         assert!(e.contains(expected), "{name}: {e}");
     }
-    let method = method_by_name("rtn-w4a16-g128").unwrap();
-    let w = vec![0.5; 4 * 96];
-    let e = method.quantize(&layer(&w, None, 4, 96)).err().unwrap().to_string();
-    assert!(e.contains("128") && e.contains("96"), "{e}");
+    // A group longer than the row is one shorter group; the int4 kernels take k in multiples of 8.
+    let w = vec![0.5; 4 * 100];
+    assert!(method_by_name("rtn-w4a16-g128").unwrap().quantize(&layer(&w, None, 4, 100)).is_ok());
+    let e = method_by_name("rtn-w4a8-g128").unwrap().quantize(&layer(&w, None, 4, 100)).err().unwrap().to_string();
+    assert!(e.contains("128") && e.contains("100"), "{e}");
 }
 
 /// `y = deq(q(x / s)) · (ŵ · s)ᵀ`: what an activation-quantized layer must compute from its
@@ -133,7 +138,8 @@ fn activation_quantized_methods_compute_with_int8_activations() {
     stats.update(&x);
     let dense = matmul_xwt_reference(&x, &w, m, n, k);
     let mut errors = Vec::new();
-    for name in ["rtn-w8a8", "rtn-w4a8-g32", "smoothquant-w8a8", "smoothquant-w8a8-a0.8"] {
+    // 256 = 5·48 + 16: a shorter last group.
+    for name in ["rtn-w8a8", "rtn-w4a8-g32", "smoothquant-w8a8", "smoothquant-w8a8-a0.8", "rtn-w4a8-g48"] {
         let method = method_by_name(name).unwrap();
         assert_eq!(method.name(), name);
         let linear = method

@@ -1,5 +1,8 @@
 //! Properties of the quantizer and of sub-byte packing, on fresh random matrices for every bit
-//! width, symmetric and asymmetric, bit-balanced INT2 and each granularity; and every error case.
+//! width, symmetric and asymmetric, bit-balanced INT2 and each granularity (groups that divide
+//! the columns and groups that leave a shorter last group in each row); and every error case.
+
+use std::ops::Range;
 
 use anyq_core::testing::XorShift;
 use anyq_quant::packing::{self, PackError};
@@ -24,13 +27,21 @@ fn all_specs(group_size: usize, search: ScaleSearch) -> Vec<QuantSpec> {
     specs
 }
 
-/// Elements per group, as the module documents the layout.
-fn group_len(spec: &QuantSpec, rows: usize, cols: usize) -> usize {
+/// The elements of each group, in order, as the module documents the layout: per group, runs
+/// of `g` along each row, the last one shorter when `g` does not divide the columns.
+fn group_ranges(spec: &QuantSpec, rows: usize, cols: usize) -> Vec<Range<usize>> {
     match spec.granularity {
-        Granularity::PerTensor => rows * cols,
-        Granularity::PerChannel => cols,
-        Granularity::PerGroup(g) => g,
+        Granularity::PerTensor => std::iter::once(0..rows * cols).collect(),
+        Granularity::PerChannel => (0..rows).map(|r| r * cols..(r + 1) * cols).collect(),
+        Granularity::PerGroup(g) => (0..rows)
+            .flat_map(|r| (0..cols).step_by(g).map(move |c| r * cols + c..r * cols + (c + g).min(cols)))
+            .collect(),
     }
+}
+
+/// The group of each element, from `group_ranges`.
+fn group_of_each(ranges: &[Range<usize>]) -> Vec<usize> {
+    ranges.iter().enumerate().flat_map(|(g, r)| r.clone().map(move |_| g)).collect()
 }
 
 fn gaussian(rng: &mut XorShift) -> f32 {
@@ -58,21 +69,28 @@ struct Matrix {
     data: Vec<f32>,
 }
 
-/// A random matrix whose rows are split into groups of `group_size`; each group is drawn from
-/// one of: zeros, a constant, uniform, all positive, Gaussian, or subnormal-small values, at a
-/// random magnitude.
+/// A random matrix whose rows are split into groups of `group_size`, half of the time followed
+/// by a shorter group (1 to `group_size − 1` elements, then sometimes the whole row); each group
+/// is drawn from one of: zeros, a constant, uniform, all positive, Gaussian, or subnormal-small
+/// values, at a random magnitude.
 fn matrix() -> impl Strategy<Value = Matrix> {
     let group_sizes = prop::sample::select(vec![1usize, 2, 3, 7, 32, 64, 128]);
-    (1usize..5, 1usize..4, group_sizes, -12i32..12, any::<u64>(), any::<bool>()).prop_map(
-        |(rows, groups_per_row, group_size, magnitude_exp, seed, mixed)| {
-            let cols = groups_per_row * group_size;
-            let magnitude = 2f32.powi(magnitude_exp);
+    (1usize..5, 0usize..4, group_sizes, any::<bool>(), -12i32..12, any::<u64>(), any::<bool>()).prop_map(
+        |(rows, full_groups, group_size, ragged, magnitude_exp, seed, mixed)| {
             let mut rng = XorShift::new(seed);
+            let tail = match (ragged || full_groups == 0) && group_size > 1 {
+                true => 1 + (rng.next_u64() % (group_size as u64 - 1)) as usize,
+                false => 0,
+            };
+            let full_groups = if full_groups == 0 && tail == 0 { 1 } else { full_groups };
+            let cols = full_groups * group_size + tail;
+            let magnitude = 2f32.powi(magnitude_exp);
             let mut data = Vec::with_capacity(rows * cols);
-            for _ in 0..rows * groups_per_row {
+            let group_lens = std::iter::repeat_n(group_size, full_groups).chain((tail > 0).then_some(tail));
+            for len in (0..rows).flat_map(|_| group_lens.clone()) {
                 let kind = if mixed { rng.next_u64() % 6 } else { 2 };
                 let constant = rng.uniform() * magnitude;
-                for _ in 0..group_size {
+                for _ in 0..len {
                     data.push(match kind {
                         0 => 0.0,
                         1 => constant,
@@ -125,8 +143,9 @@ proptest! {
         for search in [ScaleSearch::MinMax, MSE] {
             for spec in all_specs(m.group_size, search) {
                 let q = quantize(&m.data, m.rows, m.cols, &spec).unwrap();
-                let len = group_len(&spec, m.rows, m.cols);
-                check_ranges(&q, m.data.len() / len);
+                let ranges = group_ranges(&spec, m.rows, m.cols);
+                let group_of = group_of_each(&ranges);
+                check_ranges(&q, ranges.len());
                 let dq = q.dequantize();
                 let fq = fake_quantize(&m.data, m.rows, m.cols, &spec).unwrap();
                 prop_assert_eq!(dq.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -135,7 +154,7 @@ proptest! {
                     let (row, col) = (i / m.cols, i % m.cols);
                     let expected = q.scale_of(row, col) * (q.values[i] as i32 - q.zero_of(row, col)) as f32;
                     prop_assert_eq!(v, expected);
-                    prop_assert_eq!(q.scale_of(row, col), q.scales[i / len]);
+                    prop_assert_eq!(q.scale_of(row, col), q.scales[group_of[i]]);
                 }
                 let packed = packing::pack(&q.values, spec.storage_bits()).unwrap();
                 prop_assert_eq!(packing::unpack(&packed, spec.storage_bits(), q.values.len()).unwrap(), q.values.clone());
@@ -174,8 +193,8 @@ proptest! {
             let again = quantize(&dq, m.rows, m.cols, &spec).unwrap();
             prop_assert_eq!(&again.values, &first.values, "{:?}", spec);
             prop_assert_eq!(&again.zeros, &first.zeros);
-            let len = group_len(&spec, m.rows, m.cols);
-            for ((a, b), group) in again.scales.iter().zip(&first.scales).zip(dq.chunks(len)) {
+            let ranges = group_ranges(&spec, m.rows, m.cols);
+            for ((a, b), group) in again.scales.iter().zip(&first.scales).zip(ranges.iter().map(|r| &dq[r.clone()])) {
                 // A group that rounded to all zeros has nothing left to fix its scale.
                 if group.iter().any(|&v| v != 0.0) {
                     prop_assert!((a - b).abs() <= b * 1e-6, "scale {} became {}", b, a);
@@ -199,11 +218,12 @@ proptest! {
     fn mse_search_never_loses_to_min_max(m in matrix(), steps in 1usize..40, min_ratio in 0.05f32..=1.0) {
         let search = ScaleSearch::Mse { steps, min_ratio };
         for (searched, plain) in all_specs(m.group_size, search).iter().zip(all_specs(m.group_size, ScaleSearch::MinMax)) {
-            let len = group_len(searched, m.rows, m.cols);
             let with_search = fake_quantize(&m.data, m.rows, m.cols, searched).unwrap();
             let with_min_max = fake_quantize(&m.data, m.rows, m.cols, &plain).unwrap();
-            for ((x, a), b) in m.data.chunks(len).zip(with_search.chunks(len)).zip(with_min_max.chunks(len)) {
-                let (searched_error, min_max_error) = (squared_error(x, a), squared_error(x, b));
+            for r in group_ranges(searched, m.rows, m.cols) {
+                let x = &m.data[r.clone()];
+                let searched_error = squared_error(x, &with_search[r.clone()]);
+                let min_max_error = squared_error(x, &with_min_max[r]);
                 prop_assert!(searched_error <= min_max_error * (1.0 + 1e-9),
                     "{searched:?}: {searched_error} > {min_max_error}");
             }
@@ -273,19 +293,36 @@ proptest! {
                 if spec.granularity == Granularity::PerTensor {
                     continue;
                 }
-                let len = group_len(&spec, m.rows, m.cols);
-                let groups = m.data.len() / len;
-                let changed_group = (pick % groups as u64) as usize;
+                // A shorter last group is a group like the others (picked as often, when it is there).
+                let ranges = group_ranges(&spec, m.rows, m.cols);
+                let changed_group = (pick % ranges.len() as u64) as usize;
                 let mut changed = m.data.clone();
-                for x in &mut changed[changed_group * len..(changed_group + 1) * len] {
+                for x in &mut changed[ranges[changed_group].clone()] {
                     *x = rng.uniform() * 100.0 + 7.0;
                 }
                 let before = quantize(&m.data, m.rows, m.cols, &spec).unwrap();
                 let after = quantize(&changed, m.rows, m.cols, &spec).unwrap();
-                for g in (0..groups).filter(|&g| g != changed_group) {
+                for (g, r) in ranges.iter().enumerate().filter(|&(g, _)| g != changed_group) {
                     prop_assert_eq!(before.scales[g], after.scales[g]);
                     prop_assert_eq!(before.zeros.get(g), after.zeros.get(g));
-                    prop_assert_eq!(&before.values[g * len..(g + 1) * len], &after.values[g * len..(g + 1) * len]);
+                    prop_assert_eq!(&before.values[r.clone()], &after.values[r.clone()]);
+                }
+            }
+        }
+    }
+    /// (8) Each group is quantized on its own, a shorter last group too: its parameters are
+    /// `group_params` of its elements and its values are theirs quantized with them.
+    #[test]
+    fn each_group_is_quantized_alone(m in matrix()) {
+        for search in [ScaleSearch::MinMax, MSE] {
+            for spec in all_specs(m.group_size, search) {
+                let q = quantize(&m.data, m.rows, m.cols, &spec).unwrap();
+                for (g, r) in group_ranges(&spec, m.rows, m.cols).into_iter().enumerate() {
+                    let params = spec.group_params(&m.data[r.clone()]).unwrap();
+                    let zero = q.zeros.get(g).copied().unwrap_or(0);
+                    prop_assert_eq!(params, GroupParams { scale: q.scales[g], zero });
+                    let values: Vec<i8> = m.data[r.clone()].iter().map(|&x| spec.quantize_value(x, params)).collect();
+                    prop_assert_eq!(&q.values[r], &values[..]);
                 }
             }
         }
@@ -325,6 +362,12 @@ fn known_values() {
     assert_eq!((q.scales[0], q.zeros[0] + spec.unsigned_offset()), (0.2, 5));
     let unsigned: Vec<i32> = q.values.iter().map(|&v| v as i32 + spec.unsigned_offset()).collect();
     assert_eq!(unsigned, [0, 5, 15, 8]);
+    // Symmetric INT4 in groups of 3 along rows of 5: groups of 3 and 2 in each row.
+    let x = [7.0, -3.5, 1.0, 14.0, -7.0, 0.5, 0.0, -3.5, 7.0, -1.0];
+    let q = quantize(&x, 2, 5, &QuantSpec::new(4, true, Granularity::PerGroup(3))).unwrap();
+    assert_eq!(q.scales, [1.0, 2.0, 0.5, 1.0]);
+    assert_eq!(q.values, [7, -4, 1, 7, -4, 1, 0, -7, 7, -1]);
+    assert_eq!((q.scale_of(0, 2), q.scale_of(0, 3), q.scale_of(1, 2), q.scale_of(1, 4)), (1.0, 2.0, 0.5, 1.0));
 }
 
 #[test]
@@ -363,10 +406,6 @@ fn spec_errors() {
             QuantError::BitBalanceNeedsSymmetricInt2 { bits: 2, symmetric: false },
         ),
         (QuantSpec { granularity: Granularity::PerGroup(0), ..base }, QuantError::ZeroGroupSize),
-        (
-            QuantSpec { granularity: Granularity::PerGroup(48), ..base },
-            QuantError::GroupSizeNotDivisor { group_size: 48, cols: 64 },
-        ),
         (QuantSpec { search: ScaleSearch::Mse { steps: 0, min_ratio: 0.5 }, ..base }, QuantError::ZeroSearchSteps),
         (
             QuantSpec { search: ScaleSearch::Mse { steps: 10, min_ratio: 0.0 }, ..base },
@@ -379,15 +418,18 @@ fn spec_errors() {
     ];
     let x = vec![0.5; 2 * 64];
     for (spec, error) in cases {
-        assert_eq!(spec.validate(64), Err(error.clone()), "{spec:?}");
+        assert_eq!(spec.validate(), Err(error.clone()), "{spec:?}");
         assert_eq!(quantize(&x, 2, 64, &spec).unwrap_err(), error);
         assert_eq!(fake_quantize(&x, 2, 64, &spec).unwrap_err(), error);
     }
     let nan_ratio = QuantSpec { search: ScaleSearch::Mse { steps: 10, min_ratio: f32::NAN }, ..base };
-    assert!(matches!(nan_ratio.validate(64), Err(QuantError::InvalidMinRatio { min_ratio }) if min_ratio.is_nan()));
+    assert!(matches!(nan_ratio.validate(), Err(QuantError::InvalidMinRatio { min_ratio }) if min_ratio.is_nan()));
     assert!(matches!(nan_ratio.group_params(&[1.0]), Err(QuantError::InvalidMinRatio { .. })));
-    assert_eq!(base.validate(64), Ok(()));
-    assert_eq!(base.validate(0), Ok(()));
+    assert_eq!(base.validate(), Ok(()));
+    // Groups need not divide the columns: 64 = 48 + 16.
+    let ragged = QuantSpec { granularity: Granularity::PerGroup(48), ..base };
+    assert_eq!(ragged.validate(), Ok(()));
+    assert_eq!(quantize(&x, 2, 64, &ragged).unwrap().scales.len(), 4);
 }
 
 #[test]
@@ -416,12 +458,12 @@ fn input_errors() {
 #[test]
 fn group_params_match_quantize() {
     let mut rng = XorShift::new(7);
-    let x = rng.floats(3 * 64);
+    // Rows of 60 = 3 × 16 + 12.
+    let x = rng.floats(3 * 60);
     for spec in all_specs(16, MSE) {
-        let q = quantize(&x, 3, 64, &spec).unwrap();
-        let len = group_len(&spec, 3, 64);
-        for (g, group) in x.chunks(len).enumerate() {
-            let params = spec.group_params(group).unwrap();
+        let q = quantize(&x, 3, 60, &spec).unwrap();
+        for (g, r) in group_ranges(&spec, 3, 60).into_iter().enumerate() {
+            let params = spec.group_params(&x[r]).unwrap();
             assert_eq!(params.scale, q.scales[g]);
             assert_eq!(params.zero, q.zeros.get(g).copied().unwrap_or(0));
         }

@@ -2,11 +2,14 @@
 //! scales (the low-bit part of MixQ).
 //!
 //! Activations are quantized per token to symmetric i8 (`x ≈ s_x[m]·x_q[m, :]`), weights per
-//! output channel (W8) or per group of k (W4). The products are summed exactly in i32 and turned
-//! into f32 only in the epilogue, in registers, which writes `out` once:
+//! output channel (W8) or per group of k (W4: symmetric, or asymmetric with a zero point
+//! `z_w[n, g]`, 0 when symmetric; the last group of a row is shorter when the group size does
+//! not divide k). The products are summed exactly in i32 and turned into f32 only in the
+//! epilogue, in registers, which writes `out` once:
 //!
 //! - W8A8: `out[m, n] = (Σ_k x_q·w_q) as f32 · s_w[n] · s_x[m] (+ bias[n]) (+ out[m, n])`
-//! - W4A8: `out[m, n] = (Σ_g (Σ_{k∈g} x_q·w_q) as f32 · s_w[n, g]) · s_x[m] (+ bias[n]) (+ out[m, n])`
+//! - W4A8: `out[m, n] = (Σ_g (Σ_{k∈g} x_q·(w_q − z_w)) as f32 · s_w[n, g]) · s_x[m] (+ bias[n])
+//!   (+ out[m, n])`
 //!
 //! in exactly this order of f32 operations, which the references follow too.
 //!
@@ -16,11 +19,14 @@
 //!
 //! `vpdpbusd` (and AVX2's `vpmaddubsw`) multiply unsigned by signed bytes. W8A8 feeds x + 128 as
 //! the unsigned side and subtracts 128·Σ_k w (precomputed per channel); W4A8 stores w + 8 in
-//! [0, 15], unsigned, and subtracts 8·Σ_{k∈g} x per token and group.
+//! [0, 15], unsigned, and subtracts (z_w + 8)·Σ_{k∈g} x per token, group (and channel, with
+//! zero points).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
+
+use super::ChannelSet;
 
 /// Output channels per packed block: one 64-byte line holds 4 k of each.
 const BLOCK: usize = 16;
@@ -166,35 +172,46 @@ impl I8Weight {
     }
 }
 
-/// An int4 weight `[n, k]` with one scale per group of `group` consecutive k of a channel,
+/// An int4 weight `[n, k]` with one scale (and, when asymmetric, one zero point) per group of
+/// `group` consecutive k of a channel, the last group shorter when `group` does not divide k;
 /// packed two values per byte for the kernels.
 #[derive(Clone)]
 pub struct I4Weight {
     n: usize,
     k: usize,
     group: usize,
+    /// Groups per channel: ⌈k/group⌉.
+    groups: usize,
     /// `[⌈n/16⌉ blocks][k/8][64 bytes]`: byte `4c + j` of line `u` holds channel c's
     /// `w_q + 8` at k = 8u + j in its low nibble and at k = 8u + 4 + j in its high nibble, so the
     /// two nibble planes are two VNNI lines. Zero-padded channels hold 0 (they are never stored).
     packed: Vec<Line>,
-    /// `[⌈n/16⌉ blocks][k/group][16 channels]`: one vector load per block and group.
+    /// `[⌈n/16⌉ blocks][groups][16 channels]`: one vector load per block and group.
     scales: Vec<f32>,
+    /// Zero points plus 8, in [0, 15], laid out as `scales` (asymmetric weights only).
+    zeros: Option<Vec<u8>>,
 }
 
 impl I4Weight {
-    /// `q` is row-major `[n, k]` in [-8, 7], `scales` is row-major `[n, k/group]`; `group` is a
-    /// multiple of 8 that divides k (32, 64 and 128 are the usual ones).
-    pub fn new(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Self {
+    /// `q` is row-major `[n, k]` in [-8, 7], `scales` and `zeros` (asymmetric weights, as the
+    /// quantizer stores them: shifted into [-8, 7], `ŵ = s·(q − z)`) are row-major
+    /// `[n, ⌈k/group⌉]`; `group` and k are multiples of 8 (32, 64 and 128 are the usual groups).
+    pub fn new(q: &[i8], scales: &[f32], zeros: Option<&[i8]>, n: usize, k: usize, group: usize) -> Self {
         assert!(group > 0 && group.is_multiple_of(8), "I4Weight: group={group} is not a multiple of 8");
-        assert_eq!(k % group, 0, "I4Weight: group={group} does not divide k={k}");
+        assert!(k.is_multiple_of(8), "I4Weight: k={k} is not a multiple of 8");
         assert_eq!(q.len(), n * k, "I4Weight: q is not [n={n}, k={k}]");
-        let groups = k / group;
+        let groups = k.div_ceil(group);
         assert_eq!(scales.len(), n * groups, "I4Weight: scales are not [n={n}, {groups}]");
         assert!(k <= MAX_K, "I4Weight: k={k} is over {MAX_K}");
         assert!(q.iter().all(|v| (-8..=7).contains(v)), "I4Weight: values must be in [-8, 7]");
+        if let Some(z) = zeros {
+            assert_eq!(z.len(), n * groups, "I4Weight: zeros are not [n={n}, {groups}]");
+            assert!(z.iter().all(|v| (-8..=7).contains(v)), "I4Weight: zeros must be in [-8, 7]");
+        }
         let (blocks, k8) = (n.div_ceil(BLOCK), k / 8);
         let mut packed = vec![Line([0; 64]); blocks * k8];
         let mut packed_scales = vec![0.0f32; blocks * groups * BLOCK];
+        let mut packed_zeros = zeros.map(|_| vec![0u8; blocks * groups * BLOCK]);
         for row in 0..n {
             let (block, c) = (row / BLOCK, row % BLOCK);
             for kk in 0..k {
@@ -204,9 +221,12 @@ impl I4Weight {
             }
             for g in 0..groups {
                 packed_scales[(block * groups + g) * BLOCK + c] = scales[row * groups + g];
+                if let (Some(packed), Some(zeros)) = (&mut packed_zeros, zeros) {
+                    packed[(block * groups + g) * BLOCK + c] = (zeros[row * groups + g] + 8) as u8;
+                }
             }
         }
-        Self { n, k, group, packed, scales: packed_scales }
+        Self { n, k, group, groups, packed, scales: packed_scales, zeros: packed_zeros }
     }
 
     pub fn n(&self) -> usize {
@@ -221,9 +241,9 @@ impl I4Weight {
         self.group
     }
 
-    /// Bytes held: packed values and scales.
+    /// Bytes held: packed values, scales and zero points.
     pub fn bytes(&self) -> usize {
-        self.packed.len() * 64 + self.scales.len() * 4
+        self.packed.len() * 64 + self.scales.len() * 4 + self.zeros.as_ref().map_or(0, Vec::len)
     }
 
     /// The values, row-major `[n, k]` in [-8, 7] (to serialize).
@@ -240,31 +260,56 @@ impl I4Weight {
         q
     }
 
-    /// The scales, row-major `[n, k/group]` (a copy: they are stored in the kernels' order).
+    /// Groups per channel: ⌈k/group⌉.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// The scales, row-major `[n, ⌈k/group⌉]` (a copy: they are stored in the kernels' order).
     pub fn scales(&self) -> Vec<f32> {
-        let groups = self.k / self.group;
-        let mut s = vec![0.0f32; self.n * groups];
+        self.unpack_groups(&self.scales, |&s| s)
+    }
+
+    /// The zero points of asymmetric weights, row-major `[n, ⌈k/group⌉]` in [-8, 7] (a copy);
+    /// `None` when symmetric.
+    pub fn zeros(&self) -> Option<Vec<i8>> {
+        self.zeros.as_ref().map(|z| self.unpack_groups(z, |&z| z as i8 - 8))
+    }
+
+    /// `[n, groups]` row-major from the kernels' `[blocks][groups][16]` order.
+    fn unpack_groups<T, U>(&self, packed: &[T], f: impl Fn(&T) -> U) -> Vec<U> {
+        let mut out = Vec::with_capacity(self.n * self.groups);
         for row in 0..self.n {
-            for g in 0..groups {
-                s[row * groups + g] = self.scales[(row / BLOCK * groups + g) * BLOCK + row % BLOCK];
+            for g in 0..self.groups {
+                out.push(f(&packed[(row / BLOCK * self.groups + g) * BLOCK + row % BLOCK]));
             }
         }
-        s
+        out
     }
 }
 
-/// Calls `$f::<MR, NB>(args)` for the run-time `mr` and `nb`, from the lists of those compiled.
+/// Calls `$f::<MR, NB>(args)` (or `$f::<MR, NB, EXTRA>(args)`) for the run-time `mr` and `nb`,
+/// from the lists of those compiled.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! tiles {
-    ($f:ident, $mr:expr, $nb:expr, [$($m:literal)*], $nbs:tt, $args:tt) => {
+    ($f:ident, $mr:expr, $nb:expr, $ms:tt, $nbs:tt, $args:tt) => {
+        tiles!($f, $mr, $nb, $ms, $nbs, $args, [])
+    };
+    ($f:ident, $mr:expr, $nb:expr, [$($m:literal)*], $nbs:tt, $args:tt, $extra:tt) => {
         match $mr {
-            $($m => tiles!(@nb $f, $m, $nb, $nbs, $args),)*
+            $($m => tiles!(@nb $f, $m, $nb, $nbs, $args, $extra),)*
             _ => unreachable!(),
         }
     };
-    (@nb $f:ident, $m:literal, $nb:expr, [$($n:literal)*], $args:tt) => {
+    (@nb $f:ident, $m:literal, $nb:expr, [$($n:literal)*], $args:tt, []) => {
         match $nb {
             $($n => $f::<$m, $n> $args,)*
+            _ => unreachable!(),
+        }
+    };
+    (@nb $f:ident, $m:literal, $nb:expr, [$($n:literal)*], $args:tt, $extra:tt) => {
+        match $nb {
+            $($n => $f::<$m, $n, $extra> $args,)*
             _ => unreachable!(),
         }
     };
@@ -277,45 +322,82 @@ pub fn quantize_rows_i8(x: &[f32], rows: usize, cols: usize, q: &mut [i8], scale
     assert_eq!(x.len(), rows * cols, "quantize_rows_i8: x is not [rows={rows}, cols={cols}]");
     assert_eq!(q.len(), rows * cols, "quantize_rows_i8: q is not [rows={rows}, cols={cols}]");
     assert_eq!(scales.len(), rows, "quantize_rows_i8: scales are not [rows={rows}]");
-    if rows == 0 || cols == 0 {
+    quantize_rows(x, cols, q, scales, None);
+}
+
+/// `quantize_rows_i8` of x with the channels of `skip` set to 0 (MixQ's outlier channels, whose
+/// product runs in f32), from each row's amax outside `skip`, which a scan of x has found.
+pub fn quantize_rows_i8_outside(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    amax: &[f32],
+    skip: &ChannelSet,
+    q: &mut [i8],
+    scales: &mut [f32],
+) {
+    assert_eq!(x.len(), rows * cols, "quantize_rows_i8_outside: x is not [rows={rows}, cols={cols}]");
+    assert_eq!(q.len(), rows * cols, "quantize_rows_i8_outside: q is not [rows={rows}, cols={cols}]");
+    assert_eq!(scales.len(), rows, "quantize_rows_i8_outside: scales are not [rows={rows}]");
+    assert_eq!(amax.len(), rows, "quantize_rows_i8_outside: amax is not [rows={rows}]");
+    assert_eq!(skip.channels(), cols, "quantize_rows_i8_outside: the set is not of {cols} channels");
+    quantize_rows(x, cols, q, scales, Some((amax, skip.mask())));
+}
+
+/// Both of the above: `given` is each row's amax and the mask of the channels kept.
+fn quantize_rows(x: &[f32], cols: usize, q: &mut [i8], scales: &mut [f32], given: Option<(&[f32], &[u32])>) {
+    if x.is_empty() {
         scales.fill(1.0);
         return;
     }
-    let quantize = |((x, q), s): ((&[f32], &mut [i8]), &mut f32)| {
+    let quantize = |r: usize, x: &[f32], q: &mut [i8], s: &mut f32| {
+        let given = given.map(|(amax, mask)| (amax[r], mask));
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU supports the features the function was compiled for.
-            return *s = unsafe { quantize_row_avx512(x, q) };
+            return *s = unsafe { quantize_row_avx512(x, q, given) };
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports the features the function was compiled for.
-            return *s = unsafe { quantize_row_avx2(x, q) };
+            return *s = unsafe { quantize_row_avx2(x, q, given) };
         }
-        *s = quantize_row(x, q);
+        *s = quantize_row(x, q, given);
     };
-    let rows_iter = x.par_chunks(cols).zip(q.par_chunks_mut(cols)).zip(scales.par_iter_mut());
+    let rows = scales.len();
+    let rows_iter = x.par_chunks(cols).zip(q.par_chunks_mut(cols)).zip(scales.par_iter_mut()).enumerate();
     if rows * cols < PARALLEL_MIN_WORK / 4 {
-        rows_iter.with_min_len(rows).for_each(quantize);
+        rows_iter.with_min_len(rows).for_each(|(r, ((x, q), s))| quantize(r, x, q, s));
     } else {
-        rows_iter.for_each(quantize);
+        rows_iter.for_each(|(r, ((x, q), s))| quantize(r, x, q, s));
     }
 }
 
+/// Quantizes a row with the scale of its amax, or of `given`'s amax with the channels outside
+/// `given`'s mask read as 0 (`bits(x) & mask`).
 #[inline(always)]
-fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+fn quantize_row(x: &[f32], q: &mut [i8], given: Option<(f32, &[u32])>) -> f32 {
+    let amax = match given {
+        Some((amax, _)) => amax,
+        None => x.iter().fold(0.0f32, |a, v| a.max(v.abs())),
+    };
     let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
     let inv = 1.0 / scale;
     // Adding and subtracting 1.5·2²³ rounds to an integer (ties to even) for |v| < 2²²; unlike
     // `round_ties_even` it vectorizes without SSE4.1.
     const ROUND: f32 = 12_582_912.0;
-    for (q, v) in q.iter_mut().zip(x) {
+    let quantize = |v: f32| {
         // `max`/`min` also map NaN into range (unlike `clamp`).
         #[allow(clippy::manual_clamp)]
         let r = (v * inv).max(-127.0).min(127.0) + ROUND - ROUND;
         // SAFETY: r is an integer in [-127, 127]. A checked `as` cast would not vectorize.
-        *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+        unsafe { r.to_int_unchecked::<i32>() as i8 }
+    };
+    match given {
+        None => q.iter_mut().zip(x).for_each(|(q, v)| *q = quantize(*v)),
+        Some((_, mask)) => {
+            q.iter_mut().zip(x).zip(mask).for_each(|((q, v), m)| *q = quantize(f32::from_bits(v.to_bits() & m)))
+        }
     }
     scale
 }
@@ -323,14 +405,14 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
 /// The same code with 512-bit vectors, whose narrowing `vpmovdb` packs i32 to i8 in one step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8]) -> f32 {
-    quantize_row(x, q)
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], given: Option<(f32, &[u32])>) -> f32 {
+    quantize_row(x, q, given)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8]) -> f32 {
-    quantize_row(x, q)
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], given: Option<(f32, &[u32])>) -> f32 {
+    quantize_row(x, q, given)
 }
 
 /// `out[m, n] = x_q[m, k] · w_q[n, k]ᵀ` in i32, the plain triple loop.
@@ -376,13 +458,14 @@ pub fn gemm_w8a8_reference(
 }
 
 /// What `gemm_w4a8` must compute, from unpacked values: `w_q` is `[n, k]` in [-8, 7],
-/// `w_scales` `[n, k/group]`.
+/// `w_scales` and `w_zeros` (asymmetric weights) `[n, ⌈k/group⌉]`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_w4a8_reference(
     x_q: &[i8],
     x_scales: &[f32],
     w_q: &[i8],
     w_scales: &[f32],
+    w_zeros: Option<&[i8]>,
     group: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
@@ -391,13 +474,14 @@ pub fn gemm_w4a8_reference(
     k: usize,
     accumulate: bool,
 ) {
-    let groups = k / group;
+    let groups = k.div_ceil(group);
     for i in 0..m {
         for j in 0..n {
             let mut v = 0.0f32;
             for g in 0..groups {
-                let range = g * group..(g + 1) * group;
-                let sum: i32 = range.map(|l| x_q[i * k + l] as i32 * w_q[j * k + l] as i32).sum();
+                let z = w_zeros.map_or(0, |z| z[j * groups + g] as i32);
+                let range = g * group..((g + 1) * group).min(k);
+                let sum: i32 = range.map(|l| x_q[i * k + l] as i32 * (w_q[j * k + l] as i32 - z)).sum();
                 v += sum as f32 * w_scales[j * groups + g];
             }
             v *= x_scales[i];
@@ -459,8 +543,8 @@ pub fn gemm_w8a8_with(
     });
 }
 
-/// `out[m, n] (=|+=) (Σ_g (x_q · w_qᵀ)_g[m, n] · s_w[n, g]) · s_x[m] (+ bias[n])`, with the best
-/// kernel the CPU has; shapes and `accumulate` as in `gemm_w8a8`.
+/// `out[m, n] (=|+=) (Σ_g (x_q · (w_q − z_w)ᵀ)_g[m, n] · s_w[n, g]) · s_x[m] (+ bias[n])`, with the
+/// best kernel the CPU has; shapes and `accumulate` as in `gemm_w8a8`.
 pub fn gemm_w4a8(
     x_q: &[i8],
     x_scales: &[f32],
@@ -491,19 +575,30 @@ pub fn gemm_w4a8_with(
         return;
     }
     // The SIMD kernels multiply u8 `w_q + 8` by i8 x: each group's sum is then too large by
-    // 8·Σ_{k∈g} x_q, subtracted before scaling.
-    let groups = k / w.group;
-    let offset: Vec<i32> = match kernel {
+    // (z_w + 8)·Σ_{k∈g} x_q, subtracted before scaling.
+    let x_sums: Vec<i32> = match kernel {
         IntKernel::Portable => Vec::new(),
-        _ => x_q.chunks_exact(w.group).map(|g| 8 * g.iter().map(|&v| v as i32).sum::<i32>()).collect(),
+        _ => x_q
+            .chunks_exact(k.max(1))
+            .flat_map(|row| row.chunks(w.group).map(|g| g.iter().map(|&v| v as i32).sum::<i32>()))
+            .collect(),
     };
-    let job = W4Job { x: x_q, offset: &offset, groups, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
+    let job = W4Job { x: x_q, x_sums: &x_sums, w, ep: Epilogue::new(x_scales, bias, out, n, accumulate) };
+    // Kernels with and without zero points are compiled apart, so the symmetric one stays as lean.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let zeros = w.zeros.is_some();
     for_each_tile(m, n.div_ceil(BLOCK), k, kernel.tile_w4(), |r0, mr, b0, nb| match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `gemm_w8a8_with`.
-        IntKernel::Avx512Vnni => unsafe { tiles!(w4_vnni, mr, nb, [1 2 3 4], [1 2 3 4], (&job, r0, b0)) },
+        // SAFETY: as in `gemm_w8a8_with`; the kernels' ZEROS says whether the weight has zeros.
+        IntKernel::Avx512Vnni if zeros => unsafe {
+            tiles!(w4_vnni, mr, nb, [1 2 3 4], [1 2 3 4], (&job, r0, b0), true)
+        },
         #[cfg(target_arch = "x86_64")]
-        IntKernel::Avx2 => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4], [1], (&job, r0, b0)) },
+        IntKernel::Avx512Vnni => unsafe { tiles!(w4_vnni, mr, nb, [1 2 3 4], [1 2 3 4], (&job, r0, b0), false) },
+        #[cfg(target_arch = "x86_64")]
+        IntKernel::Avx2 if zeros => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4], [1], (&job, r0, b0), true) },
+        #[cfg(target_arch = "x86_64")]
+        IntKernel::Avx2 => unsafe { tiles!(w4_avx2, mr, nb, [1 2 3 4], [1], (&job, r0, b0), false) },
         _ => w4_portable(&job, r0..r0 + mr, b0..b0 + nb),
     });
 }
@@ -635,10 +730,9 @@ struct W8Job<'a> {
 
 struct W4Job<'a> {
     x: &'a [i8],
-    /// `[m, groups]`: 8·Σ_{k∈g} x_q (SIMD kernels only).
+    /// `[m, groups]`: Σ_{k∈g} x_q (SIMD kernels only).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    offset: &'a [i32],
-    groups: usize,
+    x_sums: &'a [i32],
     w: &'a I4Weight,
     ep: Epilogue<'a>,
 }
@@ -673,17 +767,20 @@ fn w4_portable(job: &W4Job, rows: Range<usize>, blocks: Range<usize>) {
         for r in rows.clone() {
             let x = &job.x[r * k..(r + 1) * k];
             let mut v = [0.0f32; BLOCK];
-            for (g, (lines, x)) in lines.chunks_exact(lines_per_group).zip(x.chunks_exact(w.group)).enumerate() {
+            for (g, (lines, x)) in lines.chunks(lines_per_group).zip(x.chunks(w.group)).enumerate() {
+                let at = (b * w.groups + g) * BLOCK;
+                // What a stored nibble is above its value minus the zero point: z_w + 8.
+                let offset: [i32; BLOCK] = std::array::from_fn(|c| w.zeros.as_ref().map_or(8, |z| z[at + c] as i32));
                 let mut acc = [0i32; BLOCK];
                 for (line, x) in lines.iter().zip(x.chunks_exact(8)) {
-                    for (c, acc) in acc.iter_mut().enumerate() {
+                    for (c, (acc, &o)) in acc.iter_mut().zip(&offset).enumerate() {
                         for j in 0..4 {
                             let byte = line.0[4 * c + j];
-                            *acc += ((byte & 15) as i32 - 8) * x[j] as i32 + ((byte >> 4) as i32 - 8) * x[4 + j] as i32;
+                            *acc += ((byte & 15) as i32 - o) * x[j] as i32 + ((byte >> 4) as i32 - o) * x[4 + j] as i32;
                         }
                     }
                 }
-                let scales = &w.scales[(b * job.groups + g) * BLOCK..][..BLOCK];
+                let scales = &w.scales[at..][..BLOCK];
                 for c in 0..BLOCK {
                     v[c] += acc[c] as f32 * scales[c];
                 }
@@ -755,18 +852,23 @@ mod x86 {
     /// A W4A8 tile on AVX-512 VNNI. Each 64-byte line gives two VNNI lines (its nibble planes).
     ///
     /// # Safety
-    /// As for `w8_vnni`.
+    /// As for `w8_vnni`; `ZEROS` says whether the weight has zero points.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn w4_vnni<const MR: usize, const NB: usize>(job: &W4Job, r0: usize, b0: usize) {
+    pub(super) unsafe fn w4_vnni<const MR: usize, const NB: usize, const ZEROS: bool>(
+        job: &W4Job,
+        r0: usize,
+        b0: usize,
+    ) {
         let w = job.w;
         let (k, k8, lines_per_group) = (w.k, w.k / 8, w.group / 8);
         let lines = w.packed.as_ptr().add(b0 * k8);
         let x = job.x.as_ptr().add(r0 * k).cast::<u8>();
+        let zeros = w.zeros.as_deref().unwrap_or_default().as_ptr();
         let nibble = _mm512_set1_epi8(15);
         let mut sum = [[_mm512_setzero_ps(); NB]; MR];
-        for g in 0..job.groups {
+        for g in 0..w.groups {
             let mut acc = [[_mm512_setzero_si512(); NB]; MR];
-            for u in g * lines_per_group..(g + 1) * lines_per_group {
+            for u in g * lines_per_group..((g + 1) * lines_per_group).min(k8) {
                 let (mut lo, mut hi) = ([_mm512_setzero_si512(); NB], [_mm512_setzero_si512(); NB]);
                 for b in 0..NB {
                     let v = _mm512_load_si512(lines.add(b * k8 + u).cast());
@@ -781,14 +883,21 @@ mod x86 {
                     }
                 }
             }
-            let mut scale = [_mm512_setzero_ps(); NB];
-            for (b, scale) in scale.iter_mut().enumerate() {
-                *scale = _mm512_loadu_ps(w.scales.as_ptr().add(((b0 + b) * job.groups + g) * BLOCK));
+            let (mut scale, mut zero) = ([_mm512_setzero_ps(); NB], [_mm512_setzero_si512(); NB]);
+            for b in 0..NB {
+                let at = ((b0 + b) * w.groups + g) * BLOCK;
+                scale[b] = _mm512_loadu_ps(w.scales.as_ptr().add(at));
+                if ZEROS {
+                    zero[b] = _mm512_cvtepu8_epi32(_mm_loadu_si128(zeros.add(at).cast()));
+                }
             }
             for (r, (sum, acc)) in sum.iter_mut().zip(&acc).enumerate() {
-                let offset = _mm512_set1_epi32(*job.offset.get_unchecked((r0 + r) * job.groups + g));
+                let x_sum = *job.x_sums.get_unchecked((r0 + r) * w.groups + g);
+                let offset = _mm512_set1_epi32(8 * x_sum);
                 for b in 0..NB {
-                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[b], offset));
+                    // The sum's excess (z_w + 8)·Σx: the same for every channel when symmetric.
+                    let excess = if ZEROS { _mm512_mullo_epi32(zero[b], _mm512_set1_epi32(x_sum)) } else { offset };
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[b], excess));
                     sum[b] = _mm512_add_ps(sum[b], _mm512_mul_ps(v, scale[b]));
                 }
             }
@@ -893,18 +1002,23 @@ mod x86 {
     /// to 8 of them (32 k) add up in i16 before one widening `vpmaddwd`.
     ///
     /// # Safety
-    /// As for `w8_avx2`.
+    /// As for `w8_avx2`; `ZEROS` says whether the weight has zero points.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn w4_avx2<const MR: usize, const NB: usize>(job: &W4Job, r0: usize, b0: usize) {
+    pub(super) unsafe fn w4_avx2<const MR: usize, const NB: usize, const ZEROS: bool>(
+        job: &W4Job,
+        r0: usize,
+        b0: usize,
+    ) {
         let w = job.w;
         let (k, k8, lines_per_group) = (w.k, w.k / 8, w.group / 8);
         let lines = w.packed.as_ptr().add(b0 * k8);
         let x = job.x.as_ptr().add(r0 * k).cast::<u8>();
+        let zeros = w.zeros.as_deref().unwrap_or_default().as_ptr();
         let (nibble, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
         let mut sum = [[[_mm256_setzero_ps(); 2]; NB]; MR];
-        for g in 0..job.groups {
+        for g in 0..w.groups {
             let mut acc = [[[_mm256_setzero_si256(); 2]; NB]; MR];
-            let group = g * lines_per_group..(g + 1) * lines_per_group;
+            let group = g * lines_per_group..((g + 1) * lines_per_group).min(k8);
             for u0 in group.clone().step_by(4) {
                 let mut acc16 = [[[_mm256_setzero_si256(); 2]; NB]; MR];
                 for u in u0..(u0 + 4).min(group.end) {
@@ -940,11 +1054,20 @@ mod x86 {
                 }
             }
             for (r, (sum, acc)) in sum.iter_mut().zip(&acc).enumerate() {
-                let offset = _mm256_set1_epi32(*job.offset.get_unchecked((r0 + r) * job.groups + g));
+                let x_sum = *job.x_sums.get_unchecked((r0 + r) * w.groups + g);
+                let offset = _mm256_set1_epi32(8 * x_sum);
                 for b in 0..NB {
+                    let at = ((b0 + b) * w.groups + g) * BLOCK;
                     for h in 0..2 {
-                        let scale = _mm256_loadu_ps(w.scales.as_ptr().add(((b0 + b) * job.groups + g) * BLOCK + 8 * h));
-                        let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[b][h], offset));
+                        let scale = _mm256_loadu_ps(w.scales.as_ptr().add(at + 8 * h));
+                        // The sum's excess (z_w + 8)·Σx: the same for every channel when symmetric.
+                        let excess = if ZEROS {
+                            let zero = _mm256_cvtepu8_epi32(_mm_loadl_epi64(zeros.add(at + 8 * h).cast()));
+                            _mm256_mullo_epi32(zero, _mm256_set1_epi32(x_sum))
+                        } else {
+                            offset
+                        };
+                        let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[b][h], excess));
                         sum[b][h] = _mm256_add_ps(sum[b][h], _mm256_mul_ps(v, scale));
                     }
                 }

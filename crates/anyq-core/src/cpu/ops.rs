@@ -1,5 +1,7 @@
 //! Element-wise and row-wise kernels of a transformer block.
 
+use std::sync::Arc;
+
 /// `Σ a[i]·b[i]`, in 16 independent lanes so the compiler vectorizes it without reassociating.
 #[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
@@ -39,20 +41,254 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
     assert_eq!(x.len() % dim, 0, "rms_norm: rows are not of length {dim}");
     for row in x.chunks_exact_mut(dim) {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-        let inv_rms = 1.0 / (mean_square + eps).sqrt();
+        let inv_rms = inv_rms(row, eps);
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * inv_rms * w;
         }
     }
 }
 
+/// `1 / rms(row)`, the sum of squares in order (a reordered sum would change the model's output).
+#[inline(always)]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
 /// The SwiGLU gate, in place: `gate = silu(gate) · up`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "silu_mul: lengths differ");
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        *g = silu(*g) * u;
     }
+}
+
+#[inline(always)]
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// A set of input channels, held as the mask that the scan kernels read: 0 for a member, all
+/// ones otherwise, so `bits(x) & mask` is x outside the set and +0 on it. Clones share the mask
+/// (a layer hands it out with each `ScanRequest`); `insert` copies it only while it is shared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelSet {
+    mask: Arc<[u32]>,
+}
+
+impl ChannelSet {
+    /// The set of `members` (each below `channels`).
+    pub fn new(channels: usize, members: &[usize]) -> Self {
+        let mut set = Self { mask: vec![!0; channels].into() };
+        set.insert(members);
+        set
+    }
+
+    /// Channels in all, members or not.
+    pub fn channels(&self) -> usize {
+        self.mask.len()
+    }
+
+    /// Whether channel j is a member (false past the last channel).
+    pub fn contains(&self, j: usize) -> bool {
+        self.mask.get(j) == Some(&0)
+    }
+
+    /// Adds `members` (each below `channels`).
+    pub fn insert(&mut self, members: &[usize]) {
+        if members.is_empty() {
+            return;
+        }
+        let mask = Arc::make_mut(&mut self.mask);
+        for &j in members {
+            mask[j] = 0;
+        }
+    }
+
+    /// Per channel, 0 for a member and all ones otherwise.
+    pub(crate) fn mask(&self) -> &[u32] {
+        &self.mask
+    }
+}
+
+/// What a linear layer asks of its input x (`Linear::input_scan`), to be computed by the op
+/// that writes x in the same pass: per token, the largest |x| outside the set `skip` that does
+/// not exceed `threshold`, and the channels outside `skip` where some |x| exceeds it (MixQ: its
+/// outlier channels and the run-time outlier threshold).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScanRequest {
+    skip: ChannelSet,
+    threshold: f32,
+}
+
+impl ScanRequest {
+    /// `threshold` must be positive; +∞ asks for the plain amax outside `skip`.
+    pub fn new(skip: ChannelSet, threshold: f32) -> Self {
+        assert!(threshold > 0.0, "ScanRequest: threshold {threshold} is not positive");
+        Self { skip, threshold }
+    }
+
+    pub fn skip(&self) -> &ChannelSet {
+        &self.skip
+    }
+
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// The row length of the activation: `skip`'s channel count.
+    pub fn channels(&self) -> usize {
+        self.skip.channels()
+    }
+}
+
+/// The result of a `ScanRequest` on x (`[m, k]`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActivationScan {
+    /// `[m]`: per token, the largest |x_j| ≤ threshold over channels j outside the set (NaNs
+    /// ignored; 0 for a row with none).
+    pub amax: Vec<f32>,
+    /// Channels outside the set where some |x| exceeds the threshold: sorted, no duplicates.
+    pub outliers: Vec<usize>,
+}
+
+/// Clears the sign bit: `bits & ABS` is the bits of |x|. Bits of non-negative floats order as
+/// the floats do, with NaNs above +∞, so the kernels take their maxima on integers.
+const ABS: u32 = 0x7fff_ffff;
+
+/// Builds an `ActivationScan` row by row from each row's largest `bits(|x|) & mask`, which the
+/// kernels compute vectorized: only a row where that exceeds the threshold (rare: a new
+/// outlier, or a NaN) is read again to find the channels and the amax below the threshold.
+struct ScanBuilder<'a> {
+    request: &'a ScanRequest,
+    amax: Vec<f32>,
+    /// Per channel, whether some |x| exceeded the threshold; empty until one did.
+    over: Vec<bool>,
+}
+
+impl<'a> ScanBuilder<'a> {
+    fn new(request: &'a ScanRequest, rows: usize) -> Self {
+        Self { request, amax: Vec::with_capacity(rows), over: Vec::new() }
+    }
+
+    fn push(&mut self, row: &[f32], masked_amax: u32) {
+        let threshold = self.request.threshold;
+        if masked_amax <= threshold.to_bits() {
+            self.amax.push(f32::from_bits(masked_amax));
+            return;
+        }
+        if self.over.is_empty() {
+            self.over = vec![false; row.len()];
+        }
+        let mut amax = 0.0f32;
+        for ((v, m), over) in row.iter().zip(self.request.skip.mask()).zip(&mut self.over) {
+            let v = f32::from_bits(v.to_bits() & m & ABS);
+            if v > threshold {
+                *over = true;
+            } else {
+                amax = amax.max(v);
+            }
+        }
+        self.amax.push(amax);
+    }
+
+    fn finish(self) -> ActivationScan {
+        let outliers = self.over.iter().enumerate().filter_map(|(j, &o)| o.then_some(j)).collect();
+        ActivationScan { amax: self.amax, outliers }
+    }
+}
+
+#[inline(always)]
+fn masked_amax_portable(row: &[f32], mask: &[u32]) -> u32 {
+    row.iter().zip(mask).fold(0, |a, (v, m)| a.max(v.to_bits() & m & ABS))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn masked_amax_avx2(row: &[f32], mask: &[u32]) -> u32 {
+    masked_amax_portable(row, mask)
+}
+
+/// The largest `bits(|x|) & mask` of a row.
+fn masked_amax(row: &[f32], mask: &[u32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { masked_amax_avx2(row, mask) };
+    }
+    masked_amax_portable(row, mask)
+}
+
+/// `request` on x (`[m, request.channels()]`), for an activation whose producer did not scan it.
+pub fn scan_activations(x: &[f32], m: usize, request: &ScanRequest) -> ActivationScan {
+    let k = request.channels();
+    assert_eq!(x.len(), m * k, "scan_activations: x is not [m={m}, k={k}]");
+    let mut scan = ScanBuilder::new(request, m);
+    for row in (0..m).map(|r| &x[r * k..(r + 1) * k]) {
+        scan.push(row, masked_amax(row, request.skip.mask()));
+    }
+    scan.finish()
+}
+
+#[inline(always)]
+fn rms_norm_row_scanned_portable(row: &mut [f32], weight: &[f32], eps: f32, mask: &[u32]) -> u32 {
+    let inv_rms = inv_rms(row, eps);
+    let mut amax = 0;
+    for ((v, w), m) in row.iter_mut().zip(weight).zip(mask) {
+        *v = *v * inv_rms * w;
+        amax = amax.max(v.to_bits() & m & ABS);
+    }
+    amax
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rms_norm_row_scanned_avx2(row: &mut [f32], weight: &[f32], eps: f32, mask: &[u32]) -> u32 {
+    rms_norm_row_scanned_portable(row, weight, eps, mask)
+}
+
+/// RMSNorm of one row in place, returning the largest `bits(|x|) & mask` of its output.
+fn rms_norm_row_scanned(row: &mut [f32], weight: &[f32], eps: f32, mask: &[u32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { rms_norm_row_scanned_avx2(row, weight, eps, mask) };
+    }
+    rms_norm_row_scanned_portable(row, weight, eps, mask)
+}
+
+/// `rms_norm` that also computes `scan_activations(x, rows, request)` of its output, in the
+/// loop that writes it.
+pub fn rms_norm_scanned(x: &mut [f32], weight: &[f32], eps: f32, request: &ScanRequest) -> ActivationScan {
+    let dim = weight.len();
+    assert_eq!(x.len() % dim, 0, "rms_norm_scanned: rows are not of length {dim}");
+    assert_eq!(request.channels(), dim, "rms_norm_scanned: the request is for rows of {}", request.channels());
+    let mut scan = ScanBuilder::new(request, x.len() / dim);
+    for row in x.chunks_exact_mut(dim) {
+        let masked_amax = rms_norm_row_scanned(row, weight, eps, request.skip.mask());
+        scan.push(row, masked_amax);
+    }
+    scan.finish()
+}
+
+/// `silu_mul` that also computes `scan_activations` of its output (rows of
+/// `request.channels()`), in the loop that writes it. The loop calls `exp` per element, so the
+/// scan's mask and max add little to it.
+pub fn silu_mul_scanned(gate: &mut [f32], up: &[f32], request: &ScanRequest) -> ActivationScan {
+    let cols = request.channels();
+    assert_eq!(gate.len(), up.len(), "silu_mul_scanned: lengths differ");
+    assert_eq!(gate.len() % cols, 0, "silu_mul_scanned: rows are not of length {cols}");
+    let mask = request.skip.mask();
+    let mut scan = ScanBuilder::new(request, gate.len() / cols);
+    for (gate, up) in gate.chunks_exact_mut(cols).zip(up.chunks_exact(cols)) {
+        let mut amax = 0;
+        for ((g, u), m) in gate.iter_mut().zip(up).zip(mask) {
+            *g = silu(*g) * u;
+            amax = amax.max(g.to_bits() & m & ABS);
+        }
+        scan.push(gate, amax);
+    }
+    scan.finish()
 }
 
 /// `x += y` (the residual connection).
@@ -154,6 +390,7 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::XorShift;
 
     #[test]
     fn dot_matches_sum_on_all_lengths() {
@@ -173,6 +410,100 @@ mod tests {
             let rms = (row.iter().map(|v| v * v).sum::<f32>() / 3.0).sqrt();
             assert!((rms - 1.0).abs() < 1e-6);
         }
+    }
+
+    /// The scan as the plain loop that the vectorized kernels must reproduce exactly.
+    fn scan_reference(x: &[f32], m: usize, skip: &ChannelSet, threshold: f32) -> ActivationScan {
+        let k = skip.channels();
+        let mut amax = vec![0.0f32; m];
+        let mut over = vec![false; k];
+        for (r, a) in amax.iter_mut().enumerate() {
+            for (j, o) in over.iter_mut().enumerate().filter(|(j, _)| !skip.contains(*j)) {
+                let v = x[r * k + j].abs();
+                if v > threshold {
+                    *o = true;
+                } else {
+                    *a = a.max(v);
+                }
+            }
+        }
+        ActivationScan { amax, outliers: (0..k).filter(|&j| over[j]).collect() }
+    }
+
+    /// `[m, k]` values in [-1, 1), times 8 on every fifth channel of even rows, and the set of
+    /// every seventh channel: some large values are members, most are not, odd rows have none.
+    fn spiky(rng: &mut XorShift, m: usize, k: usize) -> (Vec<f32>, ChannelSet) {
+        let mut x = rng.floats(m * k);
+        for (_, v) in x.iter_mut().enumerate().filter(|(i, _)| i % k % 5 == 2 && (i / k).is_multiple_of(2)) {
+            *v *= 8.0;
+        }
+        let members: Vec<usize> = (0..k).filter(|j| j % 7 == 3).collect();
+        (x, ChannelSet::new(k, &members))
+    }
+
+    const SHAPES: [(usize, usize); 6] = [(1, 1), (3, 7), (2, 33), (5, 100), (4, 577), (1, 1536)];
+
+    #[test]
+    fn scan_matches_the_plain_loop() {
+        let mut rng = XorShift::new(3);
+        let mut crossings = 0;
+        for (m, k) in SHAPES {
+            for threshold in [2.0, 0.5, f32::INFINITY] {
+                let (mut x, skip) = spiky(&mut rng, m, k);
+                let request = ScanRequest::new(skip.clone(), threshold);
+                let scan = scan_activations(&x, m, &request);
+                assert_eq!(scan, scan_reference(&x, m, &skip, threshold), "m={m} k={k} t={threshold}");
+                crossings += scan.outliers.len();
+                // NaN is ignored; ±∞ exceeds any finite threshold.
+                x[0] = f32::NAN;
+                x[m * k - 1] = f32::NEG_INFINITY;
+                let scan = scan_activations(&x, m, &request);
+                assert_eq!(scan, scan_reference(&x, m, &skip, threshold), "m={m} k={k} t={threshold}, NaN, ∞");
+            }
+        }
+        assert!(crossings > 0, "the data must cross the threshold");
+        let none = ScanRequest::new(ChannelSet::new(4, &[]), 1.0);
+        assert_eq!(scan_activations(&[], 0, &none), ActivationScan::default());
+    }
+
+    #[test]
+    fn fused_producers_equal_the_plain_ops_then_a_scan() {
+        let mut rng = XorShift::new(4);
+        let mut crossings = 0;
+        for (m, k) in SHAPES {
+            for threshold in [2.0, 0.7] {
+                let (x, skip) = spiky(&mut rng, m, k);
+                let request = ScanRequest::new(skip, threshold);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+
+                let weight: Vec<f32> = rng.floats(k).iter().map(|w| 1.0 + w).collect();
+                let (mut plain, mut fused) = (x.clone(), x.clone());
+                rms_norm(&mut plain, &weight, 1e-5);
+                let scan = rms_norm_scanned(&mut fused, &weight, 1e-5, &request);
+                assert_eq!(bits(&fused), bits(&plain), "rms_norm m={m} k={k}");
+                assert_eq!(scan, scan_activations(&plain, m, &request), "rms_norm m={m} k={k} t={threshold}");
+                crossings += scan.outliers.len();
+
+                let up: Vec<f32> = rng.floats(m * k).iter().map(|u| 2.0 * u).collect();
+                let (mut plain, mut fused) = (x.clone(), x);
+                silu_mul(&mut plain, &up);
+                let scan = silu_mul_scanned(&mut fused, &up, &request);
+                assert_eq!(bits(&fused), bits(&plain), "silu_mul m={m} k={k}");
+                assert_eq!(scan, scan_activations(&plain, m, &request), "silu_mul m={m} k={k} t={threshold}");
+                crossings += scan.outliers.len();
+            }
+        }
+        assert!(crossings > 0, "the outputs must cross the threshold");
+    }
+
+    #[test]
+    fn channel_sets_copy_a_shared_mask_on_insert() {
+        let mut set = ChannelSet::new(6, &[4, 1]);
+        let shared = set.clone();
+        set.insert(&[2]);
+        assert_eq!((0..7).filter(|&j| set.contains(j)).collect::<Vec<_>>(), [1, 2, 4]);
+        assert_eq!((0..7).filter(|&j| shared.contains(j)).collect::<Vec<_>>(), [1, 4]);
+        assert_ne!(set, shared);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod gguf_meta;
 pub mod safetensors;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyq_core::Tensor;
@@ -178,7 +179,15 @@ fn load_hf_folder(dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<LoadedM
         path: config_path.clone(),
         message: format!("quantization_config: {message}"),
     })?;
-    let weights = safetensors::SafetensorsWeights::open_folder(dir)?;
+    let mut ggml_types = HashMap::new();
+    for (name, ty) in quantization.iter().flat_map(|q| &q.ggml_tensors) {
+        let ggml_type = GgmlType::from_name(ty).ok_or_else(|| LoadError::Format {
+            path: config_path.clone(),
+            message: format!("quantization_config: tensor {name} has unknown GGML type {ty:?}"),
+        })?;
+        ggml_types.insert(name.clone(), ggml_type);
+    }
+    let weights = safetensors::SafetensorsWeights::open_folder(dir)?.with_ggml_types(ggml_types);
     let tokenizer = crate::tokenizer::tokenizer_from_hf_folder(dir)?;
     let model = LlamaModel::load(config, &weights, method.as_deref(), progress)?;
     Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf(), quantization })

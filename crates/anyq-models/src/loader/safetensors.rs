@@ -7,18 +7,21 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyq_core::Tensor;
+use anyq_quant::ggml::GgmlType;
 use anyq_quant::layer_arrays::{Array, ArrayData, LayerArrays};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::WeightSource;
+use super::{StoredTensor, WeightSource};
 use crate::error::LoadError;
 
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, Mmap)>,
     /// tensor name → index into `files`
     index: HashMap<String, usize>,
+    /// Tensors stored as GGML blocks (U8 `[rows, bytes per row]`), by name.
+    ggml_types: HashMap<String, GgmlType>,
 }
 
 impl SafetensorsWeights {
@@ -52,7 +55,13 @@ impl SafetensorsWeights {
             }
             files.push((path, mmap));
         }
-        Ok(Self { files, index })
+        Ok(Self { files, index, ggml_types: HashMap::new() })
+    }
+
+    /// Declares tensors that hold GGML blocks (a quantized checkpoint's `ggml_tensors`).
+    pub fn with_ggml_types(mut self, types: HashMap<String, GgmlType>) -> Self {
+        self.ggml_types = types;
+        self
     }
 }
 
@@ -88,12 +97,30 @@ impl SafetensorsWeights {
 
 impl WeightSource for SafetensorsWeights {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>, LoadError> {
-        let Some(array) = self.array(name)? else { return Ok(None) };
         let err = |message: String| LoadError::Tensor { path: self.source_path(), tensor: name.to_string(), message };
+        if let Some(stored) = self.stored(name) {
+            let mut data = vec![0.0; stored.shape.iter().product()];
+            stored.ggml_type.dequantize(stored.bytes, &mut data).map_err(|e| err(e.to_string()))?;
+            return Tensor::new(stored.shape, data).map(Some).map_err(|e| err(e.to_string()));
+        }
+        let Some(array) = self.array(name)? else { return Ok(None) };
         match array.data {
             ArrayData::F32(data) => Tensor::new(array.shape, data).map(Some).map_err(|e| err(e.to_string())),
             other => Err(err(format!("dtype {} where a float tensor belongs", other.dtype()))),
         }
+    }
+
+    /// GGML blocks declared by `with_ggml_types`, if the tensor is a U8 matrix of whole blocks.
+    fn stored(&self, name: &str) -> Option<StoredTensor<'_>> {
+        let ggml_type = *self.ggml_types.get(name)?;
+        let (_, mmap) = &self.files[*self.index.get(name)?];
+        let view = SafeTensors::deserialize(mmap).ok()?.tensor(name).ok()?;
+        let &[rows, row_bytes] = view.shape() else { return None };
+        if view.dtype() != Dtype::U8 || row_bytes % ggml_type.type_size() != 0 {
+            return None;
+        }
+        let shape = vec![rows, row_bytes / ggml_type.type_size() * ggml_type.block_size()];
+        Some(StoredTensor { ggml_type, shape, bytes: view.data() })
     }
 
     fn source_path(&self) -> PathBuf {

@@ -1,8 +1,8 @@
 //! Linear layers whose activations are quantized too (W8A8, W4A8): per-token symmetric int8
-//! activations times int8 weights (per-channel scales) or int4 weights (per-group scales) on
-//! the integer kernels of `anyq_core::cpu::int8`. An optional per-input-channel smoothing
-//! vector s (SmoothQuant) is folded into the weight, `W·diag(s)`, and divided out of x before
-//! x is quantized.
+//! activations times int8 weights (per-channel scales) or int4 weights (per-group scales and
+//! zero points) on the integer kernels of `anyq_core::cpu::int8`. An optional per-input-channel
+//! smoothing vector s (SmoothQuant) is folded into the weight, `W·diag(s)`, and divided out of x
+//! before x is quantized.
 
 use anyq_core::cpu::int8::quantize_rows_i8;
 use anyq_core::Linear;
@@ -21,8 +21,8 @@ pub struct ActQuantLinear {
 }
 
 impl ActQuantLinear {
-    /// Quantizes `w` (`[n, k]`) symmetrically: 8 bits per output channel (`group = None`) or 4
-    /// bits per group of `group` inputs; `smooth` (`[k]`) scales input channels first.
+    /// Quantizes `w` (`[n, k]`) as `IntWeight::quantize` does (8 bits per output channel, or 4
+    /// bits per group of `group` inputs); `smooth` (`[k]`) scales input channels first.
     pub fn new(
         w: &[f32],
         n: usize,

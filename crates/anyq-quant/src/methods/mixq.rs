@@ -8,10 +8,14 @@
 //!   channels stay within a few times the median while outlier channels reach tens of times it.
 //!   The cap bounds the f32 product, `m·n·n_outliers` multiply-adds beside the integer `m·n·k`.
 //! - The outlier set is sorted: its columns of x are gathered in order into a small dense
-//!   `[m, n_outliers]` matrix, and the matching f32 weight columns are kept as `[n, n_outliers]`.
+//!   `[m, n_outliers]` matrix, and the matching f32 weight columns are kept as `[n_outliers, n]`,
+//!   each column contiguous for the thin product (`matmul_small_k`).
 //! - The integer product covers the other channels: outlier channels are left out of the
 //!   per-token amax and zeroed in the int8 activations, so the integer weight stays the whole
 //!   quantized weight of all columns.
+//! - The per-token amax and the new outliers below come from one scan of x, which the op that
+//!   writes x (RMSNorm, the SwiGLU product) computes in the same pass when the model asks the
+//!   layer's `input_scan`; otherwise `forward` scans x itself.
 //! - Locality: outlier channels recur from token to token, so a channel that exceeds the
 //!   absolute threshold `T · median` at run time joins the set for good (its f32 column is the
 //!   dequantized integer column, the original weight being gone). `outlier_stats` counts how
@@ -20,14 +24,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use anyq_core::cpu::matmul_xwt;
+use anyq_core::cpu::int8::quantize_rows_i8_outside;
+use anyq_core::cpu::{matmul_small_k, scan_activations, ActivationScan, ChannelSet, ScanRequest};
 use anyq_core::Linear;
 
 use super::int_weight::IntWeight;
 use super::{own_layer, LayerToQuantize, MethodError, QuantMethod};
+use crate::gptq::{gptq, GptqOptions};
 use crate::layer_arrays::{ArrayError, LayerArrays};
 
-pub const SYNTAX: &str = "mixq-w8a8[-t{threshold}] | mixq-w4a8-g{group}[-t{threshold}]";
+pub const SYNTAX: &str = "mixq-w8a8[-t{threshold}][-gptq] | mixq-w4a8-g{group}[-t{threshold}][-gptq]";
 /// Outlier threshold, as a multiple of the median channel's calibration abs max.
 pub const DEFAULT_THRESHOLD: f32 = 8.0;
 /// Largest share of input channels that calibration may mark as outliers.
@@ -40,9 +46,12 @@ pub struct MixQ {
     /// `None`: 8-bit weights per output channel; `Some(g)`: 4-bit weights in groups of g.
     group: Option<usize>,
     threshold: f32,
+    /// Integers by GPTQ, the outlier columns kept in f32 absorbing the rounding error.
+    gptq: bool,
 }
 
-/// `mixq-w8a8`, `mixq-w4a8-g128`, optionally followed by `-t{threshold}` (e.g. `-t6`).
+/// `mixq-w8a8`, `mixq-w4a8-g128`, optionally followed by `-t{threshold}` (e.g. `-t6`) and
+/// `-gptq`.
 pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
     Ok(Box::new(MixQ::from_name(name)?))
 }
@@ -64,6 +73,10 @@ impl MixQ {
         } else {
             return Err(invalid(format!("expected {SYNTAX}")));
         };
+        let (rest, gptq) = match rest.strip_suffix("-gptq") {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
         let threshold = match rest.strip_prefix("-t") {
             Some(t) => t.parse().map_err(|_| invalid(format!("threshold {t:?} is not a number")))?,
             None if rest.is_empty() => DEFAULT_THRESHOLD,
@@ -72,7 +85,7 @@ impl MixQ {
         if !(threshold.is_finite() && threshold > 0.0) {
             return Err(invalid(format!("threshold {threshold} must be a positive number")));
         }
-        Ok(MixQ { group, threshold })
+        Ok(MixQ { group, threshold, gptq })
     }
 
     /// `quantize`, returning the layer's own type (for `outlier_stats`).
@@ -85,7 +98,11 @@ impl MixQ {
         }
         let (channels, abs_threshold) =
             calibration_outliers(stats.abs_max(), self.threshold, MAX_CALIBRATION_FRACTION).map_err(invalid)?;
-        MixQLinear::new(layer, self.group, &channels, abs_threshold)
+        let hessian = match self.gptq {
+            true => Some(stats.hessian().ok_or_else(|| MethodError::NeedsCalibration(self.name()))?),
+            false => None,
+        };
+        MixQLinear::new(layer, self.group, &channels, abs_threshold, hessian)
     }
 }
 
@@ -95,11 +112,11 @@ impl QuantMethod for MixQ {
             None => "mixq-w8a8".to_string(),
             Some(g) => format!("mixq-w4a8-g{g}"),
         };
-        if self.threshold == DEFAULT_THRESHOLD {
-            base
-        } else {
-            format!("{base}-t{}", self.threshold)
-        }
+        let threshold = match self.threshold == DEFAULT_THRESHOLD {
+            true => String::new(),
+            false => format!("-t{}", self.threshold),
+        };
+        format!("{base}{threshold}{}", if self.gptq { "-gptq" } else { "" })
     }
 
     fn bits(&self) -> (u8, u8) {
@@ -108,6 +125,10 @@ impl QuantMethod for MixQ {
 
     fn needs_calibration(&self) -> bool {
         true
+    }
+
+    fn needs_hessian(&self) -> bool {
+        self.gptq
     }
 
     fn group_size(&self) -> Option<usize> {
@@ -158,27 +179,26 @@ pub fn calibration_outliers(abs_max: &[f32], threshold: f32, max_fraction: f64) 
 #[derive(Clone, Debug)]
 pub struct OutlierSet {
     channels: Vec<usize>,
-    /// `[n, channels.len()]`: column c is the weight column of `channels[c]`.
+    /// `[channels.len(), n]`: row c is the weight column of `channels[c]`.
     weight: Vec<f32>,
     n: usize,
-    /// `[k]`: whether channel j is in the set (the per-element test of the activation scan).
-    member: Vec<bool>,
+    /// The same channels as the mask that scans and quantization of x read.
+    member: ChannelSet,
 }
 
 impl OutlierSet {
     /// The set of `channels` (any order, no duplicates, each < k) with their columns taken from
     /// `w` (`[n, k]`).
     pub fn new(channels: &[usize], w: &[f32], n: usize, k: usize) -> Self {
-        let mut set = Self { channels: Vec::new(), weight: Vec::new(), n, member: vec![false; k] };
+        let mut set = Self { channels: Vec::new(), weight: Vec::new(), n, member: ChannelSet::new(k, &[]) };
         set.insert(channels, |row, j| w[row * k + j]);
         set
     }
 
     /// The set of `channels` (increasing, each < k) whose columns `weight` (`[n, len]`) holds.
     fn from_columns(channels: &[usize], weight: Vec<f32>, n: usize, k: usize) -> Self {
-        let mut member = vec![false; k];
-        channels.iter().for_each(|&j| member[j] = true);
-        Self { channels: channels.to_vec(), weight, n, member }
+        let weight = transpose(&weight, n, channels.len());
+        Self { channels: channels.to_vec(), weight, n, member: ChannelSet::new(k, channels) }
     }
 
     /// The channels, in increasing order.
@@ -195,17 +215,17 @@ impl OutlierSet {
     }
 
     pub fn contains(&self, j: usize) -> bool {
-        self.member.get(j).copied().unwrap_or(false)
+        self.member.contains(j)
     }
 
     /// The f32 weight columns `[n, len]`, in the order of `channels`.
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
+    pub fn weight(&self) -> Vec<f32> {
+        transpose(&self.weight, self.len(), self.n)
     }
 
     /// The set's columns of `x` (`[m, k]`), in order: a dense `[m, len]` matrix.
     pub fn gather(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let k = self.member.len();
+        let k = self.member.channels();
         let mut out = Vec::with_capacity(m * self.len());
         for row in x.chunks_exact(k.max(1)).take(m) {
             out.extend(self.channels.iter().map(|&j| row[j]));
@@ -215,7 +235,7 @@ impl OutlierSet {
 
     /// Adds the channels not yet in the set, each column from `column(row, j)`, keeping the order.
     fn insert(&mut self, new: &[usize], column: impl Fn(usize, usize) -> f32) -> usize {
-        let mut new: Vec<usize> = new.iter().copied().filter(|&j| !self.member[j]).collect();
+        let mut new: Vec<usize> = new.iter().copied().filter(|&j| !self.member.contains(j)).collect();
         new.sort_unstable();
         new.dedup();
         if new.is_empty() {
@@ -237,17 +257,14 @@ impl OutlierSet {
                 b += 1;
             }
         }
-        let width = old.len();
         let mut weight = Vec::with_capacity(self.n * merged.len());
-        for row in 0..self.n {
-            weight.extend(sources.iter().map(|s| match *s {
-                Ok(c) => self.weight[row * width + c],
-                Err(j) => column(row, j),
-            }));
+        for source in sources {
+            match source {
+                Ok(c) => weight.extend_from_slice(&self.weight[c * self.n..(c + 1) * self.n]),
+                Err(j) => weight.extend((0..self.n).map(|row| column(row, j))),
+            }
         }
-        for &j in &new {
-            self.member[j] = true;
-        }
+        self.member.insert(&new);
         self.channels = merged;
         self.weight = weight;
         new.len()
@@ -265,16 +282,6 @@ pub struct OutlierStats {
     pub calls_with_new_outliers: u64,
     /// Calls that saw outliers the full set could not take (quantized with the rest).
     pub calls_over_cap: u64,
-}
-
-/// One pass over the activations: per-token amax of the channels outside the set, and the
-/// channels outside the set whose |x| exceeds the threshold (left out of the amax).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ActivationScan {
-    /// `[m]`: `max |x_j|` over channels j neither in the set nor in `new_outliers`.
-    pub amax: Vec<f32>,
-    /// New outlier channels, sorted, without duplicates.
-    pub new_outliers: Vec<usize>,
 }
 
 pub struct MixQLinear {
@@ -300,6 +307,7 @@ impl MixQLinear {
         group: Option<usize>,
         outliers: &[usize],
         abs_threshold: f32,
+        gptq_hessian: Option<&[f64]>,
     ) -> Result<Self, MethodError> {
         let (n, k, w) = (layer.out_features, layer.in_features, layer.weight);
         let invalid = |message: String| MethodError::Invalid { name: "mixq".into(), message };
@@ -315,8 +323,19 @@ impl MixQLinear {
         if !(abs_threshold.is_finite() && abs_threshold > 0.0) {
             return Err(invalid(format!("outlier threshold {abs_threshold} must be positive")));
         }
-        let weight = IntWeight::quantize(w, n, k, group)?;
-        let set = OutlierSet::new(outliers, w, n, k);
+        let (weight, set) = match gptq_hessian {
+            None => (IntWeight::quantize(w, n, k, group)?, OutlierSet::new(outliers, w, n, k)),
+            Some(h) => {
+                let mut outliers = outliers.to_vec();
+                outliers.sort_unstable();
+                outliers.dedup();
+                let spec = IntWeight::spec(k, group)?;
+                let result =
+                    gptq(w, n, k, h, &spec, GptqOptions::default(), &outliers).map_err(|e| invalid(e.to_string()))?;
+                let set = OutlierSet::from_columns(&outliers, result.float_columns, n, k);
+                (IntWeight::from_quantized(&result.quantized), set)
+            }
+        };
         Ok(Self::from_parts(weight, set, abs_threshold, layer.bias.map(<[f32]>::to_vec), n, k))
     }
 
@@ -352,7 +371,7 @@ impl MixQLinear {
         let mut arrays = LayerArrays::new();
         self.weight.save(&mut arrays);
         arrays.put_i32("outlier_channels", vec![set.len()], set.channels.iter().map(|&j| j as i32).collect());
-        arrays.put_f32("outlier_weight", vec![n, set.len()], set.weight.clone());
+        arrays.put_f32("outlier_weight", vec![n, set.len()], set.weight());
         arrays.put_f32("outlier_threshold", vec![1], vec![self.abs_threshold]);
         if let Some(bias) = &self.bias {
             arrays.put_f32("bias", vec![n], bias.clone());
@@ -409,17 +428,15 @@ impl MixQLinear {
         self.outliers.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The one pass over `x` (`[m, k]`) against the current set. A producer of x (RMSNorm) can
-    /// build the same scan itself from `outlier_set().contains` and `abs_threshold` while it
-    /// writes x; a set that grows in between only makes the amax conservative.
-    pub fn scan(&self, x: &[f32], m: usize) -> ActivationScan {
-        let set = self.read_set();
-        scan_activations(x, m, self.in_features, &set.member, self.abs_threshold)
+    /// The scan of x that `forward` needs: amax outside the current set, and new outliers. A set
+    /// that grows between the scan and `forward_with_scan` only makes the amax conservative.
+    fn scan_request(&self) -> ScanRequest {
+        ScanRequest::new(self.read_set().member.clone(), self.abs_threshold)
     }
 
-    /// `forward` from a precomputed `scan` of x: adds its new outliers to the set, then runs the
-    /// f32 product of the set's columns and adds the integer product of the rest onto it.
-    pub fn forward_with_scan(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
+    /// `forward` from a `scan` of x for `scan_request`: adds its new outliers to the set, then
+    /// runs the f32 product of the set's columns and adds the integer product of the rest onto it.
+    fn forward_with_scan(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         assert_eq!(x.len(), m * k, "MixQLinear: x is not [m={m}, k={k}]");
         assert_eq!(out.len(), m * n, "MixQLinear: out is not [m={m}, n={n}]");
@@ -431,31 +448,28 @@ impl MixQLinear {
         // Readers share the lock; only a call that meets a new outlier takes it for writing.
         let fresh = {
             let set = self.read_set();
-            scan.new_outliers.iter().any(|&j| !set.contains(j))
+            scan.outliers.iter().any(|&j| !set.contains(j))
         };
         if fresh {
-            self.add_outliers(&scan.new_outliers);
+            self.add_outliers(&scan.outliers);
         }
         let set = self.read_set();
-        let dropped = scan.new_outliers.iter().any(|&j| !set.contains(j));
+        let dropped = scan.outliers.iter().any(|&j| !set.contains(j));
         let recomputed;
         let amax = if dropped {
             // The set is full: channels it could not take are quantized with the rest, so the
             // amax must cover them (rare; a second pass).
             self.calls_over_cap.fetch_add(1, Ordering::Relaxed);
-            recomputed = amax_outside(x, k, &set.member);
+            recomputed = scan_activations(x, m, &ScanRequest::new(set.member.clone(), f32::INFINITY)).amax;
             &recomputed
         } else {
             &scan.amax
         };
-        // f32 product of the outlier columns, then the integer product added in its epilogue.
-        if set.is_empty() {
-            out.fill(0.0);
-        } else {
-            let x_out = set.gather(x, m);
-            matmul_xwt(&x_out, &set.weight, out, m, n, set.len());
-        }
-        let (x_q, x_scales) = quantize_outside(x, k, amax, &set.member);
+        // f32 product of the outlier columns (0 for none), then the integer product added in its
+        // epilogue.
+        matmul_small_k(&set.gather(x, m), &set.weight, out, m, n, set.len());
+        let (mut x_q, mut x_scales) = (vec![0i8; m * k], vec![0.0f32; m]);
+        quantize_rows_i8_outside(x, m, k, amax, &set.member, &mut x_q, &mut x_scales);
         self.weight.gemm(&x_q, &x_scales, self.bias.as_deref(), out, m, true);
     }
 
@@ -477,54 +491,9 @@ impl MixQLinear {
     }
 }
 
-/// In one pass: per-token amax of the channels outside `member` whose |x| is at most
-/// `abs_threshold`, and the channels outside `member` where some |x| exceeds it.
-fn scan_activations(x: &[f32], m: usize, k: usize, member: &[bool], abs_threshold: f32) -> ActivationScan {
-    let mut amax = vec![0.0f32; m];
-    let mut seen = vec![false; k];
-    for (row, a) in x.chunks_exact(k.max(1)).zip(&mut amax) {
-        for ((v, &is_out), s) in row.iter().zip(member).zip(&mut seen) {
-            let v = v.abs();
-            if is_out {
-                continue;
-            }
-            if v > abs_threshold {
-                *s = true;
-            } else {
-                *a = a.max(v);
-            }
-        }
-    }
-    let new_outliers = (0..k).filter(|&j| seen[j]).collect();
-    ActivationScan { amax, new_outliers }
-}
-
-/// Per-token amax of the channels outside `member`.
-fn amax_outside(x: &[f32], k: usize, member: &[bool]) -> Vec<f32> {
-    x.chunks_exact(k.max(1))
-        .map(|row| row.iter().zip(member).filter(|(_, &o)| !o).fold(0.0f32, |a, (v, _)| a.max(v.abs())))
-        .collect()
-}
-
-/// Per-token symmetric int8 activations with the scale `amax/127` (1 for an all-zero row), as
-/// `quantize_rows_i8` rounds them; the set's channels are 0.
-fn quantize_outside(x: &[f32], k: usize, amax: &[f32], member: &[bool]) -> (Vec<i8>, Vec<f32>) {
-    let mut q = vec![0i8; x.len()];
-    let mut scales = Vec::with_capacity(amax.len());
-    // Adding and subtracting 1.5·2²³ rounds to an integer, ties to even (as `quantize_rows_i8`).
-    const ROUND: f32 = 12_582_912.0;
-    for ((row, q), &a) in x.chunks_exact(k.max(1)).zip(q.chunks_exact_mut(k.max(1))).zip(amax) {
-        let scale = if a > 0.0 { a / 127.0 } else { 1.0 };
-        let inv = 1.0 / scale;
-        for ((q, v), &is_out) in q.iter_mut().zip(row).zip(member) {
-            // `max`/`min` also map NaN into range (unlike `clamp`).
-            #[allow(clippy::manual_clamp)]
-            let r = (v * inv).max(-127.0).min(127.0) + ROUND - ROUND;
-            *q = if is_out { 0 } else { r as i8 };
-        }
-        scales.push(scale);
-    }
-    (q, scales)
+/// `a` (`[rows, cols]`) transposed.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|i| a[(i % rows) * cols + i / rows]).collect()
 }
 
 impl Linear for MixQLinear {
@@ -538,8 +507,16 @@ impl Linear for MixQLinear {
 
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.in_features, "MixQLinear: x is not [m={m}, k={}]", self.in_features);
-        let scan = self.scan(x, m);
+        let scan = scan_activations(x, m, &self.scan_request());
         self.forward_with_scan(x, m, &scan, out);
+    }
+
+    fn input_scan(&self) -> Option<ScanRequest> {
+        Some(self.scan_request())
+    }
+
+    fn forward_scanned(&self, x: &[f32], m: usize, scan: &ActivationScan, out: &mut [f32]) {
+        self.forward_with_scan(x, m, scan, out);
     }
 
     fn weight_bytes(&self) -> usize {
@@ -560,8 +537,8 @@ impl Linear for MixQLinear {
         let k = self.in_features;
         let mut w = self.weight.dequantize(k);
         let set = self.read_set();
-        for (row, cols) in w.chunks_exact_mut(k.max(1)).zip(set.weight.chunks_exact(set.len().max(1))) {
-            for (&j, &v) in set.channels.iter().zip(cols) {
+        for (&j, column) in set.channels.iter().zip(set.weight.chunks_exact(set.n.max(1))) {
+            for (row, &v) in w.chunks_exact_mut(k.max(1)).zip(column) {
                 row[j] = v;
             }
         }

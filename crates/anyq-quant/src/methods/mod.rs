@@ -4,6 +4,7 @@
 //! is one file and one row in `METHODS`.
 
 pub mod act_quant;
+pub mod gptq;
 pub mod int_weight;
 pub mod mixq;
 pub mod rtn;
@@ -50,6 +51,10 @@ pub trait QuantMethod: Send + Sync {
     fn needs_calibration(&self) -> bool {
         false
     }
+    /// Calibration must gather each input's `XᵀX` (GPTQ).
+    fn needs_hessian(&self) -> bool {
+        false
+    }
     /// Weights are in groups of this many inputs (`None`: one scale per output channel).
     fn group_size(&self) -> Option<usize> {
         None
@@ -91,6 +96,7 @@ struct MethodFamily {
 
 const METHODS: &[MethodFamily] = &[
     MethodFamily { prefix: "rtn-", syntax: rtn::SYNTAX, parse: rtn::parse },
+    MethodFamily { prefix: "gptq-", syntax: gptq::SYNTAX, parse: gptq::parse },
     MethodFamily { prefix: "smoothquant-", syntax: smoothquant::SYNTAX, parse: smoothquant::parse },
     MethodFamily { prefix: "mixq-", syntax: mixq::SYNTAX, parse: mixq::parse },
 ];

@@ -14,7 +14,7 @@ use super::{check_scales, own_layer, LayerToQuantize, MethodError, QuantMethod};
 use crate::dequant_matmul::{panel_gemm, row_gemv, RowDequantize};
 use crate::layer_arrays::{ArrayError, LayerArrays};
 use crate::packing::{pack, packed_len, unpack_into};
-use crate::quantizer::{quantize, Granularity, QuantSpec, ScaleSearch};
+use crate::quantizer::{quantize, Granularity, QuantSpec, QuantizedMatrix, ScaleSearch};
 
 pub const SYNTAX: &str = "rtn-w{2..8}a16[-g{group}][-bb] | rtn-w8a8 | rtn-w4a8-g{group}";
 
@@ -53,7 +53,7 @@ pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
         }
     }
     let spec = QuantSpec { bits, symmetric: bit_balance, bit_balance, granularity, search: ScaleSearch::MinMax };
-    spec.validate(spec_cols(&spec)).map_err(|e| invalid(&e.to_string()))?;
+    spec.validate().map_err(|e| invalid(&e.to_string()))?;
     Ok(Box::new(Rtn { spec }))
 }
 
@@ -92,14 +92,6 @@ impl QuantMethod for RtnA8 {
     }
 }
 
-/// A column count that any valid group size divides, to validate a spec before seeing a layer.
-fn spec_cols(spec: &QuantSpec) -> usize {
-    match spec.granularity {
-        Granularity::PerGroup(g) => g,
-        _ => 1,
-    }
-}
-
 impl QuantMethod for Rtn {
     fn name(&self) -> String {
         let group = match self.spec.granularity {
@@ -121,16 +113,8 @@ impl QuantMethod for Rtn {
     }
 
     fn quantize(&self, layer: &LayerToQuantize) -> Result<Box<dyn Linear>, MethodError> {
-        let (n, k) = (layer.out_features, layer.in_features);
-        let q = quantize(layer.weight, n, k, &self.spec)?;
-        let bits = self.spec.storage_bits();
-        let mut packed = Vec::with_capacity(n * packed_len(k, bits));
-        for row in q.values.chunks_exact(k.max(1)) {
-            packed.extend(pack(row, bits).expect("quantized values fit their storage bits"));
-        }
-        // Zero points lie in [qmin, qmax] of at most 8 bits.
-        let zeros = q.zeros.iter().map(|&z| z as i8).collect();
-        Ok(Box::new(self.layer(packed, q.scales, zeros, layer.bias.map(<[f32]>::to_vec), n, k)))
+        let q = quantize(layer.weight, layer.out_features, layer.in_features, &self.spec)?;
+        Ok(Box::new(self.layer_of(q, layer.bias)))
     }
 
     fn save(&self, layer: &dyn Linear) -> Result<LayerArrays, MethodError> {
@@ -149,7 +133,7 @@ impl QuantMethod for Rtn {
     }
 
     fn load(&self, mut arrays: LayerArrays, n: usize, k: usize) -> Result<Box<dyn Linear>, MethodError> {
-        self.spec.validate(k)?;
+        self.spec.validate()?;
         let groups = self.group_size().map_or(1, |g| k.div_ceil(g));
         let packed = arrays.take_u8("qweight", &[n, packed_len(k, self.spec.storage_bits())])?;
         let scales = arrays.take_f32("scales", &[n, groups])?;
@@ -173,6 +157,27 @@ impl QuantMethod for Rtn {
 }
 
 impl Rtn {
+    /// RTN's format with `spec` (weight-only, as `parse` would make it).
+    pub(super) fn with_spec(spec: QuantSpec) -> Self {
+        Self { spec }
+    }
+
+    pub(super) fn spec(&self) -> &QuantSpec {
+        &self.spec
+    }
+
+    /// The stored layer of the quantized weight `q` (by RTN, or by GPTQ into the same format).
+    pub(super) fn layer_of(&self, q: QuantizedMatrix, bias: Option<&[f32]>) -> RtnLinear {
+        let (n, k, bits) = (q.rows, q.cols, self.spec.storage_bits());
+        let mut packed = Vec::with_capacity(n * packed_len(k, bits));
+        for row in q.values.chunks_exact(k.max(1)) {
+            packed.extend(pack(row, bits).expect("quantized values fit their storage bits"));
+        }
+        // Zero points lie in [qmin, qmax] of at most 8 bits.
+        let zeros = q.zeros.iter().map(|&z| z as i8).collect();
+        self.layer(packed, q.scales, zeros, bias.map(<[f32]>::to_vec), n, k)
+    }
+
     /// The layer from its stored parts (`packed` rows of `k` values, `[n, groups]` scales and,
     /// when asymmetric, zeros).
     fn layer(
@@ -187,6 +192,7 @@ impl Rtn {
         let bits = self.spec.storage_bits();
         let groups_per_row = scales.len() / n.max(1);
         RtnLinear {
+            group: self.group_size().unwrap_or(k),
             packed,
             bits,
             row_bytes: packed_len(k, bits),
@@ -215,6 +221,8 @@ pub struct RtnLinear {
     /// Same shape as `scales`; empty when symmetric.
     zeros: Vec<i8>,
     groups_per_row: usize,
+    /// Inputs per group (`in_features` per channel); the last group of a row may be shorter.
+    group: usize,
     bias: Option<Vec<f32>>,
     out_features: usize,
     in_features: usize,
@@ -227,7 +235,7 @@ impl RowDequantize for RtnLinear {
 
     fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
         let k = self.in_features;
-        let group = k / self.groups_per_row.max(1);
+        let group = self.group.max(1);
         ROW.with(|q| {
             let mut q = q.borrow_mut();
             q.resize(k, 0);
@@ -235,7 +243,7 @@ impl RowDequantize for RtnLinear {
                 let row = first + r;
                 let bytes = &self.packed[row * self.row_bytes..(row + 1) * self.row_bytes];
                 unpack_into(bytes, self.bits, &mut q).expect("rows were packed with these bits");
-                for (g, (out, q)) in out.chunks_exact_mut(group).zip(q.chunks_exact(group)).enumerate() {
+                for (g, (out, q)) in out.chunks_mut(group).zip(q.chunks(group)).enumerate() {
                     let at = row * self.groups_per_row + g;
                     let (s, z) = (self.scales[at], self.zeros.get(at).map_or(0, |&z| z as i32));
                     for (o, &v) in out.iter_mut().zip(q) {
