@@ -6,8 +6,10 @@
 //! - `H⁻¹` enters through its upper Cholesky factor U (`H⁻¹ = UᵀU`): quantizing column i adds
 //!   `−(wᵢ − ŵᵢ)/U[i,i] · U[i, i+1..]` to the rest of the row. Rows are independent, so rows run
 //!   in parallel, in tiles that share each row of U while it is in cache.
-//! - Groups take their scale and zero point from the group's weights as they are when its first
-//!   column is reached (already corrected by earlier errors), as the reference implementation.
+//! - Columns go in order of decreasing `H[j,j]` ("act order"), groups taking their scale and
+//!   zero point from the original weight ("static groups", contiguous as the kernels need);
+//!   without act order, from the group's weights as corrected when its first column is reached,
+//!   as the reference implementation.
 //! - Columns listed in `keep_float` (MixQ's outlier channels, which run in floating point) are
 //!   not quantized: they go last, absorb the error of every quantized column, and come back as
 //!   corrected float columns.
@@ -25,11 +27,16 @@ const ROW_TILE: usize = 16;
 pub struct GptqOptions {
     /// Added to H's diagonal, as a fraction of its mean (the paper's 1%).
     pub damp: f64,
+    /// Quantize the columns of largest `H[j,j]` (most activated inputs) first, while many
+    /// columns remain to absorb their error ("act order"). Groups then take their parameters
+    /// from the original weight ("static groups"), so that they stay contiguous runs of a row
+    /// as the integer kernels need.
+    pub act_order: bool,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        Self { damp: 0.01 }
+        Self { damp: 0.01, act_order: true }
     }
 }
 
@@ -78,8 +85,12 @@ pub fn gptq(
     for &j in keep_float {
         *keep.get_mut(j).ok_or(GptqError::KeepOutOfRange(j))? = true;
     }
-    // Processing order: quantized columns in order, then the float ones.
-    let order: Vec<usize> = (0..k).filter(|&j| !keep[j]).chain((0..k).filter(|&j| keep[j])).collect();
+    // Processing order: quantized columns (in order, or by decreasing H[j,j]), then the float ones.
+    let mut quantized: Vec<usize> = (0..k).filter(|&j| !keep[j]).collect();
+    if options.act_order {
+        quantized.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+    }
+    let order: Vec<usize> = quantized.into_iter().chain((0..k).filter(|&j| keep[j])).collect();
     let quantized_len = k - keep.iter().filter(|&&f| f).count();
 
     let mut hp: Vec<f64> = order.iter().flat_map(|&a| order.iter().map(move |&b| h[a * k + b])).collect();
@@ -94,19 +105,23 @@ pub fn gptq(
     }
     let u = inverse_upper_cholesky(&hp, k)?;
 
-    // Per channel / per tensor, the parameters come from the original weight.
-    let fixed_params: Option<Vec<GroupParams>> = match spec.granularity {
-        Granularity::PerGroup(_) => None,
-        Granularity::PerChannel => {
-            Some(w.chunks_exact(k.max(1)).map(|row| spec.group_params(row)).collect::<Result<_, _>>()?)
-        }
-        Granularity::PerTensor => Some(vec![spec.group_params(w)?; n]),
-    };
     let group = match spec.granularity {
         Granularity::PerGroup(g) => g,
         _ => k.max(1),
     };
     let groups_per_row = k.div_ceil(group).max(1);
+    // `[n, groups_per_row]` parameters from the original weight: per channel, per tensor, and
+    // static groups; `None`: each group's from its weights as corrected when it is reached.
+    let static_params: Option<Vec<GroupParams>> = match spec.granularity {
+        Granularity::PerGroup(_) if !options.act_order => None,
+        Granularity::PerTensor => Some(vec![spec.group_params(w)?; n]),
+        _ => Some(
+            w.chunks_exact(k.max(1))
+                .flat_map(|row| row.chunks(group))
+                .map(|g| spec.group_params(g))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
 
     let mut values = vec![0i8; n * k];
     let mut params = vec![GroupParams { scale: 1.0, zero: 0 }; n * groups_per_row];
@@ -130,8 +145,8 @@ pub fn gptq(
             let d = u[a * k + a];
             let u_row = &u[a * k..(a + 1) * k];
             for (r, row) in rows_p.iter_mut().enumerate() {
-                let p = match &fixed_params {
-                    Some(fixed) => fixed[first + r],
+                let p = match &static_params {
+                    Some(fixed) => fixed[(first + r) * groups_per_row + g],
                     None if have_params[r * groups_per_row + g] => params[r * groups_per_row + g],
                     None => {
                         // The group's quantized columns, as corrected so far (all still ahead).
@@ -157,8 +172,8 @@ pub fn gptq(
                 let a = order.iter().position(|&o| o == j).expect("kept columns are in the order");
                 floats[r * keep_float.len() + c] = row[a];
                 let g = j / group;
-                let p = match &fixed_params {
-                    Some(fixed) => fixed[first + r],
+                let p = match &static_params {
+                    Some(fixed) => fixed[(first + r) * groups_per_row + g],
                     None => params[r * groups_per_row + g],
                 };
                 values[r * k + j] = spec.quantize_value(row[a], p);

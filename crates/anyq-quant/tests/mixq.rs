@@ -237,7 +237,7 @@ fn mixq_names_and_errors() {
         let method = method_by_name(name).unwrap();
         assert_eq!((method.name(), method.bits()), (name.to_string(), bits));
     }
-    assert_eq!(method_by_name("mixq-w4a8-g64-t8").unwrap().name(), "mixq-w4a8-g64");
+    assert_eq!(method_by_name("mixq-w4a8-g64-t3").unwrap().name(), "mixq-w4a8-g64");
     for (name, expected) in [
         ("mixq-w4a8", "expected mixq"),
         ("mixq-w4a8-g12", "multiple of 8"),
