@@ -4,9 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use anyq_engine::chat::strftime_now;
 use anyq_engine::PerplexityReport;
 use anyq_models::checkpoint::folder_size;
 use anyq_models::{LlamaModel, LoadedModel};
@@ -112,7 +112,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         fp_report.nll_per_window.len(),
         args.ctx,
         rayon::current_num_threads(),
-        utc_now()
+        strftime_now("%Y-%m-%d %H:%M UTC".into())
     );
     let report = format!("# anyq report\n\n{summary}\n\n{}", table(&rows));
     print!("{report}");
@@ -271,20 +271,4 @@ fn ppl_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let decimals = (-step.log10().floor()).max(0.0) as i32;
     let round = |v: f64| (v * 10f64.powi(decimals)).round() / 10f64.powi(decimals);
     ((lo / step).ceil() as i64..=(hi / step).floor() as i64).map(|k| round(k as f64 * step)).collect()
-}
-
-/// The current UTC time, `YYYY-MM-DD HH:MM UTC` (days to civil date by Howard Hinnant's algorithm).
-fn utc_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, minute) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) / 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", minute / 60, minute % 60)
 }

@@ -69,7 +69,7 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 }
 
 /// The current time formatted like Python's `datetime.now().strftime(format)`, in UTC.
-fn strftime_now(format: String) -> String {
+pub fn strftime_now(format: String) -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(&format, secs)
 }
