@@ -81,7 +81,8 @@ fn bad_method_names_and_shapes_are_errors() {
     for (name, expected) in [
         ("awq-w4", "unknown quantization method"),
         ("gptq-w4", "expected gptq-w"),
-        ("mixq-w8a8-gptq-t2", "unknown option"),
+        ("mixq-w8a8-x2", "unknown option"),
+        ("mixq-w8a8-c0", "outside (0, 100]"),
         ("rtn-w9a16", "bit width 9"),
         ("rtn-w4a8", "8-bit activations go with"),
         ("rtn-w4a4", "expected rtn-w"),

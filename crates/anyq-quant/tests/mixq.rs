@@ -238,6 +238,7 @@ fn mixq_names_and_errors() {
         assert_eq!((method.name(), method.bits()), (name.to_string(), bits));
     }
     assert_eq!(method_by_name("mixq-w4a8-g64-t3").unwrap().name(), "mixq-w4a8-g64");
+    assert_eq!(method_by_name("mixq-w4a8-g128-gptq-c5-t2").unwrap().name(), "mixq-w4a8-g128-t2-c5-gptq");
     for (name, expected) in [
         ("mixq-w4a8", "expected mixq"),
         ("mixq-w4a8-g12", "multiple of 8"),

@@ -34,7 +34,7 @@ use super::{own_layer, LayerToQuantize, MethodError, QuantMethod};
 use crate::gptq::{gptq, GptqOptions};
 use crate::layer_arrays::{ArrayError, LayerArrays};
 
-pub const SYNTAX: &str = "mixq-w8a8[-t{threshold}][-gptq] | mixq-w4a8-g{group}[-t{threshold}][-gptq]";
+pub const SYNTAX: &str = "mixq-w8a8[-t{T}][-c{percent}][-gptq] | mixq-w4a8-g{group}[-t{T}][-c{percent}][-gptq]";
 /// Outlier threshold, as a multiple of the median channel's calibration abs max.
 pub const DEFAULT_THRESHOLD: f32 = 3.0;
 /// Largest share of input channels that calibration may mark as outliers.
@@ -47,12 +47,14 @@ pub struct MixQ {
     /// `None`: 8-bit weights per output channel; `Some(g)`: 4-bit weights in groups of g.
     group: Option<usize>,
     threshold: f32,
+    /// Largest share of input channels calibration may mark as outliers.
+    max_fraction: f64,
     /// Integers by GPTQ, the outlier columns kept in f32 absorbing the rounding error.
     gptq: bool,
 }
 
-/// `mixq-w8a8`, `mixq-w4a8-g128`, optionally followed by `-t{threshold}` (e.g. `-t6`) and
-/// `-gptq`.
+/// `mixq-w8a8`, `mixq-w4a8-g128`, optionally followed by `-t{threshold}` (e.g. `-t6`),
+/// `-c{percent}` (the calibration cap, 2 by default) and `-gptq`.
 pub fn parse(name: &str) -> Result<Box<dyn QuantMethod>, MethodError> {
     Ok(Box::new(MixQ::from_name(name)?))
 }
@@ -74,19 +76,31 @@ impl MixQ {
         } else {
             return Err(invalid(format!("expected {SYNTAX}")));
         };
-        let (rest, gptq) = match rest.strip_suffix("-gptq") {
-            Some(rest) => (rest, true),
-            None => (rest, false),
-        };
-        let threshold = match rest.strip_prefix("-t") {
-            Some(t) => t.parse().map_err(|_| invalid(format!("threshold {t:?} is not a number")))?,
-            None if rest.is_empty() => DEFAULT_THRESHOLD,
-            None => return Err(invalid(format!("unknown option {rest:?}; expected {SYNTAX}"))),
-        };
+        let (mut threshold, mut max_fraction, mut gptq) = (DEFAULT_THRESHOLD, MAX_CALIBRATION_FRACTION, false);
+        for option in rest.split('-').filter(|o| !o.is_empty()) {
+            if let Some(t) = option.strip_prefix('t') {
+                // Options are split at '-', so "-t-1" arrives as an empty threshold.
+                let message = match t.is_empty() {
+                    true => "threshold must be a positive number".to_string(),
+                    false => format!("threshold {t:?} is not a number"),
+                };
+                threshold = t.parse().map_err(|_| invalid(message))?;
+            } else if let Some(c) = option.strip_prefix('c') {
+                let percent: f64 = c.parse().map_err(|_| invalid(format!("cap {c:?} is not a number")))?;
+                if !(percent > 0.0 && percent <= 100.0) {
+                    return Err(invalid(format!("cap {percent}% is outside (0, 100]")));
+                }
+                max_fraction = percent / 100.0;
+            } else if option == "gptq" {
+                gptq = true;
+            } else {
+                return Err(invalid(format!("unknown option {option:?}; expected {SYNTAX}")));
+            }
+        }
         if !(threshold.is_finite() && threshold > 0.0) {
             return Err(invalid(format!("threshold {threshold} must be a positive number")));
         }
-        Ok(MixQ { group, threshold, gptq })
+        Ok(MixQ { group, threshold, max_fraction, gptq })
     }
 
     /// `quantize`, returning the layer's own type (for `outlier_stats`).
@@ -98,7 +112,7 @@ impl MixQ {
             return Err(invalid(format!("calibration has {} channels for a layer of {k} inputs", stats.channels())));
         }
         let (channels, abs_threshold) =
-            calibration_outliers(stats.abs_max(), self.threshold, MAX_CALIBRATION_FRACTION).map_err(invalid)?;
+            calibration_outliers(stats.abs_max(), self.threshold, self.max_fraction).map_err(invalid)?;
         let hessian = match self.gptq {
             true => Some(stats.hessian().ok_or_else(|| MethodError::NeedsCalibration(self.name()))?),
             false => None,
@@ -117,7 +131,11 @@ impl QuantMethod for MixQ {
             true => String::new(),
             false => format!("-t{}", self.threshold),
         };
-        format!("{base}{threshold}{}", if self.gptq { "-gptq" } else { "" })
+        let cap = match self.max_fraction == MAX_CALIBRATION_FRACTION {
+            true => String::new(),
+            false => format!("-c{}", self.max_fraction * 100.0),
+        };
+        format!("{base}{threshold}{cap}{}", if self.gptq { "-gptq" } else { "" })
     }
 
     fn bits(&self) -> (u8, u8) {
