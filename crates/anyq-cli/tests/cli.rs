@@ -266,3 +266,45 @@ fn report_rejects_bad_input_before_any_work() {
         assert!(!stderr.contains("[1/") && !dir.path().join("report").exists(), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn quantize_writes_a_checkpoint_that_generate_and_eval_load() {
+    let model = model();
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("smollm2-mixq");
+    let calib = assets().join("text/emma.txt");
+    let out = anyq(&[
+        "quantize",
+        model,
+        "--method",
+        "mixq-w8a8",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-windows",
+        "2",
+        "--calib-ctx",
+        "64",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("mixq-w8a8 checkpoint") && text(&out.stdout).contains("MiB"));
+    let config = std::fs::read_to_string(out_dir.join("config.json")).unwrap();
+    assert!(config.contains("\"quant_method\": \"anyq\"") && config.contains("\"outlier_channels\""), "{config}");
+
+    let checkpoint = out_dir.to_str().unwrap();
+    let out = anyq(&["generate", checkpoint, "--chat", "-p", "What is the capital of France?", "-n", "24"]);
+    assert!(out.status.success() && text(&out.stdout).contains("Paris"), "{}", text(&out.stderr));
+    let persuasion = assets().join("text/persuasion.txt");
+    let out =
+        anyq(&["eval", "ppl", checkpoint, "--text", persuasion.to_str().unwrap(), "--ctx", "64", "--max-windows", "2"]);
+    assert!(out.status.success() && text(&out.stdout).contains("ppl: "), "{}", text(&out.stderr));
+
+    // Quantizing again, or into a folder that is not empty, fails before any work.
+    let again = dir.path().join("again");
+    let out = anyq(&["quantize", checkpoint, "--method", "rtn-w8a8", "--out", again.to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("already quantized"), "{}", text(&out.stderr));
+    let out = anyq(&["quantize", model, "--method", "rtn-w8a8", "--out", checkpoint]);
+    assert!(!out.status.success() && text(&out.stderr).contains("not empty"), "{}", text(&out.stderr));
+}
