@@ -1,7 +1,7 @@
 //! Activation statistics gathered on calibration text: what SmoothQuant's smoothing factors,
 //! MixQ's outlier channels and AWQ's scales are computed from, and GPTQ's Hessian.
 
-use anyq_core::cpu::matmul_xwt;
+use anyq_core::cpu::{matmul_xwt, transpose};
 
 /// Per-input-channel statistics of the activations `[tokens, channels]` that one linear layer
 /// reads, and optionally their second moments `XᵀX` (GPTQ's Hessian).
@@ -47,12 +47,7 @@ impl ChannelStats {
         self.tokens += tokens as u64;
         if let Some(h) = &mut self.hessian {
             // XᵀX = (Xᵀ)·(Xᵀ)ᵀ on the f32 GEMM, summed in f64 across updates.
-            let mut xt = vec![0.0f32; x.len()];
-            for (t, row) in x.chunks_exact(channels).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    xt[j * tokens + t] = v;
-                }
-            }
+            let xt = transpose(x, tokens, channels);
             let mut xtx = vec![0.0f32; channels * channels];
             matmul_xwt(&xt, &xt, &mut xtx, channels, channels, tokens);
             h.iter_mut().zip(&xtx).for_each(|(h, &v)| *h += v as f64);

@@ -92,6 +92,10 @@ pub fn gptq(
     }
     let order: Vec<usize> = quantized.into_iter().chain((0..k).filter(|&j| keep[j])).collect();
     let quantized_len = k - keep.iter().filter(|&&f| f).count();
+    // Where each `keep_float` column stands in the processing order.
+    let mut position = vec![0; k];
+    order.iter().enumerate().for_each(|(a, &j)| position[j] = a);
+    let kept_at: Vec<usize> = keep_float.iter().map(|&j| position[j]).collect();
 
     let mut hp: Vec<f64> = order.iter().flat_map(|&a| order.iter().map(move |&b| h[a * k + b])).collect();
     let dead: Vec<bool> = (0..k).map(|a| hp[a * k + a] <= 0.0).collect();
@@ -168,8 +172,7 @@ pub fn gptq(
         }
         // The float columns: their corrected values, and a quantized copy for storage.
         for (r, row) in rows_p.iter().enumerate() {
-            for (c, &j) in keep_float.iter().enumerate() {
-                let a = order.iter().position(|&o| o == j).expect("kept columns are in the order");
+            for (c, (&j, &a)) in keep_float.iter().zip(&kept_at).enumerate() {
                 floats[r * keep_float.len() + c] = row[a];
                 let g = j / group;
                 let p = match &static_params {

@@ -91,6 +91,11 @@ pub unsafe fn gemm_rows(
 /// Rows of x per register tile of `matmul_small_k`.
 const SMALL_K_ROWS: usize = 4;
 
+/// `a` (`[rows, cols]`) transposed, `[cols, rows]`.
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|i| a[(i % rows) * cols + i / rows]).collect()
+}
+
 /// `out[m, n] = x[m, k] · w[k, n]` for a small k (MixQ's few outlier channels), with w stored
 /// `[k, n]`, the transpose of a linear layer's weight, so that each value of x scales a
 /// contiguous row of w. Register tiles of 4 rows of x × 16 outputs sum over all of k. Each output

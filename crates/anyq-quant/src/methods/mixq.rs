@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use anyq_core::cpu::int8::quantize_rows_i8_outside;
-use anyq_core::cpu::{matmul_small_k, scan_activations, ActivationScan, ChannelSet, ScanRequest};
+use anyq_core::cpu::{matmul_small_k, scan_activations, transpose, ActivationScan, ChannelSet, ScanRequest};
 use anyq_core::Linear;
 
 use super::int_weight::IntWeight;
@@ -508,11 +508,6 @@ impl MixQLinear {
             self.calls_with_new_outliers.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-/// `a` (`[rows, cols]`) transposed.
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols).map(|i| a[(i % rows) * cols + i / rows]).collect()
 }
 
 impl Linear for MixQLinear {
