@@ -95,7 +95,7 @@ pub fn run(args: KernelBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
+pub(crate) fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
     let parse = || -> Option<(usize, usize)> {
         let (n, k) = s.split_once(['x', 'X', '×'])?;
         Some((n.trim().parse().ok()?, k.trim().parse().ok()?))

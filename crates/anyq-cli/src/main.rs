@@ -1,6 +1,7 @@
 //! `anyq`: quantized LLM inference from the command line.
 
 mod bench;
+mod bench_gpu;
 mod bench_kernels;
 mod commands;
 mod progress;
@@ -137,6 +138,8 @@ enum BenchCommand {
     Cpu(bench::CpuBenchArgs),
     /// Integer (W8A8, W4A8) linear kernels against the f32 product, shape by shape.
     Kernels(bench_kernels::KernelBenchArgs),
+    /// MixQ W8A8/W4A8 GEMMs on an NVIDIA GPU against cuBLAS BF16 and cuBLASLt INT8.
+    Gemm(bench_gpu::GemmBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Ppl(args)) => commands::perplexity(args),
         Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels::run(args),
+        Command::Bench(BenchCommand::Gemm(args)) => bench_gpu::gemm(args),
         Command::Report(args) => report::run(args),
         Command::Info { model } => commands::info(&model),
     });

@@ -1,0 +1,130 @@
+//! Run-time compilation of the CUDA C kernels with NVRTC, cached on disk by source hash so that
+//! only the first run on a machine pays for it.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+
+use crate::{CudaError, Result};
+
+/// A kernel file with the shared header in front; `name` appears in compile errors and cache names.
+pub(crate) struct KernelSource {
+    pub name: &'static str,
+    pub code: &'static str,
+}
+
+macro_rules! kernel_source {
+    ($name:literal) => {
+        $crate::compile::KernelSource {
+            name: $name,
+            code: concat!(include_str!("../kernels/common.cuh"), include_str!(concat!("../kernels/", $name, ".cu"))),
+        }
+    };
+}
+pub(crate) use kernel_source;
+
+/// The NVRTC target for a compute capability; Hopper gets `sm_90a` for its warpgroup MMA.
+fn target(arch: (i32, i32)) -> String {
+    match arch {
+        (9, 0) => "sm_90a".to_string(),
+        (major, minor) => format!("sm_{major}{minor}"),
+    }
+}
+
+/// Machine code for `source` on a GPU of compute capability `arch`.
+pub(crate) fn cubin(source: &KernelSource, arch: (i32, i32)) -> Result<Vec<u8>> {
+    if !unsafe { nvrtc_sys::is_culib_present() } {
+        return Err(CudaError::NoNvrtc);
+    }
+    let target = target(arch);
+    let options = vec![format!("--gpu-architecture={target}"), "--std=c++17".to_string(), "-default-device".to_string()];
+    let version = nvrtc_version();
+    let key = fnv1a(&[source.code.as_bytes(), options.join(" ").as_bytes(), version.as_bytes()]);
+    let cached = cache_dir().map(|dir| dir.join(format!("{}-{target}-{key:016x}.cubin", source.name)));
+    if let Some(image) = cached.as_ref().and_then(|path| std::fs::read(path).ok()) {
+        return Ok(image);
+    }
+    let image = compile(source, &target, &options)?;
+    if let Some(path) = cached {
+        // A cache that cannot be written only costs the next run a compile.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::create_dir_all(path.parent().unwrap_or(&path)).is_ok() && std::fs::write(&tmp, &image).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(image)
+}
+
+fn compile(source: &KernelSource, target: &str, options: &[String]) -> Result<Vec<u8>> {
+    let code = CString::new(source.code).expect("kernel sources hold no NUL byte");
+    let name = CString::new(format!("{}.cu", source.name)).expect("kernel names hold no NUL byte");
+    let failed = |log: String| CudaError::Compile { kernel: source.name, arch: target.to_string(), log };
+    let program = nvrtc::create_program(&code, Some(&name)).map_err(|e| failed(e.to_string()))?;
+    let compiled = unsafe { nvrtc::compile_program(program, options) };
+    let result = match compiled {
+        Ok(()) => unsafe { cubin_of(program) }.map_err(|e| failed(format!("reading the compiled image: {e:?}"))),
+        Err(e) => {
+            let log = unsafe { nvrtc::get_program_log(program) }
+                .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Err(failed(format!("{e:?}\n{log}")))
+        }
+    };
+    let _ = unsafe { nvrtc::destroy_program(program) };
+    result
+}
+
+unsafe fn cubin_of(program: nvrtc_sys::nvrtcProgram) -> std::result::Result<Vec<u8>, nvrtc_sys::nvrtcResult> {
+    let mut size = 0usize;
+    nvrtc_sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| e.0)?;
+    let mut image = vec![0u8; size];
+    nvrtc_sys::nvrtcGetCUBIN(program, image.as_mut_ptr() as *mut c_char).result().map_err(|e| e.0)?;
+    Ok(image)
+}
+
+fn nvrtc_version() -> String {
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    let _ = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    format!("{major}.{minor}")
+}
+
+/// `ANYQ_KERNEL_CACHE`, else the user's cache folder.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("ANYQ_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("anyq").join("kernels"))
+}
+
+/// FNV-1a: stable across runs and toolchains, unlike std's hasher.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for part in parts {
+        for &byte in part.iter().chain(&[0xff]) {
+            hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_gets_the_arch_specific_target() {
+        assert_eq!(target((9, 0)), "sm_90a");
+        assert_eq!(target((8, 6)), "sm_86");
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_part_and_their_boundaries() {
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+        assert_ne!(fnv1a(&[b"kernel", b"sm_90a"]), fnv1a(&[b"kernel", b"sm_89"]));
+        assert_eq!(fnv1a(&[b"kernel"]), fnv1a(&[b"kernel"]));
+    }
+}

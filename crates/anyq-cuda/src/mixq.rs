@@ -1,0 +1,674 @@
+//! MixQ linear layers on NVIDIA GPUs: weights in the fragment-major layout of `kernels/mixq.cu`,
+//! the fused producer (normalise, per-token amax, INT8 quantization, outlier gather) and the
+//! fused GEMM (INT8 MMA on the bulk + FP16 MMA on the outlier channels, one epilogue).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::compile::{kernel_source, KernelSource};
+use crate::{CudaDevice, CudaError, Result};
+
+const MIXQ: KernelSource = kernel_source!("mixq");
+const FILL: KernelSource = kernel_source!("fill");
+
+/// k per pipeline stage of the GEMM: activation rows and weight columns are padded to it.
+pub const K_TILE: usize = 128;
+/// Outlier channels are padded to this many (one FP16 stage of the GEMM).
+pub const OUTLIER_TILE: usize = 64;
+/// Up to this many tokens the weight-streaming GEMV kernel runs; above it the tiled GEMM.
+pub const GEMV_MAX_TOKENS: usize = 16;
+const FRAGMENT_CHUNK: usize = 512;
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// The outlier channels of one linear input, in increasing order, and their gather map.
+pub struct OutlierSet {
+    channels: Vec<u32>,
+    /// `slot[c]` = position of channel `c` among the outliers, or -1.
+    slot: CudaSlice<i32>,
+    k: usize,
+}
+
+impl OutlierSet {
+    pub fn new(device: &CudaDevice, k: usize, channels: &[u32]) -> Result<Arc<Self>> {
+        let mut slot = vec![-1i32; k];
+        for (i, pair) in channels.windows(2).enumerate() {
+            if pair[0] >= pair[1] {
+                return Err(CudaError::Shape(format!("outlier channels must increase: {} then {} at {i}", pair[0], pair[1])));
+            }
+        }
+        for (i, &c) in channels.iter().enumerate() {
+            let entry = slot.get_mut(c as usize).ok_or_else(|| {
+                CudaError::Shape(format!("outlier channel {c} is outside the input's {k} channels"))
+            })?;
+            *entry = i as i32;
+        }
+        Ok(Arc::new(Self { channels: channels.to_vec(), slot: device.upload(&slot)?, k }))
+    }
+
+    pub fn channels(&self) -> &[u32] {
+        &self.channels
+    }
+
+    pub fn padded_len(&self) -> usize {
+        round_up(self.channels.len(), OUTLIER_TILE)
+    }
+}
+
+/// Int8 weights `q[n][k]` in fragment-major order (64 k per 512-byte chunk), k padded with zeros.
+pub fn pack_w8(q: &[i8], n: usize, k: usize) -> Vec<u8> {
+    let (k_pad, n_tiles) = (round_up(k, K_TILE), n.div_ceil(8));
+    let mut out = vec![0u8; n_tiles * k_pad / 64 * FRAGMENT_CHUNK];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
+        let (tile, kc) = (chunk / (k_pad / 64), chunk % (k_pad / 64));
+        let (lane, word, b) = (within / 16, within % 16 / 4, within % 4);
+        let (row, t) = (tile * 8 + lane / 4, lane % 4);
+        let col = kc * 64 + 32 * (word / 2) + 16 * (word % 2) + 4 * t + b;
+        if row < n && col < k {
+            *byte = q[row * k + col] as u8;
+        }
+    }
+    out
+}
+
+/// Unsigned 4-bit weights `q[n][k]` (0..=15) in fragment-major order, 128 k per chunk: byte `b`
+/// of step `s`'s word holds k = 32s + 4t + b in its low nibble and k + 16 in its high nibble.
+/// Padding columns take `pad(row, col)` (the row's zero point, so that they dequantize to 0).
+pub fn pack_w4(q: &[u8], n: usize, k: usize, pad: impl Fn(usize, usize) -> u8) -> Vec<u8> {
+    let (k_pad, n_tiles) = (round_up(k, K_TILE), n.div_ceil(8));
+    let value = |row: usize, col: usize| if row >= n { 0 } else if col < k { q[row * k + col] & 15 } else { pad(row, col) & 15 };
+    let mut out = vec![0u8; n_tiles * k_pad / 128 * FRAGMENT_CHUNK];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
+        let (tile, kc) = (chunk / (k_pad / 128), chunk % (k_pad / 128));
+        let (lane, step, b) = (within / 16, within % 16 / 4, within % 4);
+        let (row, t) = (tile * 8 + lane / 4, lane % 4);
+        let col = kc * 128 + 32 * step + 4 * t + b;
+        *byte = value(row, col) | (value(row, col + 16) << 4);
+    }
+    out
+}
+
+/// FP16 outlier weights `w[n][ko]` in fragment-major order (32 k per chunk), padded to `ko_pad`.
+pub fn pack_f16(w: &[f16], n: usize, ko: usize, ko_pad: usize) -> Vec<u8> {
+    let n_tiles = n.div_ceil(8);
+    let mut out = vec![0u8; n_tiles * ko_pad / 32 * FRAGMENT_CHUNK];
+    for (i, pair) in out.chunks_exact_mut(2).enumerate() {
+        let i = i * 2;
+        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
+        let (tile, kc) = (chunk / (ko_pad / 32), chunk % (ko_pad / 32));
+        let (lane, word, h) = (within / 16, within % 16 / 4, within % 4 / 2);
+        let (row, t) = (tile * 8 + lane / 4, lane % 4);
+        let col = kc * 32 + 16 * (word / 2) + 8 * (word % 2) + 2 * t + h;
+        if row < n && col < ko {
+            pair.copy_from_slice(&w[row * ko + col].to_bits().to_le_bytes());
+        }
+    }
+    out
+}
+
+/// A MixQ linear layer's weights on the GPU.
+pub struct MixqWeight {
+    bits: u32,
+    n: usize,
+    k: usize,
+    group_tiles: usize,
+    qweight: CudaSlice<u8>,
+    scales: CudaSlice<f32>,
+    zeros: CudaSlice<u8>,
+    outlier_weight: CudaSlice<u8>,
+    outliers: Arc<OutlierSet>,
+}
+
+impl MixqWeight {
+    /// W8: `q[n][k]` with per-row `scales[n]`; `outlier_weight[n][ko]` for `outliers`' channels.
+    pub fn w8(
+        device: &CudaDevice,
+        q: &[i8],
+        scales: &[f32],
+        (n, k): (usize, usize),
+        outliers: &Arc<OutlierSet>,
+        outlier_weight: &[f16],
+    ) -> Result<Self> {
+        check_shape("q", q.len(), n * k)?;
+        check_shape("scales", scales.len(), n)?;
+        let mut padded_scales = scales.to_vec();
+        padded_scales.resize(round_up(n, 8), 0.0);
+        Self::assemble(device, 8, (n, k), 1, pack_w8(q, n, k), &padded_scales, &[0], outliers, outlier_weight)
+    }
+
+    /// W4: unsigned `q[n][k]` (0..=15), `scales`/`zeros` per row and group of `group` k
+    /// (a multiple of 128): w = scale · (q − zero).
+    #[allow(clippy::too_many_arguments)]
+    pub fn w4(
+        device: &CudaDevice,
+        q: &[u8],
+        scales: &[f32],
+        zeros: &[u8],
+        (n, k): (usize, usize),
+        group: usize,
+        outliers: &Arc<OutlierSet>,
+        outlier_weight: &[f16],
+    ) -> Result<Self> {
+        if group == 0 || group % K_TILE != 0 {
+            return Err(CudaError::Shape(format!("GPU W4 groups must be a multiple of {K_TILE} k, not {group}")));
+        }
+        let groups = k.div_ceil(group);
+        check_shape("q", q.len(), n * k)?;
+        check_shape("scales", scales.len(), n * groups)?;
+        check_shape("zeros", zeros.len(), n * groups)?;
+        let packed = pack_w4(q, n, k, |row, col| zeros[row * groups + col / group]);
+        let n_pad = round_up(n, 8);
+        let mut padded_scales = scales.to_vec();
+        padded_scales.resize(n_pad * groups, 0.0);
+        let mut padded_zeros = zeros.to_vec();
+        padded_zeros.resize(n_pad * groups, 0);
+        Self::assemble(device, 4, (n, k), group / K_TILE, packed, &padded_scales, &padded_zeros, outliers, outlier_weight)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        device: &CudaDevice,
+        bits: u32,
+        (n, k): (usize, usize),
+        group_tiles: usize,
+        packed: Vec<u8>,
+        scales: &[f32],
+        zeros: &[u8],
+        outliers: &Arc<OutlierSet>,
+        outlier_weight: &[f16],
+    ) -> Result<Self> {
+        if outliers.k != k {
+            return Err(CudaError::Shape(format!("outlier set is for {} inputs, the weight has {k}", outliers.k)));
+        }
+        let ko = outliers.channels.len();
+        check_shape("outlier weight", outlier_weight.len(), n * ko)?;
+        let outlier_packed = pack_f16(outlier_weight, n, ko, outliers.padded_len());
+        Ok(Self {
+            bits,
+            n,
+            k,
+            group_tiles,
+            qweight: device.upload(&packed)?,
+            scales: device.upload(scales)?,
+            zeros: device.upload(zeros)?,
+            outlier_weight: device.upload(&outlier_packed)?,
+            outliers: outliers.clone(),
+        })
+    }
+
+    /// Random weights made on the device, for benchmarks at full model size.
+    pub fn random(
+        device: &CudaDevice,
+        bits: u32,
+        (n, k): (usize, usize),
+        outliers: &Arc<OutlierSet>,
+        seed: u64,
+    ) -> Result<Self> {
+        let (k_pad, n_pad, ko_pad) = (round_up(k, K_TILE), round_up(n, 8), outliers.padded_len());
+        let groups = if bits == 4 { k_pad / K_TILE } else { 1 };
+        let mut qweight = device.zeros::<u8>(n_pad * k_pad * bits as usize / 8)?;
+        let mut scales = device.zeros::<f32>(n_pad * groups)?;
+        let mut outlier_weight = device.zeros::<u8>(n_pad * ko_pad * 2)?;
+        fill_bytes(device, &mut qweight, seed)?;
+        fill_f32_range(device, &mut scales, seed + 1, 1e-3, 2e-3)?;
+        fill_f16(device, &mut outlier_weight, seed + 2, 0.05)?;
+        let zeros = device.upload(&vec![8u8; n_pad * groups])?;
+        Ok(Self { bits, n, k, group_tiles: 1, qweight, scales, zeros, outlier_weight, outliers: outliers.clone() })
+    }
+
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    pub fn outliers(&self) -> &Arc<OutlierSet> {
+        &self.outliers
+    }
+}
+
+fn check_shape(name: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(CudaError::Shape(format!("{name} holds {got} values, the shape needs {want}")));
+    }
+    Ok(())
+}
+
+/// What the producer kernel applies to its input rows before quantizing them.
+pub enum Producer<'a> {
+    /// The rows as they are (the attention output into o_proj).
+    Plain,
+    /// RMSNorm with weight `gamma` (f16 bits) and `eps`.
+    RmsNorm { gamma: &'a CudaSlice<u16>, eps: f32 },
+    /// SiLU(rows) · `up` (the MLP's gate and up projections).
+    SiluMul { up: &'a CudaSlice<u16> },
+}
+
+/// Quantized activations for up to `capacity` tokens: INT8 rows with the outlier channels
+/// zeroed, per-token scales, and the outlier channels gathered in FP16.
+pub struct MixqActivations {
+    outliers: Arc<OutlierSet>,
+    capacity: usize,
+    tokens: usize,
+    k_pad: usize,
+    xq: CudaSlice<i8>,
+    sx: CudaSlice<f32>,
+    xo: CudaSlice<u16>,
+    over_threshold: CudaSlice<u32>,
+}
+
+impl MixqActivations {
+    pub fn new(device: &CudaDevice, capacity: usize, outliers: &Arc<OutlierSet>) -> Result<Self> {
+        let k_pad = round_up(outliers.k, K_TILE);
+        Ok(Self {
+            outliers: outliers.clone(),
+            capacity,
+            tokens: 0,
+            k_pad,
+            xq: device.zeros(capacity * k_pad)?,
+            sx: device.zeros(capacity)?,
+            xo: device.zeros(capacity * outliers.padded_len())?,
+            over_threshold: device.zeros(1)?,
+        })
+    }
+
+    /// Activations quantized elsewhere: `xq[tokens][k]`, `sx[tokens]`, `xo[tokens][ko]`.
+    pub fn from_host(
+        device: &CudaDevice,
+        outliers: &Arc<OutlierSet>,
+        xq: &[i8],
+        sx: &[f32],
+        xo: &[f16],
+    ) -> Result<Self> {
+        let (tokens, k, ko, ko_pad) = (sx.len(), outliers.k, outliers.channels.len(), outliers.padded_len());
+        check_shape("xq", xq.len(), tokens * k)?;
+        check_shape("xo", xo.len(), tokens * ko)?;
+        let mut acts = Self::new(device, tokens, outliers)?;
+        let mut padded = vec![0i8; tokens * acts.k_pad];
+        let mut gathered = vec![0u16; tokens * ko_pad];
+        for t in 0..tokens {
+            padded[t * acts.k_pad..][..k].copy_from_slice(&xq[t * k..][..k]);
+            for (dst, src) in gathered[t * ko_pad..][..ko].iter_mut().zip(&xo[t * ko..][..ko]) {
+                *dst = src.to_bits();
+            }
+        }
+        acts.xq = device.upload(&padded)?;
+        acts.sx = device.upload(sx)?;
+        acts.xo = device.upload(&gathered)?;
+        acts.tokens = tokens;
+        Ok(acts)
+    }
+
+    /// `tokens` rows of random activations, for benchmarks.
+    pub fn random(device: &CudaDevice, tokens: usize, outliers: &Arc<OutlierSet>, seed: u64) -> Result<Self> {
+        let mut acts = Self::new(device, tokens, outliers)?;
+        acts.tokens = tokens;
+        fill_bytes(device, &mut acts.xq, seed)?;
+        fill_f32_range(device, &mut acts.sx, seed + 1, 0.01, 0.02)?;
+        fill_f16(device, &mut acts.xo, seed + 2, 8.0)?;
+        Ok(acts)
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Quantizes `tokens` rows of `x` (f16 bits, `[tokens][k]`) after applying `producer`;
+    /// tokens whose non-outlier amax exceeds `threshold` are counted (see [`Self::over_threshold`]).
+    pub fn produce(
+        &mut self,
+        device: &CudaDevice,
+        producer: Producer,
+        x: &CudaSlice<u16>,
+        tokens: usize,
+        threshold: f32,
+    ) -> Result<()> {
+        let k = self.outliers.k;
+        if tokens > self.capacity {
+            return Err(CudaError::Shape(format!("{tokens} tokens exceed the buffer's {}", self.capacity)));
+        }
+        check_at_least("x", x.len(), tokens * k)?;
+        let (name, b, eps) = match producer {
+            Producer::Plain => ("mixq_produce_plain", x, 0.0),
+            Producer::RmsNorm { gamma, eps } => {
+                check_at_least("gamma", gamma.len(), k)?;
+                ("mixq_produce_rmsnorm", gamma, eps)
+            }
+            Producer::SiluMul { up } => {
+                check_at_least("up", up.len(), tokens * k)?;
+                ("mixq_produce_silu_mul", up, 0.0)
+            }
+        };
+        self.tokens = tokens;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let function = device.function(&MIXQ, name, 0)?;
+        let (k_i, ko, k_pad, ko_pad) =
+            (k as i32, self.outliers.channels.len() as i32, self.k_pad as i32, self.outliers.padded_len() as i32);
+        let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = device.stream().launch_builder(&function);
+        launch
+            .arg(x)
+            .arg(b)
+            .arg(&k_i)
+            .arg(&k_i)
+            .arg(&eps)
+            .arg(&self.outliers.slot)
+            .arg(&ko)
+            .arg(&k_pad)
+            .arg(&ko_pad)
+            .arg(&mut self.xq)
+            .arg(&mut self.sx)
+            .arg(&mut self.xo)
+            .arg(&threshold)
+            .arg(&mut self.over_threshold);
+        unsafe { launch.launch(config) }?;
+        Ok(())
+    }
+
+    /// Tokens counted over the threshold since the buffer was made.
+    pub fn over_threshold(&self, device: &CudaDevice) -> Result<u32> {
+        Ok(device.download(&self.over_threshold)?[0])
+    }
+
+    /// The quantized rows, scales and gathered outliers (for tests).
+    pub fn download(&self, device: &CudaDevice) -> Result<(Vec<i8>, Vec<f32>, Vec<u16>)> {
+        let (xq, sx, xo) = (device.download(&self.xq)?, device.download(&self.sx)?, device.download(&self.xo)?);
+        let (kp, kop) = (self.k_pad, self.outliers.padded_len());
+        Ok((xq[..self.tokens * kp].to_vec(), sx[..self.tokens].to_vec(), xo[..self.tokens * kop].to_vec()))
+    }
+
+    pub fn padded_k(&self) -> usize {
+        self.k_pad
+    }
+}
+
+fn check_at_least(name: &str, got: usize, want: usize) -> Result<()> {
+    if got < want {
+        return Err(CudaError::Shape(format!("{name} holds {got} values, at least {want} are needed")));
+    }
+    Ok(())
+}
+
+/// The kernels' argument block (`GemmArgs` in mixq.cu).
+#[repr(C)]
+struct GemmArgs {
+    xq: u64,
+    sx: u64,
+    xo: u64,
+    wq: u64,
+    sw: u64,
+    wz: u64,
+    wo: u64,
+    y: u64,
+    m: i32,
+    n: i32,
+    k_pad: i32,
+    ko_pad: i32,
+    group_tiles: i32,
+}
+
+unsafe impl DeviceRepr for GemmArgs {}
+
+/// A tiled kernel: its name, output tile and dynamic shared memory.
+struct Tiled {
+    name: &'static str,
+    bm: usize,
+    bn: usize,
+    smem: u32,
+}
+
+const W8_128X128: Tiled = Tiled { name: "mixq_w8_128x128", bm: 128, bn: 128, smem: 4 * (128 * 128 + 16 * 1024) };
+const W8_128X256: Tiled = Tiled { name: "mixq_w8_128x256", bm: 128, bn: 256, smem: 3 * (128 * 128 + 32 * 1024) };
+const W4_128X128: Tiled = Tiled { name: "mixq_w4_128x128", bm: 128, bn: 128, smem: 4 * (128 * 128 + 16 * 1024) };
+
+/// `y[tokens][n] (f16 bits) = acts · weightᵀ`, dequantized, outliers included.
+pub fn gemm(device: &CudaDevice, weight: &MixqWeight, acts: &MixqActivations, y: &mut CudaSlice<u16>) -> Result<()> {
+    if weight.outliers.channels != acts.outliers.channels || weight.k != acts.outliers.k {
+        return Err(CudaError::Shape(
+            "the activations were quantized for another input (outlier channels or width differ)".into(),
+        ));
+    }
+    let (m, n) = (acts.tokens, weight.n);
+    check_at_least("y", y.len(), m * n)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let stream = device.stream();
+    let (xq, _g1) = acts.xq.device_ptr(stream);
+    let (sx, _g2) = acts.sx.device_ptr(stream);
+    let (xo, _g3) = acts.xo.device_ptr(stream);
+    let (wq, _g4) = weight.qweight.device_ptr(stream);
+    let (sw, _g5) = weight.scales.device_ptr(stream);
+    let (wz, _g6) = weight.zeros.device_ptr(stream);
+    let (wo, _g7) = weight.outlier_weight.device_ptr(stream);
+    let (yp, _g8) = y.device_ptr_mut(stream);
+    let args = GemmArgs {
+        xq,
+        sx,
+        xo,
+        wq,
+        sw,
+        wz,
+        wo,
+        y: yp,
+        m: m as i32,
+        n: n as i32,
+        k_pad: acts.k_pad as i32,
+        ko_pad: acts.outliers.padded_len() as i32,
+        group_tiles: weight.group_tiles as i32,
+    };
+    let w4 = weight.bits == 4;
+    let (function, config) = if m <= GEMV_MAX_TOKENS {
+        let name = if w4 { "mixq_w4_gemv" } else { "mixq_w8_gemv" };
+        let config =
+            LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        (device.function(&MIXQ, name, 0)?, config)
+    } else {
+        let tiled = match (w4, m) {
+            (true, _) => &W4_128X128,
+            (false, m) if m >= 1024 && n >= 4096 => &W8_128X256,
+            (false, _) => &W8_128X128,
+        };
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(tiled.bn) as u32, m.div_ceil(tiled.bm) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: tiled.smem,
+        };
+        (device.function(&MIXQ, tiled.name, tiled.smem)?, config)
+    };
+    let mut launch = stream.launch_builder(&function);
+    launch.arg(&args);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+fn launch_fill(device: &CudaDevice, name: &str, len: usize) -> Result<(cudarc::driver::CudaFunction, LaunchConfig)> {
+    let blocks = len.div_ceil(256).clamp(1, 4 * 1024) as u32;
+    Ok((
+        device.function(&FILL, name, 0)?,
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
+    ))
+}
+
+/// Uniform random bytes over the whole buffer.
+pub fn fill_bytes<T: DeviceRepr>(device: &CudaDevice, out: &mut CudaSlice<T>, seed: u64) -> Result<()> {
+    let len = out.num_bytes() as u64;
+    let (function, config) = launch_fill(device, "fill_bytes", len as usize)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(out).arg(&len).arg(&seed);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// Uniform f16 values in [-scale, scale) over the whole buffer (two bytes each).
+pub fn fill_f16<T: DeviceRepr>(device: &CudaDevice, out: &mut CudaSlice<T>, seed: u64, scale: f32) -> Result<()> {
+    let len = (out.num_bytes() / 2) as u64;
+    let (function, config) = launch_fill(device, "fill_f16", len as usize)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(out).arg(&len).arg(&seed).arg(&scale);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// Uniform bf16 values in [-scale, scale).
+pub fn fill_bf16(device: &CudaDevice, out: &mut CudaSlice<half::bf16>, seed: u64, scale: f32) -> Result<()> {
+    let len = out.len() as u64;
+    let (function, config) = launch_fill(device, "fill_bf16", out.len())?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(out).arg(&len).arg(&seed).arg(&scale);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// Uniform f32 values in [lo, hi).
+pub fn fill_f32_range(device: &CudaDevice, out: &mut CudaSlice<f32>, seed: u64, lo: f32, hi: f32) -> Result<()> {
+    let len = out.len() as u64;
+    let (function, config) = launch_fill(device, "fill_f32_range", out.len())?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(out).arg(&len).arg(&seed).arg(&lo).arg(&hi);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The packers against the PTX ISA's fragment layouts: an emulated mma reads each lane's
+    //! registers from the packed bytes as the kernels do and must reproduce a plain matmul.
+    use super::*;
+    use anyq_core::testing::XorShift;
+
+    /// Lane `l = 4g + t` of m16n8k32 (s8) holds B[k][n = g] at k = 4t + b (first register) and
+    /// 16 + 4t + b (second); m16n8k16 (f16) at k = 2t + h and 8 + 2t + h.
+    fn dot_through_fragments(
+        n: usize,
+        k_pad: usize,
+        x: &[f64],
+        register: impl Fn(usize, usize, usize, usize) -> [f64; 8],
+        steps_per_chunk: usize,
+        k_per_step: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; n];
+        let chunks = k_pad / (steps_per_chunk * k_per_step);
+        for tile in 0..n.div_ceil(8) {
+            for chunk in 0..chunks {
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    if tile * 8 + g >= n {
+                        continue;
+                    }
+                    for step in 0..steps_per_chunk {
+                        let base = (chunk * steps_per_chunk + step) * k_per_step;
+                        let values = register(tile, chunk, lane, step);
+                        let half = k_per_step / 2;
+                        let per = k_per_step / 8; // elements per lane per register
+                        for j in 0..per {
+                            y[tile * 8 + g] += values[j] * x[base + per * t + j];
+                            y[tile * 8 + g] += values[per + j] * x[base + half + per * t + j];
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Where NVRTC is installed (with or without a GPU), every kernel compiles for Hopper.
+    #[test]
+    fn kernels_compile_for_hopper() {
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but NVRTC is missing");
+            eprintln!("no NVRTC: skipped");
+            return;
+        }
+        for source in [&MIXQ, &FILL] {
+            let image = crate::compile::cubin(source, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(image.starts_with(b"\x7fELF"), "{}: not a cubin", source.name);
+        }
+        let broken = KernelSource { name: "broken", code: "extern \"C\" __global__ void f() { undeclared(); }" };
+        let err = crate::compile::cubin(&broken, (9, 0)).err().expect("a broken kernel must not compile");
+        assert!(matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"), "{err}");
+    }
+
+    #[test]
+    fn w8_fragments_reproduce_the_matmul() {
+        let (n, k) = (21, 200);
+        let k_pad = round_up(k, K_TILE);
+        let mut rng = XorShift::new(3);
+        let q: Vec<i8> = rng.bytes(n * k).into_iter().map(|b| b as i8).collect();
+        let x: Vec<f64> = (0..k_pad).map(|i| if i < k { rng.uniform() as f64 } else { 1e9 }).collect();
+        let packed = pack_w8(&q, n, k);
+        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
+            let at = (tile * (k_pad / 64) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 8;
+            let mut v = [0.0; 8];
+            for (j, b) in packed[at..at + 8].iter().enumerate() {
+                v[j] = *b as i8 as f64;
+            }
+            v
+        };
+        let got = dot_through_fragments(n, k_pad, &x, register, 2, 32);
+        for row in 0..n {
+            let want: f64 = (0..k).map(|c| q[row * k + c] as f64 * x[c]).sum();
+            assert!((got[row] - want).abs() < 1e-9, "row {row}: {} vs {want}", got[row]);
+        }
+    }
+
+    #[test]
+    fn w4_fragments_reproduce_the_matmul_with_zero_padding() {
+        let (n, k) = (13, 300);
+        let k_pad = round_up(k, K_TILE);
+        let mut rng = XorShift::new(4);
+        let q: Vec<u8> = rng.bytes(n * k).into_iter().map(|b| b & 15).collect();
+        let zero = |row: usize| (row % 16) as u8;
+        let x: Vec<f64> = (0..k_pad).map(|i| if i < k { rng.uniform() as f64 } else { 1e9 }).collect();
+        let packed = pack_w4(&q, n, k, |row, _| zero(row));
+        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
+            let at = (tile * (k_pad / 128) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 4;
+            let z = zero(tile * 8 + lane / 4) as f64;
+            let mut v = [0.0; 8];
+            for (b, byte) in packed[at..at + 4].iter().enumerate() {
+                v[b] = (byte & 15) as f64 - z;
+                v[4 + b] = (byte >> 4) as f64 - z;
+            }
+            v
+        };
+        let got = dot_through_fragments(n, k_pad, &x, register, 4, 32);
+        for row in 0..n {
+            let want: f64 = (0..k).map(|c| (q[row * k + c] as f64 - zero(row) as f64) * x[c]).sum();
+            assert!((got[row] - want).abs() < 1e-6, "row {row}: {} vs {want}", got[row]);
+        }
+    }
+
+    #[test]
+    fn f16_fragments_reproduce_the_matmul() {
+        let (n, ko) = (10, 37);
+        let ko_pad = round_up(ko, OUTLIER_TILE);
+        let mut rng = XorShift::new(5);
+        let w: Vec<f16> = (0..n * ko).map(|_| f16::from_f32(rng.uniform())).collect();
+        let x: Vec<f64> = (0..ko_pad).map(|i| if i < ko { rng.uniform() as f64 } else { 1e9 }).collect();
+        let packed = pack_f16(&w, n, ko, ko_pad);
+        // Each f16 register holds two k: b0 = k 2t, 2t+1; b1 = k 8 + 2t, 8 + 2t + 1.
+        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
+            let at = (tile * (ko_pad / 32) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 8;
+            let mut v = [0.0; 8];
+            for (j, p) in packed[at..at + 8].chunks(2).enumerate() {
+                v[j] = f16::from_bits(u16::from_le_bytes([p[0], p[1]])).to_f64();
+            }
+            v
+        };
+        let got = dot_through_fragments(n, ko_pad, &x, register, 2, 16);
+        for row in 0..n {
+            let want: f64 = (0..ko).map(|c| w[row * ko + c].to_f64() * x[c]).sum();
+            assert!((got[row] - want).abs() < 1e-9, "row {row}: {} vs {want}", got[row]);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! GPU kernels against host references on random inputs of odd shapes. On a machine without a
+//! GPU each test says so and returns, unless ANYQ_REQUIRE_GPU is set (scripts/gpu-check sets it),
+//! which turns a missing GPU into a failure.
+
+use std::sync::Arc;
+
+use anyq_core::testing::XorShift;
+use anyq_cuda::mixq::{gemm, MixqActivations, MixqWeight, OutlierSet, Producer};
+use anyq_cuda::{BlasGemm, CudaDevice, CudaError, Int8Gemm};
+use half::f16;
+
+fn device() -> Option<Arc<CudaDevice>> {
+    if CudaDevice::available() {
+        return Some(CudaDevice::open(0).expect("a GPU is present but cannot be opened"));
+    }
+    assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but no GPU is usable");
+    eprintln!("no CUDA GPU: skipped");
+    None
+}
+
+#[test]
+fn opening_a_missing_gpu_is_an_error_not_a_panic() {
+    let err = CudaDevice::open(1 << 20).err().expect("GPU 2^20 cannot exist");
+    assert!(matches!(err, CudaError::NoDriver | CudaError::NoDevice { .. }), "{err}");
+    assert!(!err.to_string().is_empty());
+}
+
+/// ‖got − want‖ / ‖want‖.
+fn relative_error(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+fn to_f64(bits: &[u16]) -> Vec<f64> {
+    bits.iter().map(|&b| f16::from_bits(b).to_f64()).collect()
+}
+
+/// Every `every`-th channel, starting at `first`, up to `k`.
+fn spread_channels(k: usize, count: usize) -> Vec<u32> {
+    (0..count).map(|i| ((i * k) / count.max(1) + 3) as u32 % k as u32).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+}
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    outliers: usize,
+}
+
+const CASES: &[Case] = &[
+    Case { m: 1, n: 24, k: 200, outliers: 0 },
+    Case { m: 3, n: 37, k: 333, outliers: 5 },
+    Case { m: 16, n: 40, k: 256, outliers: 70 },
+    Case { m: 17, n: 37, k: 333, outliers: 5 },
+    Case { m: 130, n: 260, k: 520, outliers: 9 },
+    Case { m: 300, n: 129, k: 1000, outliers: 0 },
+    Case { m: 1030, n: 4104, k: 384, outliers: 40 },
+];
+
+/// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
+/// scales and FP16 outliers.
+fn activations(rng: &mut XorShift, m: usize, k: usize, channels: &[u32]) -> (Vec<i8>, Vec<f32>, Vec<f16>) {
+    let mut xq: Vec<i8> = rng.bytes(m * k).into_iter().map(|b| (b as i8).max(-127)).collect();
+    for row in xq.chunks_mut(k) {
+        for &c in channels {
+            row[c as usize] = 0;
+        }
+    }
+    let sx = (0..m).map(|_| 0.01 + 0.01 * rng.uniform().abs()).collect();
+    let xo = (0..m * channels.len()).map(|_| f16::from_f32(8.0 * rng.uniform())).collect();
+    (xq, sx, xo)
+}
+
+fn check_gemm(bits: u32, group: usize) {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(bits as u64 * 1000 + group as u64);
+    for case in CASES {
+        let &Case { m, n, k, outliers } = case;
+        let channels = spread_channels(k, outliers);
+        let ko = channels.len();
+        let set = OutlierSet::new(&device, k, &channels).unwrap();
+        let (xq, sx, xo) = activations(&mut rng, m, k, &channels);
+        let wo: Vec<f16> = (0..n * ko).map(|_| f16::from_f32(0.05 * rng.uniform())).collect();
+        // Dequantized weights for the reference.
+        let mut w = vec![0.0f64; n * k];
+        let weight = if bits == 8 {
+            let q: Vec<i8> = rng.bytes(n * k).into_iter().map(|b| (b as i8).max(-127)).collect();
+            let scales: Vec<f32> = (0..n).map(|_| 1e-3 * (1.0 + rng.uniform().abs())).collect();
+            for (i, v) in w.iter_mut().enumerate() {
+                *v = q[i] as f64 * scales[i / k] as f64;
+            }
+            MixqWeight::w8(&device, &q, &scales, (n, k), &set, &wo).unwrap()
+        } else {
+            let groups = k.div_ceil(group);
+            let q: Vec<u8> = rng.bytes(n * k).into_iter().map(|b| b & 15).collect();
+            let zeros: Vec<u8> = rng.bytes(n * groups).into_iter().map(|b| b & 15).collect();
+            let scales: Vec<f32> = (0..n * groups).map(|_| 1e-2 * (1.0 + rng.uniform().abs())).collect();
+            for (i, v) in w.iter_mut().enumerate() {
+                let (row, col) = (i / k, i % k);
+                let g = row * groups + col / group;
+                *v = (q[i] as f64 - zeros[g] as f64) * scales[g] as f64;
+            }
+            MixqWeight::w4(&device, &q, &scales, &zeros, (n, k), group, &set, &wo).unwrap()
+        };
+        let acts = MixqActivations::from_host(&device, &set, &xq, &sx, &xo).unwrap();
+        // Poison: every output element must be written.
+        let mut y = device.upload(&vec![f16::NAN.to_bits(); m * n]).unwrap();
+        gemm(&device, &weight, &acts, &mut y).unwrap();
+        let got = to_f64(&device.download(&y).unwrap());
+        let mut want = vec![0.0f64; m * n];
+        for t in 0..m {
+            for j in 0..n {
+                let bulk: f64 = (0..k).map(|c| xq[t * k + c] as f64 * w[j * k + c]).sum();
+                let outlier: f64 = (0..ko).map(|o| xo[t * ko + o].to_f64() * wo[j * ko + o].to_f64()).sum();
+                want[t * n + j] = sx[t] as f64 * bulk + outlier;
+            }
+        }
+        assert!(got.iter().all(|v| v.is_finite()), "W{bits} {m}x{n}x{k}: unwritten or non-finite output");
+        let err = relative_error(&got, &want);
+        assert!(err < 2e-3, "W{bits} g{group} m={m} n={n} k={k} outliers={ko}: relative error {err:.2e}");
+    }
+}
+
+#[test]
+fn w8a8_gemm_with_outliers_matches_the_host() {
+    check_gemm(8, 0);
+}
+
+#[test]
+fn w4a8_gemm_with_outliers_matches_the_host() {
+    check_gemm(4, 128);
+    check_gemm(4, 256);
+}
+
+/// The producer's output against the host: same scales, INT8 values off by at most one step
+/// (rounding of values that sit on a boundary), outliers gathered in order, padding zero.
+fn check_producer(mode: &str) {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(11);
+    for &(m, k, outliers) in &[(1usize, 64usize, 0usize), (5, 333, 7), (33, 4100, 41)] {
+        let channels = spread_channels(k, outliers);
+        let ko = channels.len();
+        let set = OutlierSet::new(&device, k, &channels).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|_| 2.0 * rng.uniform()).collect();
+        let other: Vec<f32> = (0..m * k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
+        let xh: Vec<u16> = x.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        let oh: Vec<u16> = other.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        let (x, other): (Vec<f64>, Vec<f64>) = (to_f64(&xh), to_f64(&oh));
+        let eps = 1e-5;
+        let y: Vec<f64> = (0..m * k)
+            .map(|i| match mode {
+                "rmsnorm" => {
+                    let row = &x[i / k * k..][..k];
+                    let rinv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + eps).sqrt();
+                    x[i] * rinv * other[i % k]
+                }
+                "silu" => x[i] / (1.0 + (-x[i]).exp()) * other[i],
+                _ => x[i],
+            })
+            .collect();
+        let (xd, od) = (device.upload(&xh).unwrap(), device.upload(&oh).unwrap());
+        let mut acts = MixqActivations::new(&device, m + 3, &set).unwrap();
+        let producer = match mode {
+            "rmsnorm" => Producer::RmsNorm { gamma: &od, eps: eps as f32 },
+            "silu" => Producer::SiluMul { up: &od },
+            _ => Producer::Plain,
+        };
+        acts.produce(&device, producer, &xd, m, 0.5).unwrap();
+        let (xq, sx, xo) = acts.download(&device).unwrap();
+        let (k_pad, ko_pad) = (acts.padded_k(), set.padded_len());
+        let mut over = 0;
+        for t in 0..m {
+            let row = &y[t * k..][..k];
+            let amax = (0..k).filter(|c| !channels.contains(&(*c as u32))).map(|c| row[c].abs()).fold(0.0, f64::max);
+            over += (amax > 0.5) as u32;
+            let scale = amax / 127.0;
+            assert!((sx[t] as f64 - scale).abs() <= 1e-4 * scale, "{mode} token {t}: scale {} vs {scale}", sx[t]);
+            for c in 0..k_pad {
+                let q = xq[t * k_pad + c] as f64;
+                if c >= k || channels.contains(&(c as u32)) {
+                    assert_eq!(q, 0.0, "{mode} token {t} channel {c} must be zero");
+                } else {
+                    assert!((q - row[c] / scale).abs() <= 1.0, "{mode} token {t} channel {c}: {q} vs {}", row[c] / scale);
+                }
+            }
+            for o in 0..ko_pad {
+                let got = f16::from_bits(xo[t * ko_pad + o]).to_f64();
+                let want = if o < ko { row[channels[o] as usize] } else { 0.0 };
+                assert!((got - want).abs() <= 1e-3 * want.abs() + 1e-6, "{mode} token {t} outlier {o}: {got} vs {want}");
+            }
+        }
+        assert_eq!(acts.over_threshold(&device).unwrap(), over, "{mode}: tokens over the threshold");
+    }
+}
+
+#[test]
+fn producer_rmsnorm_quantizes_and_gathers_like_the_host() {
+    check_producer("rmsnorm");
+}
+
+#[test]
+fn producer_silu_mul_quantizes_and_gathers_like_the_host() {
+    check_producer("silu");
+}
+
+#[test]
+fn producer_plain_quantizes_and_gathers_like_the_host() {
+    check_producer("plain");
+}
+
+#[test]
+fn cublas_peers_compute_the_product() {
+    let Some(device) = device() else { return };
+    let (m, n, k) = (33, 72, 128);
+    let mut rng = XorShift::new(21);
+    let x: Vec<i8> = rng.bytes(m * k).into_iter().map(|b| b as i8).collect();
+    let w: Vec<i8> = rng.bytes(n * k).into_iter().map(|b| b as i8).collect();
+    let mut lt = Int8Gemm::new(&device, (m, n, k)).unwrap();
+    let mut y = device.zeros::<i32>(m * n).unwrap();
+    lt.run(&device.upload(&x).unwrap(), &device.upload(&w).unwrap(), &mut y).unwrap();
+    let got = device.download(&y).unwrap();
+    for t in 0..m {
+        for j in 0..n {
+            let want: i32 = (0..k).map(|c| x[t * k + c] as i32 * w[j * k + c] as i32).sum();
+            assert_eq!(got[t * n + j], want, "cuBLASLt INT8 at ({t}, {j})");
+        }
+    }
+    let xf: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v as f32 / 64.0)).collect();
+    let wf: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v as f32 / 64.0)).collect();
+    let blas = BlasGemm::new(&device).unwrap();
+    let mut yb = device.zeros::<half::bf16>(m * n).unwrap();
+    blas.bf16(&device.upload(&xf).unwrap(), &device.upload(&wf).unwrap(), &mut yb, (m, n, k)).unwrap();
+    let got: Vec<f64> = device.download(&yb).unwrap().iter().map(|v| v.to_f64()).collect();
+    let want: Vec<f64> = (0..m * n)
+        .map(|i| (0..k).map(|c| xf[i / n * k + c].to_f64() * wf[i % n * k + c].to_f64()).sum())
+        .collect();
+    assert!(relative_error(&got, &want) < 1e-2);
+}
