@@ -1,18 +1,17 @@
 // MixQ on NVIDIA tensor cores: INT8 MMA over the bulk of the channels, FP16 MMA over the few
 // outlier channels, both accumulated into one set of registers and written once.
 //
-// Layouts (host side: src/mixq.rs builds them):
-// - activations: xq int8 [m][k_pad] row-major, outlier channels zeroed, per-token scale sx[m];
-//   outlier channels gathered in order into xo f16 [m][ko_pad].
-// - weights, "fragment-major": for each 8-row tile of W and each 512-byte chunk of k, lane l's
-//   16 bytes are exactly the B fragments lane l feeds to mma.sync, so a warp reads 512
-//   contiguous bytes and needs no shuffle. A chunk holds 64 k of int8 (W8: two k32 steps),
-//   128 k of packed int4 (W4: four k32 steps) or 32 k of f16 (outliers: two k16 steps).
-//   Lane l = 4g + t serves weight row g; its registers hold k = 4t..4t+3 and 16+4t..16+4t+3
-//   of each k32 step (f16: 2t, 2t+1 and 8+2t, 8+2t+1 of each k16 step).
-// - W8: per-row scale sw[n_pad]. W4: scale sw and zero point wz per (row, group of 128·G k);
-//   weights are unsigned nibbles, unpacked to q - zero in registers (Hopper's INT4 MMA is
-//   emulated and slower than INT8: 4-bit weights always compute in INT8).
+// Layouts (host side: src/mixq.rs builds them), all row-major with k contiguous ("K-major", what
+// both mma.sync and wgmma want for 8-bit operands):
+// - activations: xq int8 [m][k_pad], outlier channels zeroed, per-token scale sx[m]; the outlier
+//   channels gathered in order into xo f16 [m][ko_pad]. k_pad is a multiple of 128, ko_pad of 64.
+// - W8: wq int8 [n_pad][k_pad], per-row scale sw[n_pad].
+// - W4: wq [n_pad][k_pad / 2]; in each 32-k block of a row (16 bytes) byte j holds k = j in its
+//   low nibble and k = j + 16 in its high one, so four bytes unpack (q - zero, in registers) into
+//   exactly the two registers of an m16n8k32 fragment. Scale sw and zero point wz per (row, group
+//   of 128·group_tiles k). Hopper's INT4 MMA is emulated and slower than INT8: 4-bit weights
+//   always compute in INT8.
+// - outlier weights: wo f16 [n_pad][ko_pad].
 
 #define BK 128 // k per pipeline stage: 128 bytes of int8 activations per row
 #define CHUNK 512
@@ -84,9 +83,8 @@ extern "C" __global__ void mixq_produce_rmsnorm(PRODUCE_ARGS) { mixq_produce<PRO
 extern "C" __global__ void mixq_produce_silu_mul(PRODUCE_ARGS) { mixq_produce<PRODUCE_SILU_MUL>(PRODUCE_PASS); }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled GEMM for many tokens: y[m][n] = sx[m] * (W8: sw[n] * Σ xq·wq | W4: Σ_groups sw·Σ xq·(q-z))
-//                                       + Σ xo·wo,
-// a BM x BN tile per block, STAGES-deep cp.async pipeline over k, warps of MT x NT mma tiles.
+// GEMM for many tokens: y[m][n] = sx[m] · (W8: sw[n] · Σ xq·wq | W4: Σ_groups sw · Σ xq·(q − z))
+//                                 + Σ xo·wo.
 
 struct GemmArgs {
     const i8_t* xq;
@@ -95,64 +93,61 @@ struct GemmArgs {
     const u8_t* wq;
     const float* sw;
     const u8_t* wz;
-    const u8_t* wo;
+    const f16_t* wo;
     f16_t* y;
     int m, n, k_pad, ko_pad, group_tiles;
 };
 
-// A: BM rows x 128 bytes; 16-byte chunk c of row r lives at chunk c ^ (r & 7), so the 8 rows an
-// ldmatrix reads fall in 8 different bank groups.
-template <int BM, int THREADS>
-__device__ __forceinline__ void load_a_tile(u8_t* s, const u8_t* src, u64_t row_bytes, int m0, int m) {
-    static_assert(BM * 8 % THREADS == 0, "whole 16-byte chunks per thread");
+// A tile of ROWS rows x ROW_BYTES bytes (128 or 64) starting at column byte `col` of a row-major
+// matrix; 16-byte chunk c of row r is stored at chunk c ^ swizzle(r), so the 8 rows an ldmatrix
+// (or wgmma) reads fall in 8 different bank groups. Rows at or past `rows` are zero-filled.
+template <int ROW_BYTES>
+__device__ __forceinline__ int swizzled(int r, int c) {
+    return r * ROW_BYTES + ((ROW_BYTES == 128 ? c ^ (r & 7) : c ^ ((r >> 1) & 3)) << 4);
+}
+
+template <int ROWS, int ROW_BYTES, int THREADS>
+__device__ __forceinline__ void load_tile(u8_t* s, const u8_t* src, u64_t stride, int r0, int rows, int col) {
+    constexpr int CHUNKS = ROW_BYTES / 16;
+    static_assert(ROWS * CHUNKS % THREADS == 0, "whole 16-byte chunks per thread");
 #pragma unroll
-    for (int it = 0; it < BM * 8 / THREADS; ++it) {
-        const int i = threadIdx.x + it * THREADS, r = i >> 3, c = i & 7;
-        const bool valid = m0 + r < m;
-        const u8_t* g = src + (valid ? (u64_t)(m0 + r) * row_bytes : 0) + c * 16;
-        cp_async16(s + r * BK + ((c ^ (r & 7)) << 4), g, valid);
+    for (int it = 0; it < ROWS * CHUNKS / THREADS; ++it) {
+        const int i = threadIdx.x + it * THREADS, r = i / CHUNKS, c = i % CHUNKS;
+        const bool valid = r0 + r < rows;
+        cp_async16(s + swizzled<ROW_BYTES>(r, c), src + (valid ? (u64_t)(r0 + r) * stride : 0) + col + c * 16, valid);
     }
 }
 
-// B: BN/8 weight tiles of TILE_BYTES each, copied as they lie (fragment-major).
-template <int BN, int TILE_BYTES, int THREADS>
-__device__ __forceinline__ void load_b_tile(u8_t* s, const u8_t* src, u64_t tile_stride, int nt0, int n_tiles) {
-    constexpr int PER_TILE = TILE_BYTES / 16;
-    static_assert((BN / 8) * PER_TILE % THREADS == 0, "whole 16-byte chunks per thread");
-#pragma unroll
-    for (int it = 0; it < (BN / 8) * PER_TILE / THREADS; ++it) {
-        const int i = threadIdx.x + it * THREADS, t = i / PER_TILE, off = (i % PER_TILE) * 16;
-        const bool valid = nt0 + t < n_tiles;
-        cp_async16(s + t * TILE_BYTES + off, src + (valid ? (u64_t)(nt0 + t) * tile_stride : 0) + off, valid);
+// Stores a pair of adjacent outputs (c, c + 1) of row `row`, each only if inside the matrix.
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int col, float v0, float v1) {
+    if (row >= p.m || col >= p.n) return;
+    f16_t* dst = p.y + (u64_t)row * p.n + col;
+    if (col + 1 < p.n && (p.n & 1) == 0) {
+        *(u32_t*)dst = (u32_t)f32_to_f16(v0) | ((u32_t)f32_to_f16(v1) << 16);
+    } else {
+        dst[0] = f32_to_f16(v0);
+        if (col + 1 < p.n) dst[1] = f32_to_f16(v1);
     }
 }
 
-template <int MT>
-__device__ __forceinline__ void load_a_frags(u32_t (&a)[MT][4], const u8_t* sA, int warp_row, int step, int lane) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        const int r = warp_row + mt * 16 + (lane & 15);
-        const int c = 2 * step + (lane >> 4);
-        ldmatrix_x4(a[mt], sA + r * BK + ((c ^ (r & 7)) << 4));
-    }
-}
-
-template <int WM, int WN, int MT, int NT, int STAGES, bool W4>
-__device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
-    constexpr int THREADS = WM * WN * 32;
+// Portable tiled kernel (mma.sync, sm_80 and later): BM x BN per block, 8 warps of 64 x 32,
+// STAGES-deep cp.async pipeline, 128 k per stage.
+template <int STAGES, bool W4>
+__device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
+    constexpr int WM = 2, WN = 4, MT = 4, NT = 4, THREADS = 256;
     constexpr int BM = WM * MT * 16, BN = WN * NT * 8;
-    constexpr int B_TILE = W4 ? CHUNK : 2 * CHUNK; // bytes of one weight tile per stage
-    constexpr int A_BYTES = BM * BK, B_BYTES = (BN / 8) * 2 * CHUNK;
+    constexpr int B_ROW = W4 ? 64 : 128;
+    constexpr int A_BYTES = BM * BK, B_BYTES = BN * BK; // B sized for the FP16 outlier stage
     constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     extern __shared__ __align__(128) u8_t smem[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warp_m = warp / WN, warp_n = warp % WN;
-    const int m0 = blockIdx.y * BM, nt0 = blockIdx.x * (BN / 8);
-    const int n_tiles = (p.n + 7) >> 3, k_tiles = p.k_pad / BK;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK;
     const int g = lane >> 2, t = lane & 3;
-    const int warp_row = warp_m * MT * 16;
-    const u8_t* xq = (const u8_t*)p.xq;
+    const int warp_row = warp_m * MT * 16, warp_col = warp_n * NT * 8;
+    const u64_t w_stride = W4 ? p.k_pad / 2 : p.k_pad;
 
     int acc[MT][NT][4];
     float out[MT][NT][4];
@@ -165,10 +160,9 @@ __device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
 
     auto load_stage = [&](int stage, int kt) {
         u8_t* s = smem + stage * STAGE_BYTES;
-        load_a_tile<BM, THREADS>(s, xq + kt * BK, p.k_pad, m0, p.m);
-        load_b_tile<BN, B_TILE, THREADS>(s + A_BYTES, p.wq + (u64_t)kt * B_TILE, (u64_t)k_tiles * B_TILE, nt0, n_tiles);
+        load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xq, p.k_pad, m0, p.m, kt * BK);
+        load_tile<BN, B_ROW, THREADS>(s + A_BYTES, p.wq, w_stride, n0, n_pad, kt * B_ROW);
     };
-
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles) load_stage(s, s);
@@ -188,43 +182,49 @@ __device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
         if (W4 && kt % p.group_tiles == 0) {
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const int row = (nt0 + warp_n * NT + j) * 8 + g;
-                zero4[j] = row < n_tiles * 8 ? p.wz[(u64_t)row * groups + kt / p.group_tiles] * 0x01010101u : 0;
+                const int row = n0 + warp_col + j * 8 + g;
+                zero4[j] = row < n_pad ? p.wz[(u64_t)row * groups + kt / p.group_tiles] * 0x01010101u : 0;
+            }
+        }
+        u32_t packed[NT][4]; // W4: one ldmatrix.x4 brings a tile's four k32 steps
+        if (W4) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int r = warp_col + j * 8 + (lane & 7);
+                ldmatrix_x4(packed[j], sB + swizzled<64>(r, lane >> 3));
             }
         }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            uint4 wv[NT];
+        for (int step = 0; step < 4; ++step) {
+            u32_t a[MT][4];
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
-                wv[j] = *(const uint4*)(sB + (warp_n * NT + j) * B_TILE + (W4 ? 0 : half * CHUNK) + lane * 16);
+            for (int i = 0; i < MT; ++i) {
+                const int r = warp_row + i * 16 + (lane & 15);
+                ldmatrix_x4(a[i], sA + swizzled<128>(r, 2 * step + (lane >> 4)));
+            }
 #pragma unroll
-            for (int step2 = 0; step2 < 2; ++step2) {
-                const int step = half * 2 + step2;
-                u32_t a[MT][4];
-                load_a_frags<MT>(a, sA, warp_row, step, lane);
+            for (int j = 0; j < NT; j += 2) {
+                u32_t b[4]; // b0, b1 of tile j, then of tile j + 1
+                if (W4) {
+                    unpack_w4(packed[j][step], zero4[j], b[0], b[1]);
+                    unpack_w4(packed[j + 1][step], zero4[j + 1], b[2], b[3]);
+                } else {
+                    const int r = warp_col + j * 8 + (lane & 7) + ((lane >> 4) << 3);
+                    ldmatrix_x4(b, sB + swizzled<128>(r, 2 * step + ((lane >> 3) & 1)));
+                }
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    u32_t b0, b1;
-                    if (W4) {
-                        const u32_t packed = step == 0 ? wv[j].x : step == 1 ? wv[j].y : step == 2 ? wv[j].z : wv[j].w;
-                        unpack_w4(packed, zero4[j], b0, b1);
-                    } else {
-                        b0 = step2 == 0 ? wv[j].x : wv[j].z;
-                        b1 = step2 == 0 ? wv[j].y : wv[j].w;
-                    }
-#pragma unroll
-                    for (int i = 0; i < MT; ++i) mma_s8(acc[i][j], a[i], b0, b1);
+                for (int i = 0; i < MT; ++i) {
+                    mma_s8(acc[i][j], a[i], b[0], b[1]);
+                    mma_s8(acc[i][j + 1], a[i], b[2], b[3]);
                 }
             }
-            if (W4) break; // one 512-byte chunk covers all four k32 steps of a stage
         }
         if (W4 && ((kt + 1) % p.group_tiles == 0 || kt + 1 == k_tiles)) {
             const int group = kt / p.group_tiles;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const int col = (nt0 + warp_n * NT + j) * 8 + 2 * t;
-                const bool valid = col < n_tiles * 8;
+                const int col = n0 + warp_col + j * 8 + 2 * t;
+                const bool valid = col < n_pad;
                 const float s0 = valid ? p.sw[(u64_t)col * groups + group] : 0.0f;
                 const float s1 = valid ? p.sw[(u64_t)(col + 1) * groups + group] : 0.0f;
 #pragma unroll
@@ -247,8 +247,8 @@ __device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
         const float x0 = r0 < p.m ? p.sx[r0] : 0.0f, x1 = r0 + 8 < p.m ? p.sx[r0 + 8] : 0.0f;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const int col = (nt0 + warp_n * NT + j) * 8 + 2 * t;
-            const bool valid = col < n_tiles * 8;
+            const int col = n0 + warp_col + j * 8 + 2 * t;
+            const bool valid = col < n_pad;
             const float w0 = W4 ? 1.0f : (valid ? p.sw[col] : 0.0f), w1 = W4 ? 1.0f : (valid ? p.sw[col + 1] : 0.0f);
             out[i][j][0] = x0 * w0 * (W4 ? out[i][j][0] : (float)acc[i][j][0]);
             out[i][j][1] = x0 * w1 * (W4 ? out[i][j][1] : (float)acc[i][j][1]);
@@ -257,30 +257,32 @@ __device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
         }
     }
 
-    // Outlier channels: FP16 MMA accumulating onto the dequantized values.
-    const int ko_tiles = p.ko_pad / 64;
-    for (int ot = 0; ot < ko_tiles; ++ot) {
+    // Outlier channels: FP16 MMA accumulating onto the dequantized values, 64 channels a stage.
+    for (int ot = 0; ot < p.ko_pad / 64; ++ot) {
         __syncthreads(); // every warp is done with the stage about to be overwritten
-        load_a_tile<BM, THREADS>(smem, (const u8_t*)p.xo + ot * BK, (u64_t)p.ko_pad * 2, m0, p.m);
-        load_b_tile<BN, 2 * CHUNK, THREADS>(smem + A_BYTES, p.wo + (u64_t)ot * 2 * CHUNK, (u64_t)ko_tiles * 2 * CHUNK,
-                                            nt0, n_tiles);
+        load_tile<BM, BK, THREADS>(smem, (const u8_t*)p.xo, (u64_t)p.ko_pad * 2, m0, p.m, ot * BK);
+        load_tile<BN, BK, THREADS>(smem + A_BYTES, (const u8_t*)p.wo, (u64_t)p.ko_pad * 2, n0, n_pad, ot * BK);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            uint4 wv[NT];
+        for (int step = 0; step < 4; ++step) {
+            u32_t a[MT][4];
 #pragma unroll
-            for (int j = 0; j < NT; ++j) wv[j] = *(const uint4*)(smem + A_BYTES + (warp_n * NT + j) * 2 * CHUNK + half * CHUNK + lane * 16);
+            for (int i = 0; i < MT; ++i) {
+                const int r = warp_row + i * 16 + (lane & 15);
+                ldmatrix_x4(a[i], smem + swizzled<128>(r, 2 * step + (lane >> 4)));
+            }
 #pragma unroll
-            for (int step2 = 0; step2 < 2; ++step2) {
-                u32_t a[MT][4];
-                load_a_frags<MT>(a, smem, warp_row, half * 2 + step2, lane);
+            for (int j = 0; j < NT; j += 2) {
+                u32_t b[4];
+                const int r = warp_col + j * 8 + (lane & 7) + ((lane >> 4) << 3);
+                ldmatrix_x4(b, smem + A_BYTES + swizzled<128>(r, 2 * step + ((lane >> 3) & 1)));
 #pragma unroll
-                for (int j = 0; j < NT; ++j)
-#pragma unroll
-                    for (int i = 0; i < MT; ++i)
-                        mma_f16(out[i][j], a[i], step2 == 0 ? wv[j].x : wv[j].z, step2 == 0 ? wv[j].y : wv[j].w);
+                for (int i = 0; i < MT; ++i) {
+                    mma_f16(out[i][j], a[i], b[0], b[1]);
+                    mma_f16(out[i][j + 1], a[i], b[2], b[3]);
+                }
             }
         }
     }
@@ -289,39 +291,124 @@ __device__ __forceinline__ void mixq_gemm_tiled(const GemmArgs& p) {
     for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const int col = (nt0 + warp_n * NT + j) * 8 + 2 * t;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + warp_row + i * 16 + g + 8 * h;
-                if (row >= p.m || col >= p.n) continue;
-                f16_t* dst = p.y + (u64_t)row * p.n + col;
-                if (col + 1 < p.n && (p.n & 1) == 0) {
-                    *(u32_t*)dst = (u32_t)f32_to_f16(out[i][j][2 * h]) | ((u32_t)f32_to_f16(out[i][j][2 * h + 1]) << 16);
-                } else {
-                    dst[0] = f32_to_f16(out[i][j][2 * h]);
-                    if (col + 1 < p.n) dst[1] = f32_to_f16(out[i][j][2 * h + 1]);
-                }
-            }
+            const int row = m0 + warp_row + i * 16 + g, col = n0 + warp_col + j * 8 + 2 * t;
+            store_pair(p, row, col, out[i][j][0], out[i][j][1]);
+            store_pair(p, row + 8, col, out[i][j][2], out[i][j][3]);
         }
 }
 
-template <int WM, int WN, int MT, int NT, int STAGES, bool W4>
-constexpr int tiled_smem_bytes() {
-    return STAGES * (WM * MT * 16 * BK + WN * NT * 2 * CHUNK);
-}
+extern "C" __global__ void __launch_bounds__(256) mixq_w8_mma(GemmArgs p) { mixq_gemm_mma<4, false>(p); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq_gemm_mma<4, true>(p); }
 
-#define TILED(NAME, WM, WN, MT, NT, STAGES, W4)                                                            \
-    extern "C" __global__ void __launch_bounds__(WM * WN * 32) NAME(GemmArgs p) {                          \
-        mixq_gemm_tiled<WM, WN, MT, NT, STAGES, W4>(p);                                                     \
+// Hopper kernel for W8: two warpgroups, each 64 rows x 256 columns of a 128 x 256 tile as two
+// m64n128k32 wgmma's per k32 step, both operands straight from the swizzled shared-memory tiles;
+// a 4-stage cp.async pipeline keeps two tiles in flight while one wgmma batch runs.
+extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
+#ifdef ANYQ_WGMMA
+    constexpr int BM = 128, BN = 256, STAGES = 4, AHEAD = STAGES - 2, THREADS = 256;
+    constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
+    extern __shared__ __align__(128) u8_t smem_raw[];
+    // The 128-byte swizzle repeats every 1024 bytes: tiles must start on that boundary.
+    u8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK;
+    const int g = lane >> 2, t = lane & 3;
+
+    int acc[2][64];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 64; ++r) acc[h][r] = 0;
+
+    auto load_stage = [&](int stage, int kt) {
+        u8_t* s = smem + stage * STAGE_BYTES;
+        load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xq, p.k_pad, m0, p.m, kt * BK);
+        load_tile<BN, BK, THREADS>(s + A_BYTES, p.wq, p.k_pad, n0, n_pad, kt * BK);
+    };
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
     }
-TILED(mixq_w8_128x128, 2, 4, 4, 4, 4, false)
-TILED(mixq_w8_128x256, 2, 4, 4, 8, 3, false)
-TILED(mixq_w4_128x128, 2, 4, 4, 4, 4, true)
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<AHEAD - 1>();
+        fence_proxy_async();
+        __syncthreads(); // stage kt is complete for all; the stage refilled next was read two batches ago
+        if (kt + AHEAD < k_tiles) load_stage((kt + AHEAD) % STAGES, kt + AHEAD);
+        cp_async_commit();
+
+        const u32_t a_base = smem_addr(smem + (kt % STAGES) * STAGE_BYTES) + wg * 64 * BK;
+        const u32_t b_base = smem_addr(smem + (kt % STAGES) * STAGE_BYTES + A_BYTES);
+        wgmma_fence();
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+            const u64_t da = sw128_desc(a_base + 32 * step);
+            wgmma_s8_n128(acc[0], da, sw128_desc(b_base + 32 * step));
+            wgmma_s8_n128(acc[1], da, sw128_desc(b_base + 128 * BK + 32 * step));
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+
+    // Dequantize in registers. Thread (warp w of its warpgroup, lane 4g + t) holds, for each
+    // n8 block j of a 128-column half, rows 16w + g (+ 8) and columns 8j + 2t (+ 1).
+    const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
+    const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
+    float out[2][64];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + h * 128 + j * 8 + 2 * t;
+            const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
+            out[h][4 * j + 0] = x0 * w0 * (float)acc[h][4 * j + 0];
+            out[h][4 * j + 1] = x0 * w1 * (float)acc[h][4 * j + 1];
+            out[h][4 * j + 2] = x1 * w0 * (float)acc[h][4 * j + 2];
+            out[h][4 * j + 3] = x1 * w1 * (float)acc[h][4 * j + 3];
+        }
+
+    // Outlier channels: FP16 wgmma accumulating onto the dequantized values, 64 channels a stage.
+    for (int ot = 0; ot < p.ko_pad / 64; ++ot) {
+        __syncthreads(); // no warpgroup still reads the stage about to be overwritten
+        load_tile<BM, BK, THREADS>(smem, (const u8_t*)p.xo, (u64_t)p.ko_pad * 2, m0, p.m, ot * BK);
+        load_tile<BN, BK, THREADS>(smem + A_BYTES, (const u8_t*)p.wo, (u64_t)p.ko_pad * 2, n0, n_pad, ot * BK);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        const u32_t a_base = smem_addr(smem) + wg * 64 * BK, b_base = smem_addr(smem + A_BYTES);
+        wgmma_fence();
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+            const u64_t da = sw128_desc(a_base + 32 * step);
+            wgmma_f16_n128(out[0], da, sw128_desc(b_base + 32 * step));
+            wgmma_f16_n128(out[1], da, sw128_desc(b_base + 128 * BK + 32 * step));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + h * 128 + j * 8 + 2 * t;
+            store_pair(p, row0, col, out[h][4 * j + 0], out[h][4 * j + 1]);
+            store_pair(p, row0 + 8, col, out[h][4 * j + 2], out[h][4 * j + 3]);
+        }
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // GEMV for up to 16 tokens, where reading the weights is the cost: one 8-row weight tile per
-// block, its k split over the block's warps, activations read as mma fragments straight from
-// global memory (they are small and stay in cache), partial sums reduced through shared memory.
+// block, its k split over the block's warps, partial sums reduced through shared memory. Each
+// lane reads 16 contiguous bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of
+// activations, both straight from global memory: since Σ_k is order-free, the k of each mma
+// fragment slot only has to agree between the two operands, not follow the fragment's own order.
 
 template <bool W4>
 __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
@@ -329,41 +416,37 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
     __shared__ float partial[WARPS][32][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
-    const int col = tile * 8 + 2 * t;
-    const int chunk_k = W4 ? 128 : 64;
+    const int tile = blockIdx.x, row = tile * 8 + g, col = tile * 8 + 2 * t;
+    const int chunk_k = W4 ? 128 : 64; // k per 64-byte slice of a weight row
     const int chunks = p.k_pad / chunk_k;
     const int groups = W4 ? (p.k_pad / BK + p.group_tiles - 1) / p.group_tiles : 1;
     const bool row0 = g < p.m, row1 = g + 8 < p.m;
-    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)g * p.k_pad + 4 * t;
+    const uint4 none = make_uint4(0, 0, 0, 0);
+    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)g * p.k_pad;
     const u8_t* x1 = x0 + (u64_t)8 * p.k_pad;
-    const uint4* w = (const uint4*)(p.wq + (u64_t)tile * chunks * CHUNK) + lane;
+    const u8_t* w = p.wq + (u64_t)row * (W4 ? p.k_pad / 2 : p.k_pad) + 16 * t;
 
     float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int acc[4] = {0, 0, 0, 0};
 #pragma unroll 4
     for (int c = warp; c < chunks; c += WARPS) {
-        const uint4 wv = __ldg(w + (u64_t)c * (CHUNK / 16));
-        u32_t zero4 = 0;
-        if (W4) zero4 = p.wz[(u64_t)(tile * 8 + g) * groups + c / p.group_tiles] * 0x01010101u;
+        const uint4 wv = __ldg((const uint4*)(w + c * 64));
+        if (W4) {
+            // Lane t holds the 32-k block t of the slice: k = 32t + j (low) and + 16 (high).
+            const int kb = c * 128 + 32 * t;
+            const uint4 lo0 = row0 ? __ldg((const uint4*)(x0 + kb)) : none, hi0 = row0 ? __ldg((const uint4*)(x0 + kb + 16)) : none;
+            const uint4 lo1 = row1 ? __ldg((const uint4*)(x1 + kb)) : none, hi1 = row1 ? __ldg((const uint4*)(x1 + kb + 16)) : none;
+            const u32_t zero4 = p.wz[(u64_t)row * groups + c / p.group_tiles] * 0x01010101u;
+            const u32_t wk[4] = {wv.x, wv.y, wv.z, wv.w};
+            const u32_t l0[4] = {lo0.x, lo0.y, lo0.z, lo0.w}, h0[4] = {hi0.x, hi0.y, hi0.z, hi0.w};
+            const u32_t l1[4] = {lo1.x, lo1.y, lo1.z, lo1.w}, h1[4] = {hi1.x, hi1.y, hi1.z, hi1.w};
 #pragma unroll
-        for (int step = 0; step < (W4 ? 4 : 2); ++step) {
-            const int kb = c * chunk_k + 32 * step;
-            u32_t a[4];
-            a[0] = row0 ? *(const u32_t*)(x0 + kb) : 0;
-            a[1] = row1 ? *(const u32_t*)(x1 + kb) : 0;
-            a[2] = row0 ? *(const u32_t*)(x0 + kb + 16) : 0;
-            a[3] = row1 ? *(const u32_t*)(x1 + kb + 16) : 0;
-            u32_t b0, b1;
-            if (W4) {
-                unpack_w4(step == 0 ? wv.x : step == 1 ? wv.y : step == 2 ? wv.z : wv.w, zero4, b0, b1);
-            } else {
-                b0 = step == 0 ? wv.x : wv.z;
-                b1 = step == 0 ? wv.y : wv.w;
+            for (int s = 0; s < 4; ++s) {
+                u32_t b0, b1;
+                unpack_w4(wk[s], zero4, b0, b1);
+                const u32_t a[4] = {l0[s], l1[s], h0[s], h1[s]};
+                mma_s8(acc, a, b0, b1);
             }
-            mma_s8(acc, a, b0, b1);
-        }
-        if (W4) { // each chunk is one group's slice: fold it with the group's scales
             const int group = c / p.group_tiles;
             const float s0 = p.sw[(u64_t)col * groups + group], s1 = p.sw[(u64_t)(col + 1) * groups + group];
             out[0] += s0 * (float)acc[0];
@@ -371,6 +454,13 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
             out[2] += s0 * (float)acc[2];
             out[3] += s1 * (float)acc[3];
             acc[0] = acc[1] = acc[2] = acc[3] = 0;
+        } else {
+            // Lane t holds k = 16t .. 16t + 15 of the slice: words 0, 1 feed step 0, words 2, 3 step 1.
+            const int kb = c * 64 + 16 * t;
+            const uint4 a0 = row0 ? __ldg((const uint4*)(x0 + kb)) : none, a1 = row1 ? __ldg((const uint4*)(x1 + kb)) : none;
+            const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
+            mma_s8(acc, s0, wv.x, wv.y);
+            mma_s8(acc, s1, wv.z, wv.w);
         }
     }
     const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
@@ -380,36 +470,32 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
     out[2] = xs1 * ws0 * (W4 ? out[2] : (float)acc[2]);
     out[3] = xs1 * ws1 * (W4 ? out[3] : (float)acc[3]);
 
-    const int o_chunks = p.ko_pad / 32;
-    const f16_t* o0 = p.xo + (u64_t)g * p.ko_pad + 2 * t;
-    const f16_t* o1 = o0 + (u64_t)8 * p.ko_pad;
-    const uint4* wo = (const uint4*)(p.wo + (u64_t)tile * o_chunks * CHUNK) + lane;
-    for (int c = warp; c < o_chunks; c += WARPS) {
-        const uint4 wv = __ldg(wo + (u64_t)c * (CHUNK / 16));
-#pragma unroll
-        for (int step = 0; step < 2; ++step) {
-            const int kb = c * 32 + 16 * step;
-            u32_t a[4];
-            a[0] = row0 ? *(const u32_t*)(o0 + kb) : 0;
-            a[1] = row1 ? *(const u32_t*)(o1 + kb) : 0;
-            a[2] = row0 ? *(const u32_t*)(o0 + kb + 8) : 0;
-            a[3] = row1 ? *(const u32_t*)(o1 + kb + 8) : 0;
-            mma_f16(out, a, step == 0 ? wv.x : wv.z, step == 0 ? wv.y : wv.w);
-        }
+    // Outliers: 32 channels (64 bytes) per slice; lane t holds channels 8t .. 8t + 7.
+    const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)g * p.ko_pad);
+    const u8_t* o1 = o0 + (u64_t)16 * p.ko_pad;
+    const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
+    for (int c = warp; c < p.ko_pad / 32; c += WARPS) {
+        const uint4 wv = __ldg((const uint4*)(wo + c * 64));
+        const int kb = c * 64 + 16 * t;
+        const uint4 a0 = row0 ? __ldg((const uint4*)(o0 + kb)) : none, a1 = row1 ? __ldg((const uint4*)(o1 + kb)) : none;
+        const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
+        mma_f16(out, s0, wv.x, wv.y);
+        mma_f16(out, s1, wv.z, wv.w);
     }
 
 #pragma unroll
     for (int r = 0; r < 4; ++r) partial[warp][lane][r] = out[r];
     __syncthreads();
     if (warp != 0) return;
+    float sum[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        float sum = 0.0f;
+        sum[r] = 0.0f;
 #pragma unroll
-        for (int w2 = 0; w2 < WARPS; ++w2) sum += partial[w2][lane][r];
-        const int row = g + 8 * (r >> 1), c2 = col + (r & 1);
-        if (row < p.m && c2 < p.n) p.y[(u64_t)row * p.n + c2] = f32_to_f16(sum);
+        for (int w2 = 0; w2 < WARPS; ++w2) sum[r] += partial[w2][lane][r];
     }
+    store_pair(p, g, col, sum[0], sum[1]);
+    store_pair(p, g + 8, col, sum[2], sum[3]);
 }
 
 extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv(GemmArgs p) { mixq_gemv<false>(p); }

@@ -19,7 +19,6 @@ pub const K_TILE: usize = 128;
 pub const OUTLIER_TILE: usize = 64;
 /// Up to this many tokens the weight-streaming GEMV kernel runs; above it the tiled GEMM.
 pub const GEMV_MAX_TOKENS: usize = 16;
-const FRAGMENT_CHUNK: usize = 512;
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
@@ -59,54 +58,42 @@ impl OutlierSet {
     }
 }
 
-/// Int8 weights `q[n][k]` in fragment-major order (64 k per 512-byte chunk), k padded with zeros.
+/// Int8 weights `q[n][k]`, row-major, padded to `[round_up(n, 8)][round_up(k, 128)]` with zeros.
 pub fn pack_w8(q: &[i8], n: usize, k: usize) -> Vec<u8> {
-    let (k_pad, n_tiles) = (round_up(k, K_TILE), n.div_ceil(8));
-    let mut out = vec![0u8; n_tiles * k_pad / 64 * FRAGMENT_CHUNK];
-    for (i, byte) in out.iter_mut().enumerate() {
-        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
-        let (tile, kc) = (chunk / (k_pad / 64), chunk % (k_pad / 64));
-        let (lane, word, b) = (within / 16, within % 16 / 4, within % 4);
-        let (row, t) = (tile * 8 + lane / 4, lane % 4);
-        let col = kc * 64 + 32 * (word / 2) + 16 * (word % 2) + 4 * t + b;
-        if row < n && col < k {
-            *byte = q[row * k + col] as u8;
+    let k_pad = round_up(k, K_TILE);
+    let mut out = vec![0u8; round_up(n, 8) * k_pad];
+    for (row, dst) in q.chunks_exact(k).zip(out.chunks_exact_mut(k_pad)) {
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = v as u8;
         }
     }
     out
 }
 
-/// Unsigned 4-bit weights `q[n][k]` (0..=15) in fragment-major order, 128 k per chunk: byte `b`
-/// of step `s`'s word holds k = 32s + 4t + b in its low nibble and k + 16 in its high nibble.
-/// Padding columns take `pad(row, col)` (the row's zero point, so that they dequantize to 0).
+/// Unsigned 4-bit weights `q[n][k]` (0..=15), row-major `[round_up(n, 8)][round_up(k, 128) / 2]`:
+/// in each 32-k block (16 bytes) of a row, byte j holds k = j in its low nibble and k = j + 16 in
+/// its high one. Padding columns take `pad(row, col)` (the row's zero point: they dequantize to 0).
 pub fn pack_w4(q: &[u8], n: usize, k: usize, pad: impl Fn(usize, usize) -> u8) -> Vec<u8> {
-    let (k_pad, n_tiles) = (round_up(k, K_TILE), n.div_ceil(8));
-    let value = |row: usize, col: usize| if row >= n { 0 } else if col < k { q[row * k + col] & 15 } else { pad(row, col) & 15 };
-    let mut out = vec![0u8; n_tiles * k_pad / 128 * FRAGMENT_CHUNK];
-    for (i, byte) in out.iter_mut().enumerate() {
-        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
-        let (tile, kc) = (chunk / (k_pad / 128), chunk % (k_pad / 128));
-        let (lane, step, b) = (within / 16, within % 16 / 4, within % 4);
-        let (row, t) = (tile * 8 + lane / 4, lane % 4);
-        let col = kc * 128 + 32 * step + 4 * t + b;
-        *byte = value(row, col) | (value(row, col + 16) << 4);
+    let k_pad = round_up(k, K_TILE);
+    let mut out = vec![0u8; round_up(n, 8) * k_pad / 2];
+    for row in 0..n {
+        let value = |col: usize| if col < k { q[row * k + col] & 15 } else { pad(row, col) & 15 };
+        for (i, byte) in out[row * k_pad / 2..][..k_pad / 2].iter_mut().enumerate() {
+            let col = i / 16 * 32 + i % 16;
+            *byte = value(col) | (value(col + 16) << 4);
+        }
     }
     out
 }
 
-/// FP16 outlier weights `w[n][ko]` in fragment-major order (32 k per chunk), padded to `ko_pad`.
-pub fn pack_f16(w: &[f16], n: usize, ko: usize, ko_pad: usize) -> Vec<u8> {
-    let n_tiles = n.div_ceil(8);
-    let mut out = vec![0u8; n_tiles * ko_pad / 32 * FRAGMENT_CHUNK];
-    for (i, pair) in out.chunks_exact_mut(2).enumerate() {
-        let i = i * 2;
-        let (chunk, within) = (i / FRAGMENT_CHUNK, i % FRAGMENT_CHUNK);
-        let (tile, kc) = (chunk / (ko_pad / 32), chunk % (ko_pad / 32));
-        let (lane, word, h) = (within / 16, within % 16 / 4, within % 4 / 2);
-        let (row, t) = (tile * 8 + lane / 4, lane % 4);
-        let col = kc * 32 + 16 * (word / 2) + 8 * (word % 2) + 2 * t + h;
-        if row < n && col < ko {
-            pair.copy_from_slice(&w[row * ko + col].to_bits().to_le_bytes());
+/// FP16 outlier weights `w[n][ko]`, row-major, padded to `[round_up(n, 8)][ko_pad]` with zeros.
+pub fn pack_f16(w: &[f16], n: usize, ko: usize, ko_pad: usize) -> Vec<u16> {
+    let mut out = vec![0u16; round_up(n, 8) * ko_pad];
+    if ko > 0 {
+        for (row, dst) in w.chunks_exact(ko).zip(out.chunks_exact_mut(ko_pad)) {
+            for (d, v) in dst.iter_mut().zip(row) {
+                *d = v.to_bits();
+            }
         }
     }
     out
@@ -121,7 +108,7 @@ pub struct MixqWeight {
     qweight: CudaSlice<u8>,
     scales: CudaSlice<f32>,
     zeros: CudaSlice<u8>,
-    outlier_weight: CudaSlice<u8>,
+    outlier_weight: CudaSlice<u16>,
     outliers: Arc<OutlierSet>,
 }
 
@@ -214,7 +201,7 @@ impl MixqWeight {
         let groups = if bits == 4 { k_pad / K_TILE } else { 1 };
         let mut qweight = device.zeros::<u8>(n_pad * k_pad * bits as usize / 8)?;
         let mut scales = device.zeros::<f32>(n_pad * groups)?;
-        let mut outlier_weight = device.zeros::<u8>(n_pad * ko_pad * 2)?;
+        let mut outlier_weight = device.zeros::<u16>(n_pad * ko_pad)?;
         fill_bytes(device, &mut qweight, seed)?;
         fill_f32_range(device, &mut scales, seed + 1, 1e-3, 2e-3)?;
         fill_f16(device, &mut outlier_weight, seed + 2, 0.05)?;
@@ -427,12 +414,40 @@ struct Tiled {
     smem: u32,
 }
 
-const W8_128X128: Tiled = Tiled { name: "mixq_w8_128x128", bm: 128, bn: 128, smem: 4 * (128 * 128 + 16 * 1024) };
-const W8_128X256: Tiled = Tiled { name: "mixq_w8_128x256", bm: 128, bn: 256, smem: 3 * (128 * 128 + 32 * 1024) };
-const W4_128X128: Tiled = Tiled { name: "mixq_w4_128x128", bm: 128, bn: 128, smem: 4 * (128 * 128 + 16 * 1024) };
+/// Hopper: 4 stages of a 128-row activation and a 256-row weight tile, 128 bytes each, plus the
+/// 1024 bytes that align them for the 128-byte swizzle.
+const W8_WGMMA: Tiled = Tiled { name: "mixq_w8_wgmma", bm: 128, bn: 256, smem: 4 * (128 + 256) * 128 + 1024 };
+/// Any sm_80+: 4 stages of two 128 x 128-byte tiles.
+const W8_MMA: Tiled = Tiled { name: "mixq_w8_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
+const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
+
+/// Which GEMM kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fastest for the shape and GPU: GEMV up to [`GEMV_MAX_TOKENS`] tokens, then wgmma
+    /// (Hopper, W8) or mma.sync.
+    Auto,
+    /// Weight-streaming GEMV (up to [`GEMV_MAX_TOKENS`] tokens).
+    Gemv,
+    /// Tiled mma.sync (any sm_80+ GPU).
+    Mma,
+    /// Tiled wgmma (Hopper, W8 only).
+    Wgmma,
+}
 
 /// `y[tokens][n] (f16 bits) = acts · weightᵀ`, dequantized, outliers included.
 pub fn gemm(device: &CudaDevice, weight: &MixqWeight, acts: &MixqActivations, y: &mut CudaSlice<u16>) -> Result<()> {
+    gemm_with(device, weight, acts, y, Kernel::Auto)
+}
+
+/// [`gemm`] with a chosen kernel (tests and benchmarks compare them).
+pub fn gemm_with(
+    device: &CudaDevice,
+    weight: &MixqWeight,
+    acts: &MixqActivations,
+    y: &mut CudaSlice<u16>,
+    kernel: Kernel,
+) -> Result<()> {
     if weight.outliers.channels != acts.outliers.channels || weight.k != acts.outliers.k {
         return Err(CudaError::Shape(
             "the activations were quantized for another input (outlier channels or width differ)".into(),
@@ -468,16 +483,29 @@ pub fn gemm(device: &CudaDevice, weight: &MixqWeight, acts: &MixqActivations, y:
         group_tiles: weight.group_tiles as i32,
     };
     let w4 = weight.bits == 4;
-    let (function, config) = if m <= GEMV_MAX_TOKENS {
+    let hopper = device.compute_capability() == (9, 0);
+    let kernel = match kernel {
+        Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
+        Kernel::Auto if hopper && !w4 => Kernel::Wgmma,
+        Kernel::Auto => Kernel::Mma,
+        Kernel::Gemv if m > GEMV_MAX_TOKENS => {
+            return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
+        }
+        Kernel::Wgmma if w4 || !hopper => {
+            return Err(CudaError::Shape("the wgmma kernel runs W8 weights on Hopper (sm_90) only".into()))
+        }
+        chosen => chosen,
+    };
+    let (function, config) = if kernel == Kernel::Gemv {
         let name = if w4 { "mixq_w4_gemv" } else { "mixq_w8_gemv" };
         let config =
             LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         (device.function(&MIXQ, name, 0)?, config)
     } else {
-        let tiled = match (w4, m) {
-            (true, _) => &W4_128X128,
-            (false, m) if m >= 1024 && n >= 4096 => &W8_128X256,
-            (false, _) => &W8_128X128,
+        let tiled = match (kernel, w4) {
+            (Kernel::Wgmma, _) => &W8_WGMMA,
+            (_, true) => &W4_MMA,
+            (_, false) => &W8_MMA,
         };
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(tiled.bn) as u32, m.div_ceil(tiled.bm) as u32, 1),
@@ -547,41 +575,6 @@ mod tests {
     use super::*;
     use anyq_core::testing::XorShift;
 
-    /// Lane `l = 4g + t` of m16n8k32 (s8) holds B[k][n = g] at k = 4t + b (first register) and
-    /// 16 + 4t + b (second); m16n8k16 (f16) at k = 2t + h and 8 + 2t + h.
-    fn dot_through_fragments(
-        n: usize,
-        k_pad: usize,
-        x: &[f64],
-        register: impl Fn(usize, usize, usize, usize) -> [f64; 8],
-        steps_per_chunk: usize,
-        k_per_step: usize,
-    ) -> Vec<f64> {
-        let mut y = vec![0.0; n];
-        let chunks = k_pad / (steps_per_chunk * k_per_step);
-        for tile in 0..n.div_ceil(8) {
-            for chunk in 0..chunks {
-                for lane in 0..32 {
-                    let (g, t) = (lane / 4, lane % 4);
-                    if tile * 8 + g >= n {
-                        continue;
-                    }
-                    for step in 0..steps_per_chunk {
-                        let base = (chunk * steps_per_chunk + step) * k_per_step;
-                        let values = register(tile, chunk, lane, step);
-                        let half = k_per_step / 2;
-                        let per = k_per_step / 8; // elements per lane per register
-                        for j in 0..per {
-                            y[tile * 8 + g] += values[j] * x[base + per * t + j];
-                            y[tile * 8 + g] += values[per + j] * x[base + half + per * t + j];
-                        }
-                    }
-                }
-            }
-        }
-        y
-    }
-
     /// Where NVRTC is installed (with or without a GPU), every kernel compiles for Hopper.
     #[test]
     fn kernels_compile_for_hopper() {
@@ -600,75 +593,43 @@ mod tests {
     }
 
     #[test]
-    fn w8_fragments_reproduce_the_matmul() {
-        let (n, k) = (21, 200);
-        let k_pad = round_up(k, K_TILE);
-        let mut rng = XorShift::new(3);
-        let q: Vec<i8> = rng.bytes(n * k).into_iter().map(|b| b as i8).collect();
-        let x: Vec<f64> = (0..k_pad).map(|i| if i < k { rng.uniform() as f64 } else { 1e9 }).collect();
-        let packed = pack_w8(&q, n, k);
-        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
-            let at = (tile * (k_pad / 64) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 8;
-            let mut v = [0.0; 8];
-            for (j, b) in packed[at..at + 8].iter().enumerate() {
-                v[j] = *b as i8 as f64;
+    fn w8_rows_are_padded_with_zeros() {
+        let q: Vec<i8> = (0..3 * 130).map(|i| (i % 251) as u8 as i8).collect();
+        let packed = pack_w8(&q, 3, 130);
+        assert_eq!(packed.len(), 8 * 256);
+        for row in 0..8 {
+            for col in 0..256 {
+                let want = if row < 3 && col < 130 { q[row * 130 + col] as u8 } else { 0 };
+                assert_eq!(packed[row * 256 + col], want, "({row}, {col})");
             }
-            v
-        };
-        let got = dot_through_fragments(n, k_pad, &x, register, 2, 32);
-        for row in 0..n {
-            let want: f64 = (0..k).map(|c| q[row * k + c] as f64 * x[c]).sum();
-            assert!((got[row] - want).abs() < 1e-9, "row {row}: {} vs {want}", got[row]);
         }
     }
 
     #[test]
-    fn w4_fragments_reproduce_the_matmul_with_zero_padding() {
-        let (n, k) = (13, 300);
-        let k_pad = round_up(k, K_TILE);
+    fn w4_nibbles_follow_the_fragment_order_and_pad_with_the_zero_point() {
+        let (n, k) = (5, 300);
         let mut rng = XorShift::new(4);
         let q: Vec<u8> = rng.bytes(n * k).into_iter().map(|b| b & 15).collect();
-        let zero = |row: usize| (row % 16) as u8;
-        let x: Vec<f64> = (0..k_pad).map(|i| if i < k { rng.uniform() as f64 } else { 1e9 }).collect();
+        let zero = |row: usize| (row * 3 % 16) as u8;
         let packed = pack_w4(&q, n, k, |row, _| zero(row));
-        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
-            let at = (tile * (k_pad / 128) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 4;
-            let z = zero(tile * 8 + lane / 4) as f64;
-            let mut v = [0.0; 8];
-            for (b, byte) in packed[at..at + 4].iter().enumerate() {
-                v[b] = (byte & 15) as f64 - z;
-                v[4 + b] = (byte >> 4) as f64 - z;
-            }
-            v
-        };
-        let got = dot_through_fragments(n, k_pad, &x, register, 4, 32);
+        let k_pad = 384;
+        assert_eq!(packed.len(), 8 * k_pad / 2);
         for row in 0..n {
-            let want: f64 = (0..k).map(|c| (q[row * k + c] as f64 - zero(row) as f64) * x[c]).sum();
-            assert!((got[row] - want).abs() < 1e-6, "row {row}: {} vs {want}", got[row]);
+            for col in 0..k_pad {
+                let byte = packed[row * k_pad / 2 + col / 32 * 16 + col % 16];
+                let got = if col % 32 < 16 { byte & 15 } else { byte >> 4 };
+                let want = if col < k { q[row * k + col] } else { zero(row) };
+                assert_eq!(got, want, "({row}, {col})");
+            }
         }
     }
 
     #[test]
-    fn f16_fragments_reproduce_the_matmul() {
-        let (n, ko) = (10, 37);
-        let ko_pad = round_up(ko, OUTLIER_TILE);
-        let mut rng = XorShift::new(5);
-        let w: Vec<f16> = (0..n * ko).map(|_| f16::from_f32(rng.uniform())).collect();
-        let x: Vec<f64> = (0..ko_pad).map(|i| if i < ko { rng.uniform() as f64 } else { 1e9 }).collect();
-        let packed = pack_f16(&w, n, ko, ko_pad);
-        // Each f16 register holds two k: b0 = k 2t, 2t+1; b1 = k 8 + 2t, 8 + 2t + 1.
-        let register = |tile: usize, chunk: usize, lane: usize, step: usize| {
-            let at = (tile * (ko_pad / 32) + chunk) * FRAGMENT_CHUNK + lane * 16 + step * 8;
-            let mut v = [0.0; 8];
-            for (j, p) in packed[at..at + 8].chunks(2).enumerate() {
-                v[j] = f16::from_bits(u16::from_le_bytes([p[0], p[1]])).to_f64();
-            }
-            v
-        };
-        let got = dot_through_fragments(n, ko_pad, &x, register, 2, 16);
-        for row in 0..n {
-            let want: f64 = (0..ko).map(|c| w[row * ko + c].to_f64() * x[c]).sum();
-            assert!((got[row] - want).abs() < 1e-9, "row {row}: {} vs {want}", got[row]);
-        }
+    fn f16_outlier_rows_are_padded_with_zeros() {
+        let w: Vec<f16> = (0..10 * 37).map(|i| f16::from_f32(i as f32)).collect();
+        let packed = pack_f16(&w, 10, 37, 64);
+        assert_eq!(packed.len(), 16 * 64);
+        assert_eq!(packed[64 + 36], w[37 + 36].to_bits());
+        assert!(packed[64 + 37..128].iter().chain(&packed[10 * 64..]).all(|&b| b == 0));
     }
 }

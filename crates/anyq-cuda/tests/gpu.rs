@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyq_core::testing::XorShift;
-use anyq_cuda::mixq::{gemm, MixqActivations, MixqWeight, OutlierSet, Producer};
+use anyq_cuda::mixq::{gemm_with, Kernel, MixqActivations, MixqWeight, OutlierSet, Producer, GEMV_MAX_TOKENS};
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError, Int8Gemm};
 use half::f16;
 
@@ -36,7 +36,7 @@ fn to_f64(bits: &[u16]) -> Vec<f64> {
     bits.iter().map(|&b| f16::from_bits(b).to_f64()).collect()
 }
 
-/// Every `every`-th channel, starting at `first`, up to `k`.
+/// `count` channels spread evenly over `k`, in increasing order.
 fn spread_channels(k: usize, count: usize) -> Vec<u32> {
     (0..count).map(|i| ((i * k) / count.max(1) + 3) as u32 % k as u32).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
 }
@@ -104,10 +104,6 @@ fn check_gemm(bits: u32, group: usize) {
             MixqWeight::w4(&device, &q, &scales, &zeros, (n, k), group, &set, &wo).unwrap()
         };
         let acts = MixqActivations::from_host(&device, &set, &xq, &sx, &xo).unwrap();
-        // Poison: every output element must be written.
-        let mut y = device.upload(&vec![f16::NAN.to_bits(); m * n]).unwrap();
-        gemm(&device, &weight, &acts, &mut y).unwrap();
-        let got = to_f64(&device.download(&y).unwrap());
         let mut want = vec![0.0f64; m * n];
         for t in 0..m {
             for j in 0..n {
@@ -116,9 +112,23 @@ fn check_gemm(bits: u32, group: usize) {
                 want[t * n + j] = sx[t] as f64 * bulk + outlier;
             }
         }
-        assert!(got.iter().all(|v| v.is_finite()), "W{bits} {m}x{n}x{k}: unwritten or non-finite output");
-        let err = relative_error(&got, &want);
-        assert!(err < 2e-3, "W{bits} g{group} m={m} n={n} k={k} outliers={ko}: relative error {err:.2e}");
+        let mut kernels = vec![Kernel::Mma];
+        if m <= GEMV_MAX_TOKENS {
+            kernels.push(Kernel::Gemv);
+        }
+        if bits == 8 && device.compute_capability() == (9, 0) {
+            kernels.push(Kernel::Wgmma);
+        }
+        for kernel in kernels {
+            // Poison: every output element must be written.
+            let mut y = device.upload(&vec![f16::NAN.to_bits(); m * n]).unwrap();
+            gemm_with(&device, &weight, &acts, &mut y, kernel).unwrap();
+            let got = to_f64(&device.download(&y).unwrap());
+            let case = format!("W{bits} g{group} {kernel:?} m={m} n={n} k={k} outliers={ko}");
+            assert!(got.iter().all(|v| v.is_finite()), "{case}: unwritten or non-finite output");
+            let err = relative_error(&got, &want);
+            assert!(err < 2e-3, "{case}: relative error {err:.2e}");
+        }
     }
 }
 
