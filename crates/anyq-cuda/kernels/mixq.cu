@@ -9,7 +9,7 @@
 // - W4: wq [n_pad][k_pad / 2]; in each 32-k block of a row (16 bytes) byte j holds k = j in its
 //   low nibble and k = j + 16 in its high one, so four bytes unpack (q - zero, in registers) into
 //   exactly the two registers of an m16n8k32 fragment. Scale sw and zero point wz per (row, group
-//   of 128·group_tiles k). Hopper's INT4 MMA is emulated and slower than INT8: 4-bit weights
+//   of 128·group_tiles k), group-major: sw[group][n_pad], wz[group][n_pad]. Hopper's INT4 MMA is emulated and slower than INT8: 4-bit weights
 //   always compute in INT8.
 // - outlier weights: wo f16 [n_pad][ko_pad].
 
@@ -130,6 +130,18 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int col, 
     }
 }
 
+// Block -> output tile, in groups of 8 tile rows: the blocks running at once then share a few
+// activation row tiles and weight column tiles, which stay in L2 instead of being re-read from
+// device memory once per tile row.
+__device__ __forceinline__ void tile_of_block(int bm, int bn, int m, int n, int& m0, int& n0) {
+    constexpr int GROUP = 8;
+    const int tiles_m = (m + bm - 1) / bm, tiles_n = (n + bn - 1) / bn;
+    const int id = blockIdx.x, group = id / (GROUP * tiles_n);
+    const int first = group * GROUP, size = min(tiles_m - first, GROUP);
+    m0 = (first + id % size) * bm;
+    n0 = (id % (GROUP * tiles_n)) / size * bn;
+}
+
 // Portable tiled kernel (mma.sync, sm_80 and later): BM x BN per block, 8 warps of 64 x 32,
 // STAGES-deep cp.async pipeline, 128 k per stage.
 template <int STAGES, bool W4>
@@ -143,7 +155,8 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warp_m = warp / WN, warp_n = warp % WN;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    int m0, n0;
+    tile_of_block(BM, BN, p.m, p.n, m0, n0);
     const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK;
     const int g = lane >> 2, t = lane & 3;
     const int warp_row = warp_m * MT * 16, warp_col = warp_n * NT * 8;
@@ -169,7 +182,6 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
         cp_async_commit();
     }
 
-    const int groups = W4 ? (k_tiles + p.group_tiles - 1) / p.group_tiles : 1;
     u32_t zero4[NT];
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
@@ -183,7 +195,7 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int row = n0 + warp_col + j * 8 + g;
-                zero4[j] = row < n_pad ? p.wz[(u64_t)row * groups + kt / p.group_tiles] * 0x01010101u : 0;
+                zero4[j] = row < n_pad ? p.wz[(u64_t)(kt / p.group_tiles) * n_pad + row] * 0x01010101u : 0;
             }
         }
         u32_t packed[NT][4]; // W4: one ldmatrix.x4 brings a tile's four k32 steps
@@ -225,8 +237,8 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
             for (int j = 0; j < NT; ++j) {
                 const int col = n0 + warp_col + j * 8 + 2 * t;
                 const bool valid = col < n_pad;
-                const float s0 = valid ? p.sw[(u64_t)col * groups + group] : 0.0f;
-                const float s1 = valid ? p.sw[(u64_t)(col + 1) * groups + group] : 0.0f;
+                const float s0 = valid ? p.sw[(u64_t)group * n_pad + col] : 0.0f;
+                const float s1 = valid ? p.sw[(u64_t)group * n_pad + col + 1] : 0.0f;
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
                     out[i][j][0] += s0 * (float)acc[i][j][0];
@@ -300,25 +312,28 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
 extern "C" __global__ void __launch_bounds__(256) mixq_w8_mma(GemmArgs p) { mixq_gemm_mma<4, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq_gemm_mma<4, true>(p); }
 
-// Hopper kernel for W8: two warpgroups, each 64 rows x 256 columns of a 128 x 256 tile as two
+// Hopper kernel for W8: two warpgroups, each 64 rows x BN columns of a 128 x BN tile as BN / 128
 // m64n128k32 wgmma's per k32 step, both operands straight from the swizzled shared-memory tiles;
-// a 4-stage cp.async pipeline keeps two tiles in flight while one wgmma batch runs.
-extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
+// a cp.async pipeline keeps STAGES - 2 tiles in flight while one wgmma batch runs. The outlier
+// tiles are fetched into the pipeline as soon as the last k tile has been asked for.
+template <int BN, int STAGES>
+__device__ __forceinline__ void mixq_w8_wgmma(const GemmArgs& p) {
 #ifdef ANYQ_WGMMA
-    constexpr int BM = 128, BN = 256, STAGES = 4, AHEAD = STAGES - 2, THREADS = 256;
+    constexpr int BM = 128, HALVES = BN / 128, AHEAD = STAGES - 2, THREADS = 256;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes: tiles must start on that boundary.
     u8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK;
+    int m0, n0;
+    tile_of_block(BM, BN, p.m, p.n, m0, n0);
+    const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK, ko_tiles = p.ko_pad / 64;
     const int g = lane >> 2, t = lane & 3;
 
-    int acc[2][64];
+    int acc[HALVES][64];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < HALVES; ++h)
 #pragma unroll
         for (int r = 0; r < 64; ++r) acc[h][r] = 0;
 
@@ -326,6 +341,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
         u8_t* s = smem + stage * STAGE_BYTES;
         load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xq, p.k_pad, m0, p.m, kt * BK);
         load_tile<BN, BK, THREADS>(s + A_BYTES, p.wq, p.k_pad, n0, n_pad, kt * BK);
+    };
+    auto load_outliers = [&](int stage, int ot) {
+        u8_t* s = smem + stage * STAGE_BYTES;
+        load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xo, (u64_t)p.ko_pad * 2, m0, p.m, ot * BK);
+        load_tile<BN, BK, THREADS>(s + A_BYTES, (const u8_t*)p.wo, (u64_t)p.ko_pad * 2, n0, n_pad, ot * BK);
     };
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
@@ -337,6 +357,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
         fence_proxy_async();
         __syncthreads(); // stage kt is complete for all; the stage refilled next was read two batches ago
         if (kt + AHEAD < k_tiles) load_stage((kt + AHEAD) % STAGES, kt + AHEAD);
+        else if (kt == max(k_tiles - AHEAD, 0) && ko_tiles > 0) load_outliers(k_tiles % STAGES, 0);
         cp_async_commit();
 
         const u32_t a_base = smem_addr(smem + (kt % STAGES) * STAGE_BYTES) + wg * 64 * BK;
@@ -345,22 +366,21 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
 #pragma unroll
         for (int step = 0; step < 4; ++step) {
             const u64_t da = sw128_desc(a_base + 32 * step);
-            wgmma_s8_n128(acc[0], da, sw128_desc(b_base + 32 * step));
-            wgmma_s8_n128(acc[1], da, sw128_desc(b_base + 128 * BK + 32 * step));
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) wgmma_s8_n128(acc[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step));
         }
         wgmma_commit();
         wgmma_wait<1>();
     }
     wgmma_wait<0>();
-    cp_async_wait<0>();
 
     // Dequantize in registers. Thread (warp w of its warpgroup, lane 4g + t) holds, for each
     // n8 block j of a 128-column half, rows 16w + g (+ 8) and columns 8j + 2t (+ 1).
     const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
     const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-    float out[2][64];
+    float out[HALVES][64];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < HALVES; ++h)
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
             const int col = n0 + h * 128 + j * 8 + 2 * t;
@@ -371,29 +391,33 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
             out[h][4 * j + 3] = x1 * w1 * (float)acc[h][4 * j + 3];
         }
 
-    // Outlier channels: FP16 wgmma accumulating onto the dequantized values, 64 channels a stage.
-    for (int ot = 0; ot < p.ko_pad / 64; ++ot) {
-        __syncthreads(); // no warpgroup still reads the stage about to be overwritten
-        load_tile<BM, BK, THREADS>(smem, (const u8_t*)p.xo, (u64_t)p.ko_pad * 2, m0, p.m, ot * BK);
-        load_tile<BN, BK, THREADS>(smem + A_BYTES, (const u8_t*)p.wo, (u64_t)p.ko_pad * 2, n0, n_pad, ot * BK);
-        cp_async_commit();
+    // Outlier channels: FP16 wgmma accumulating onto the dequantized values, 64 channels a stage
+    // (the first one is already in shared memory).
+    for (int ot = 0; ot < ko_tiles; ++ot) {
+        const int stage = (k_tiles + ot) % STAGES;
+        if (ot > 0) {
+            __syncthreads(); // no warpgroup still reads the stage about to be overwritten
+            load_outliers(stage, ot);
+            cp_async_commit();
+        }
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
-        const u32_t a_base = smem_addr(smem) + wg * 64 * BK, b_base = smem_addr(smem + A_BYTES);
+        const u32_t a_base = smem_addr(smem + stage * STAGE_BYTES) + wg * 64 * BK;
+        const u32_t b_base = smem_addr(smem + stage * STAGE_BYTES + A_BYTES);
         wgmma_fence();
 #pragma unroll
         for (int step = 0; step < 4; ++step) {
             const u64_t da = sw128_desc(a_base + 32 * step);
-            wgmma_f16_n128(out[0], da, sw128_desc(b_base + 32 * step));
-            wgmma_f16_n128(out[1], da, sw128_desc(b_base + 128 * BK + 32 * step));
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) wgmma_f16_n128(out[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step));
         }
         wgmma_commit();
         wgmma_wait<0>();
     }
 
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < HALVES; ++h)
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
             const int col = n0 + h * 128 + j * 8 + 2 * t;
@@ -403,23 +427,31 @@ extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma(GemmArgs p) {
 #endif
 }
 
+// 128 x 256 tiles, one block per SM, for large grids; 128 x 128 tiles, two blocks per SM (one's
+// epilogue overlaps the other's main loop), where 128 x 256 would leave SMs idle.
+extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma_128x256(GemmArgs p) { mixq_w8_wgmma<256, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) mixq_w8_wgmma_128x128(GemmArgs p) { mixq_w8_wgmma<128, 3>(p); }
+
 // ---------------------------------------------------------------------------------------------
-// GEMV for up to 16 tokens, where reading the weights is the cost: one 8-row weight tile per
-// block, its k split over the block's warps, partial sums reduced through shared memory. Each
-// lane reads 16 contiguous bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of
+// GEMV for up to 16 tokens, where reading the weights is the cost. Each block holds 8 warps;
+// `split` consecutive warps share one 8-row weight tile, each streaming a 1/split share of its k
+// (long enough to keep several loads in flight), and their partial sums meet in shared memory.
+// Each lane reads 16 contiguous bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of
 // activations, both straight from global memory: since Σ_k is order-free, the k of each mma
 // fragment slot only has to agree between the two operands, not follow the fragment's own order.
 
 template <bool W4>
-__device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
+__device__ __forceinline__ void mixq_gemv(const GemmArgs& p, int split) {
     constexpr int WARPS = 8;
     __shared__ float partial[WARPS][32][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x, row = tile * 8 + g, col = tile * 8 + 2 * t;
+    const int tile = blockIdx.x * (WARPS / split) + warp / split, part = warp % split;
+    const int n_pad = (p.n + 7) & ~7;
+    const bool live = tile * 8 < n_pad;
+    const int row = live ? tile * 8 + g : 0, col = live ? tile * 8 + 2 * t : 0;
     const int chunk_k = W4 ? 128 : 64; // k per 64-byte slice of a weight row
-    const int chunks = p.k_pad / chunk_k;
-    const int groups = W4 ? (p.k_pad / BK + p.group_tiles - 1) / p.group_tiles : 1;
+    const int chunks = live ? p.k_pad / chunk_k : 0;
     const bool row0 = g < p.m, row1 = g + 8 < p.m;
     const uint4 none = make_uint4(0, 0, 0, 0);
     const u8_t* x0 = (const u8_t*)p.xq + (u64_t)g * p.k_pad;
@@ -429,14 +461,15 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
     float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int acc[4] = {0, 0, 0, 0};
 #pragma unroll 4
-    for (int c = warp; c < chunks; c += WARPS) {
+    for (int c = part; c < chunks; c += split) {
         const uint4 wv = __ldg((const uint4*)(w + c * 64));
         if (W4) {
             // Lane t holds the 32-k block t of the slice: k = 32t + j (low) and + 16 (high).
-            const int kb = c * 128 + 32 * t;
+            const int kb = c * 128 + 32 * t, group = c / p.group_tiles;
             const uint4 lo0 = row0 ? __ldg((const uint4*)(x0 + kb)) : none, hi0 = row0 ? __ldg((const uint4*)(x0 + kb + 16)) : none;
             const uint4 lo1 = row1 ? __ldg((const uint4*)(x1 + kb)) : none, hi1 = row1 ? __ldg((const uint4*)(x1 + kb + 16)) : none;
-            const u32_t zero4 = p.wz[(u64_t)row * groups + c / p.group_tiles] * 0x01010101u;
+            const u32_t zero4 = __ldg(p.wz + (u64_t)group * n_pad + row) * 0x01010101u;
+            const float2 scale = __ldg((const float2*)(p.sw + (u64_t)group * n_pad + col));
             const u32_t wk[4] = {wv.x, wv.y, wv.z, wv.w};
             const u32_t l0[4] = {lo0.x, lo0.y, lo0.z, lo0.w}, h0[4] = {hi0.x, hi0.y, hi0.z, hi0.w};
             const u32_t l1[4] = {lo1.x, lo1.y, lo1.z, lo1.w}, h1[4] = {hi1.x, hi1.y, hi1.z, hi1.w};
@@ -447,12 +480,10 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
                 const u32_t a[4] = {l0[s], l1[s], h0[s], h1[s]};
                 mma_s8(acc, a, b0, b1);
             }
-            const int group = c / p.group_tiles;
-            const float s0 = p.sw[(u64_t)col * groups + group], s1 = p.sw[(u64_t)(col + 1) * groups + group];
-            out[0] += s0 * (float)acc[0];
-            out[1] += s1 * (float)acc[1];
-            out[2] += s0 * (float)acc[2];
-            out[3] += s1 * (float)acc[3];
+            out[0] += scale.x * (float)acc[0];
+            out[1] += scale.y * (float)acc[1];
+            out[2] += scale.x * (float)acc[2];
+            out[3] += scale.y * (float)acc[3];
             acc[0] = acc[1] = acc[2] = acc[3] = 0;
         } else {
             // Lane t holds k = 16t .. 16t + 15 of the slice: words 0, 1 feed step 0, words 2, 3 step 1.
@@ -463,18 +494,22 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
             mma_s8(acc, s1, wv.z, wv.w);
         }
     }
-    const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
-    const float ws0 = W4 ? 1.0f : p.sw[col], ws1 = W4 ? 1.0f : p.sw[col + 1];
-    out[0] = xs0 * ws0 * (W4 ? out[0] : (float)acc[0]);
-    out[1] = xs0 * ws1 * (W4 ? out[1] : (float)acc[1]);
-    out[2] = xs1 * ws0 * (W4 ? out[2] : (float)acc[2]);
-    out[3] = xs1 * ws1 * (W4 ? out[3] : (float)acc[3]);
+    if (!W4 && live) {
+        const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
+        out[0] = xs0 * p.sw[col] * (float)acc[0];
+        out[1] = xs0 * p.sw[col + 1] * (float)acc[1];
+        out[2] = xs1 * p.sw[col] * (float)acc[2];
+        out[3] = xs1 * p.sw[col + 1] * (float)acc[3];
+    } else if (live) {
+        const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
+        out[0] *= xs0, out[1] *= xs0, out[2] *= xs1, out[3] *= xs1;
+    }
 
     // Outliers: 32 channels (64 bytes) per slice; lane t holds channels 8t .. 8t + 7.
     const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)g * p.ko_pad);
     const u8_t* o1 = o0 + (u64_t)16 * p.ko_pad;
     const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
-    for (int c = warp; c < p.ko_pad / 32; c += WARPS) {
+    for (int c = part; live && c < p.ko_pad / 32; c += split) {
         const uint4 wv = __ldg((const uint4*)(wo + c * 64));
         const int kb = c * 64 + 16 * t;
         const uint4 a0 = row0 ? __ldg((const uint4*)(o0 + kb)) : none, a1 = row1 ? __ldg((const uint4*)(o1 + kb)) : none;
@@ -486,17 +521,16 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) partial[warp][lane][r] = out[r];
     __syncthreads();
-    if (warp != 0) return;
+    if (part != 0 || !live) return;
     float sum[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         sum[r] = 0.0f;
-#pragma unroll
-        for (int w2 = 0; w2 < WARPS; ++w2) sum[r] += partial[w2][lane][r];
+        for (int w2 = warp; w2 < warp + split; ++w2) sum[r] += partial[w2][lane][r];
     }
     store_pair(p, g, col, sum[0], sum[1]);
     store_pair(p, g + 8, col, sum[2], sum[3]);
 }
 
-extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv(GemmArgs p) { mixq_gemv<false>(p); }
-extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv(GemmArgs p) { mixq_gemv<true>(p); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv(GemmArgs p, int split) { mixq_gemv<false>(p, split); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv(GemmArgs p, int split) { mixq_gemv<true>(p, split); }

@@ -150,11 +150,16 @@ impl MixqWeight {
         check_shape("scales", scales.len(), n * groups)?;
         check_shape("zeros", zeros.len(), n * groups)?;
         let packed = pack_w4(q, n, k, |row, col| zeros[row * groups + col / group]);
+        // Group-major on the device: the rows a warp reads for one group are adjacent.
         let n_pad = round_up(n, 8);
-        let mut padded_scales = scales.to_vec();
-        padded_scales.resize(n_pad * groups, 0.0);
-        let mut padded_zeros = zeros.to_vec();
-        padded_zeros.resize(n_pad * groups, 0);
+        let mut padded_scales = vec![0.0f32; n_pad * groups];
+        let mut padded_zeros = vec![0u8; n_pad * groups];
+        for row in 0..n {
+            for g in 0..groups {
+                padded_scales[g * n_pad + row] = scales[row * groups + g];
+                padded_zeros[g * n_pad + row] = zeros[row * groups + g];
+            }
+        }
         Self::assemble(device, 4, (n, k), group / K_TILE, packed, &padded_scales, &padded_zeros, outliers, outlier_weight)
     }
 
@@ -415,8 +420,10 @@ struct Tiled {
 }
 
 /// Hopper: 4 stages of a 128-row activation and a 256-row weight tile, 128 bytes each, plus the
-/// 1024 bytes that align them for the 128-byte swizzle.
-const W8_WGMMA: Tiled = Tiled { name: "mixq_w8_wgmma", bm: 128, bn: 256, smem: 4 * (128 + 256) * 128 + 1024 };
+/// 1024 bytes that align them for the 128-byte swizzle; or 3 stages of 128 + 128 rows, two
+/// blocks per SM.
+const W8_WGMMA_WIDE: Tiled = Tiled { name: "mixq_w8_wgmma_128x256", bm: 128, bn: 256, smem: 4 * (128 + 256) * 128 + 1024 };
+const W8_WGMMA: Tiled = Tiled { name: "mixq_w8_wgmma_128x128", bm: 128, bn: 128, smem: 3 * (128 + 128) * 128 + 1024 };
 /// Any sm_80+: 4 stages of two 128 x 128-byte tiles.
 const W8_MMA: Tiled = Tiled { name: "mixq_w8_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
 const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
@@ -496,19 +503,34 @@ pub fn gemm_with(
         }
         chosen => chosen,
     };
-    let (function, config) = if kernel == Kernel::Gemv {
+    if kernel == Kernel::Gemv {
         let name = if w4 { "mixq_w4_gemv" } else { "mixq_w8_gemv" };
-        let config =
-            LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        (device.function(&MIXQ, name, 0)?, config)
-    } else {
+        // Warps per weight tile: each streams at least 16 slices of 64 bytes of its rows.
+        let slices = acts.k_pad / if w4 { 128 } else { 64 };
+        let split = (slices / 16).clamp(1, 8).next_power_of_two().min(8) as i32;
+        let tiles_per_block = 8 / split as usize;
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(8).div_ceil(tiles_per_block) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let function = device.function(&MIXQ, name, 0)?;
+        let mut launch = stream.launch_builder(&function);
+        launch.arg(&args).arg(&split);
+        unsafe { launch.launch(config) }?;
+        return Ok(());
+    }
+    let (function, config) = {
+        // Wide tiles once there are enough of them for every SM several times over.
+        let wide_tiles = m.div_ceil(W8_WGMMA_WIDE.bm) * n.div_ceil(W8_WGMMA_WIDE.bn);
         let tiled = match (kernel, w4) {
+            (Kernel::Wgmma, _) if wide_tiles >= 4 * device.sm_count() as usize => &W8_WGMMA_WIDE,
             (Kernel::Wgmma, _) => &W8_WGMMA,
             (_, true) => &W4_MMA,
             (_, false) => &W8_MMA,
         };
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(tiled.bn) as u32, m.div_ceil(tiled.bm) as u32, 1),
+            grid_dim: ((m.div_ceil(tiled.bm) * n.div_ceil(tiled.bn)) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: tiled.smem,
         };

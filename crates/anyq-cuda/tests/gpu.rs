@@ -56,6 +56,7 @@ const CASES: &[Case] = &[
     Case { m: 130, n: 260, k: 520, outliers: 9 },
     Case { m: 300, n: 129, k: 1000, outliers: 0 },
     Case { m: 1030, n: 4104, k: 384, outliers: 40 },
+    Case { m: 2100, n: 8200, k: 128, outliers: 100 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
