@@ -8,6 +8,7 @@ mod compile;
 mod device;
 mod error;
 pub mod mixq;
+pub mod ops;
 
 pub use blas::{BlasGemm, Int8Gemm};
 pub use device::{CudaDevice, Timer};
