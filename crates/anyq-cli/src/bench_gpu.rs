@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyq_cuda::mixq::{self, MixqActivations, MixqWeight, OutlierSet};
+use anyq_cuda::mixq::{self, Kernel, MixqActivations, MixqWeight, OutlierSet, GEMV_MAX_TOKENS};
 use anyq_cuda::{BlasGemm, CudaDevice, Int8Gemm, Timer};
 use clap::Args;
 
@@ -26,6 +26,9 @@ pub struct GemmBenchArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// MixQ W8A8 kernel above 16 tokens: auto, mma, wgmma, tma or tma-pair.
+    #[arg(long, default_value = "auto")]
+    kernel: String,
 }
 
 /// Enough copies of each operand that one pass over them exceeds the L2 cache several times:
@@ -62,12 +65,21 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     let shapes = args.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(args.m.iter().all(|&m| m > 0), "--m values must be > 0");
     anyhow::ensure!(args.outliers.iter().all(|p| (0.0..=50.0).contains(p)), "--outliers are percentages in 0..50");
+    let w8_kernel = match args.kernel.as_str() {
+        "auto" => Kernel::Auto,
+        "mma" => Kernel::Mma,
+        "wgmma" => Kernel::Wgmma,
+        "tma" => Kernel::Tma,
+        "tma-pair" => Kernel::TmaPair,
+        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, wgmma, tma or tma-pair"),
+    };
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;
     let (major, minor) = device.compute_capability();
     println!("GPU: {} (sm_{major}{minor}, {} SMs)", device.name(), device.sm_count());
     println!("TOP/s count 2·m·n·k for every product (the outlier channels' extra work is not credited).");
-    println!("MixQ: INT8 MMA + FP16 outlier MMA, dequantized in the epilogue, f16 out; W4A8 in groups of 128.\n");
+    println!("MixQ: INT8 MMA + FP16 outlier MMA, dequantized in the epilogue, f16 out; W4A8 in groups of 128.");
+    println!("W8A8 kernel above {GEMV_MAX_TOKENS} tokens: {}.\n", args.kernel);
     println!("| K×N | M | outliers | cuBLAS BF16 TFLOP/s | cuBLASLt INT8 TOP/s | MixQ W8A8 TOP/s | W8A8 / BF16 | W8A8 / INT8 | MixQ W4A8 TOP/s | W4A8 / BF16 |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &(k, n) in &shapes {
@@ -80,8 +92,9 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
                 let count = ((percent / 100.0) * k as f64).round() as usize;
                 let channels: Vec<u32> = (0..count).map(|i| (i * k / count.max(1)) as u32).collect();
                 let set = OutlierSet::new(&device, k, &channels)?;
-                let w8 = measure_mixq(&device, 8, &set, (m, n, k), args.samples)?;
-                let w4 = measure_mixq(&device, 4, &set, (m, n, k), args.samples)?;
+                let w8_kernel = if m > GEMV_MAX_TOKENS { w8_kernel } else { Kernel::Auto };
+                let w8 = measure_mixq(&device, 8, w8_kernel, &set, (m, n, k), args.samples)?;
+                let w4 = measure_mixq(&device, 4, Kernel::Auto, &set, (m, n, k), args.samples)?;
                 println!(
                     "| {k}×{n} | {m} | {percent}% | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} |",
                     rate(bf16),
@@ -130,6 +143,7 @@ fn measure_int8(device: &Arc<CudaDevice>, (m, n, k): (usize, usize, usize), samp
 fn measure_mixq(
     device: &Arc<CudaDevice>,
     bits: u32,
+    kernel: Kernel,
     set: &Arc<OutlierSet>,
     (m, n, k): (usize, usize, usize),
     samples: usize,
@@ -140,5 +154,5 @@ fn measure_mixq(
         .map(|i| MixqWeight::random(device, bits, (n, k), set, 300 + i as u64))
         .collect::<anyq_cuda::Result<Vec<_>>>()?;
     let mut y = device.zeros::<u16>(m * n)?;
-    median_ms(device, samples, |i| Ok(mixq::gemm(device, &weights[i % count], &acts, &mut y)?))
+    median_ms(device, samples, |i| Ok(mixq::gemm_with(device, &weights[i % count], &acts, &mut y, kernel)?))
 }

@@ -332,10 +332,6 @@ __device__ __forceinline__ void mixq_w8_wgmma(const GemmArgs& p) {
     const int g = lane >> 2, t = lane & 3;
 
     int acc[HALVES][64];
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-        for (int r = 0; r < 64; ++r) acc[h][r] = 0;
 
     auto load_stage = [&](int stage, int kt) {
         u8_t* s = smem + stage * STAGE_BYTES;
@@ -367,7 +363,7 @@ __device__ __forceinline__ void mixq_w8_wgmma(const GemmArgs& p) {
         for (int step = 0; step < 4; ++step) {
             const u64_t da = sw128_desc(a_base + 32 * step);
 #pragma unroll
-            for (int h = 0; h < HALVES; ++h) wgmma_s8_n128(acc[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step));
+            for (int h = 0; h < HALVES; ++h) wgmma_s8_n128(acc[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step), kt + step);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -431,6 +427,163 @@ __device__ __forceinline__ void mixq_w8_wgmma(const GemmArgs& p) {
 // epilogue overlaps the other's main loop), where 128 x 256 would leave SMs idle.
 extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma_128x256(GemmArgs p) { mixq_w8_wgmma<256, 4>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) mixq_w8_wgmma_128x128(GemmArgs p) { mixq_w8_wgmma<128, 3>(p); }
+
+// Hopper kernel for W8 with the copy engine, persistent: each block (or cluster of CLUSTER
+// blocks, which share the weight tile: each fetches 1/CLUSTER of it and the copy engine multicasts
+// it into all of them) walks 128 x 128 output tiles. One producer warpgroup issues the copies of
+// a STAGES-deep ring that runs on across tiles, so the next tile's loads overlap this tile's
+// epilogue; two consumer warpgroups (64 rows each) run the wgmma's. full/empty mbarriers per
+// stage pass the stages around (the empty ones count every block's consumers, since a multicast
+// lands in all of them). The outlier tiles come through the same ring after each tile's k tiles.
+#ifdef ANYQ_WGMMA
+struct TmaArgs {
+    const float* sx;
+    const float* sw;
+    f16_t* y;
+    int m, n, k_tiles, ko_tiles;
+};
+
+template <int CLUSTER, int STAGES>
+__device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
+                                            const TensorMap& map_wo, const TmaArgs& p) {
+    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER;
+    constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
+    extern __shared__ __align__(128) u8_t smem_ring[];
+    u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
+    const u32_t ring = smem_addr(smem);
+    const u32_t full = ring + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+
+    const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31;
+    const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+    const int cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
+    const int tiles_m = (p.m + CLUSTER * BM - 1) / (CLUSTER * BM), tiles_n = (p.n + BN - 1) / BN;
+    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles;
+    // Tile index -> (first row of the cluster's rows, first column), in groups of 8 tile rows.
+    auto coords = [&](int id, int& m0, int& n0) {
+        const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
+        m0 = (first + id % size) * CLUSTER * BM + rank * BM;
+        n0 = (id % (8 * tiles_n)) / size * BN;
+    };
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 2 * CLUSTER); // 2 consumer warpgroups in each block
+        }
+        mbar_init_fence();
+    }
+    if (CLUSTER > 1) cluster_sync();
+    else __syncthreads();
+
+    if (wg == 0) {
+        set_max_registers_dec<40>();
+        if (threadIdx.x == 0) {
+            int it = 0;
+            for (int tile = cluster; tile < tiles; tile += clusters) {
+                int m0, n0;
+                coords(tile, m0, n0);
+                for (int kt = 0; kt < per_tile; ++kt, ++it) {
+                    const int s = it % STAGES;
+                    mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
+                    const u32_t bar = full + 8 * s, a = ring + s * STAGE_BYTES, b = a + A_BYTES + rank * B_ROWS * BK;
+                    mbar_expect_bytes(bar, STAGE_BYTES);
+                    // k tiles of int8, then outlier tiles of 64 f16 channels (also 128 bytes a row).
+                    const bool bulk = kt < p.k_tiles;
+                    const int x = bulk ? kt * BK : (kt - p.k_tiles) * 64;
+                    tma_load(a, bulk ? &map_x : &map_xo, x, m0, bar);
+                    if (CLUSTER > 1) tma_load_multicast(b, bulk ? &map_w : &map_wo, x, n0 + rank * B_ROWS, bar, (1 << CLUSTER) - 1);
+                    else tma_load(b, bulk ? &map_w : &map_wo, x, n0, bar);
+                }
+            }
+        }
+    } else {
+        set_max_registers_inc<232>();
+        const int cw = wg - 1, g = lane >> 2, t = lane & 3;
+        const int n_pad = (p.n + 7) & ~7;
+        const bool releaser = (threadIdx.x & 127) == 0;
+        auto release = [&](int it) {
+            if (!releaser) return;
+            const u32_t bar = empty + 8 * (it % STAGES);
+            if (CLUSTER == 1) mbar_arrive(bar);
+            else
+                for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
+        };
+        int it = 0;
+        for (int tile = cluster; tile < tiles; tile += clusters) {
+            int m0, n0;
+            coords(tile, m0, n0);
+            int acc[64];
+            for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
+                const int s = it % STAGES;
+                mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                wgmma_fence();
+#pragma unroll
+                for (int step = 0; step < 4; ++step)
+                    wgmma_s8_n128(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (kt > 0) release(it - 1);
+            }
+            wgmma_wait<0>();
+            release(it - 1);
+
+            // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
+            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x 128 block.
+            const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
+            const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
+            float out[64];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const int col = n0 + j * 8 + 2 * t;
+                const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
+                out[4 * j + 0] = x0 * w0 * (float)acc[4 * j + 0];
+                out[4 * j + 1] = x0 * w1 * (float)acc[4 * j + 1];
+                out[4 * j + 2] = x1 * w0 * (float)acc[4 * j + 2];
+                out[4 * j + 3] = x1 * w1 * (float)acc[4 * j + 3];
+            }
+            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+                const int s = it % STAGES;
+                mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                wgmma_fence();
+#pragma unroll
+                for (int step = 0; step < 4; ++step)
+                    wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                wgmma_commit();
+                wgmma_wait<0>();
+                release(it);
+            }
+            GemmArgs q;
+            q.y = p.y, q.m = p.m, q.n = p.n;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const int col = n0 + j * 8 + 2 * t;
+                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
+                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+            }
+        }
+    }
+    // No block of a cluster may leave while the others' copies or arrivals may still target it.
+    if (CLUSTER > 1) cluster_sync();
+}
+#endif
+
+// 7 stages of 32 KiB: the deepest ring that fits, to cover the latency of L2 at full rate.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+                const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w8_tma<1, 7>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+                     const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w8_tma<2, 7>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // GEMV for up to 16 tokens, where reading the weights is the cost. Each block holds 8 warps;

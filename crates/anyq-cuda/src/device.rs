@@ -105,6 +105,11 @@ impl CudaDevice {
         Ok(self.stream.alloc_zeros(len.max(1))?)
     }
 
+    /// Makes the device's context current on this thread (for raw driver calls).
+    pub(crate) fn bind(&self) -> Result<()> {
+        Ok(self.ctx.bind_to_thread()?)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }

@@ -2,12 +2,14 @@
 //! the fused producer (normalise, per-token amax, INT8 quantization, outlier gather) and the
 //! fused GEMM (INT8 MMA on the bulk + FP16 MMA on the outlier channels, one epilogue).
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use crate::compile::{kernel_source, KernelSource};
+use crate::tma::{launch_clustered, tile_map, Element, TensorMap};
 use crate::{CudaDevice, CudaError, Result};
 
 const MIXQ: KernelSource = kernel_source!("mixq");
@@ -440,6 +442,10 @@ pub enum Kernel {
     Mma,
     /// Tiled wgmma (Hopper, W8 only).
     Wgmma,
+    /// Persistent wgmma fed by the copy engine through a 7-stage ring (Hopper, W8 only).
+    Tma,
+    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast.
+    TmaPair,
 }
 
 /// `y[tokens][n] (f16 bits) = acts · weightᵀ`, dequantized, outliers included.
@@ -465,6 +471,23 @@ pub fn gemm_with(
     if m == 0 {
         return Ok(());
     }
+    let w4 = weight.bits == 4;
+    let hopper = device.compute_capability() == (9, 0);
+    let kernel = match kernel {
+        Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
+        Kernel::Auto if hopper && !w4 => Kernel::Wgmma,
+        Kernel::Auto => Kernel::Mma,
+        Kernel::Gemv if m > GEMV_MAX_TOKENS => {
+            return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
+        }
+        Kernel::Wgmma | Kernel::Tma | Kernel::TmaPair if w4 || !hopper => {
+            return Err(CudaError::Shape(format!("the {kernel:?} kernel runs W8 weights on Hopper (sm_90) only")))
+        }
+        chosen => chosen,
+    };
+    if let Kernel::Tma | Kernel::TmaPair = kernel {
+        return gemm_tma(device, weight, acts, y, if kernel == Kernel::TmaPair { 2 } else { 1 });
+    }
     let stream = device.stream();
     let (xq, _g1) = acts.xq.device_ptr(stream);
     let (sx, _g2) = acts.sx.device_ptr(stream);
@@ -488,20 +511,6 @@ pub fn gemm_with(
         k_pad: acts.k_pad as i32,
         ko_pad: acts.outliers.padded_len() as i32,
         group_tiles: weight.group_tiles as i32,
-    };
-    let w4 = weight.bits == 4;
-    let hopper = device.compute_capability() == (9, 0);
-    let kernel = match kernel {
-        Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
-        Kernel::Auto if hopper && !w4 => Kernel::Wgmma,
-        Kernel::Auto => Kernel::Mma,
-        Kernel::Gemv if m > GEMV_MAX_TOKENS => {
-            return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
-        }
-        Kernel::Wgmma if w4 || !hopper => {
-            return Err(CudaError::Shape("the wgmma kernel runs W8 weights on Hopper (sm_90) only".into()))
-        }
-        chosen => chosen,
     };
     if kernel == Kernel::Gemv {
         let name = if w4 { "mixq_w4_gemv" } else { "mixq_w8_gemv" };
@@ -540,6 +549,76 @@ pub fn gemm_with(
     launch.arg(&args);
     unsafe { launch.launch(config) }?;
     Ok(())
+}
+
+/// Scalar arguments of `mixq_w8_tma` (`TmaArgs` in mixq.cu).
+#[repr(C)]
+struct TmaArgs {
+    sx: u64,
+    sw: u64,
+    y: u64,
+    m: i32,
+    n: i32,
+    k_tiles: i32,
+    ko_tiles: i32,
+}
+
+/// 7 stages of a 128-row activation tile and a 128-row weight tile (128 bytes a row), the
+/// 1024-byte alignment of the swizzle, and 14 mbarriers.
+const TMA_SMEM: u32 = 7 * (128 + 128) * 128 + 1024 + 14 * 8;
+
+fn gemm_tma(
+    device: &CudaDevice,
+    weight: &MixqWeight,
+    acts: &MixqActivations,
+    y: &mut CudaSlice<u16>,
+    cluster: usize,
+) -> Result<()> {
+    let (m, n, k_pad, ko_pad) = (acts.tokens, weight.n, acts.k_pad, acts.outliers.padded_len());
+    let n_pad = round_up(n, 8);
+    let stream = device.stream();
+    let (xq, _g1) = acts.xq.device_ptr(stream);
+    let (sx, _g2) = acts.sx.device_ptr(stream);
+    let (xo, _g3) = acts.xo.device_ptr(stream);
+    let (wq, _g4) = weight.qweight.device_ptr(stream);
+    let (sw, _g5) = weight.scales.device_ptr(stream);
+    let (wo, _g6) = weight.outlier_weight.device_ptr(stream);
+    let (yp, _g7) = y.device_ptr_mut(stream);
+    // Each block of a cluster fetches its share of the weight tile's 128 rows.
+    let weight_rows = (128 / cluster) as u32;
+    let mut map_x = tile_map(xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
+    let mut map_w = tile_map(wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
+    // Without outliers the kernel never reads these maps.
+    let (mut map_xo, mut map_wo) = if ko_pad > 0 {
+        (
+            tile_map(xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64))?,
+            tile_map(wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64))?,
+        )
+    } else {
+        (map_x, map_w)
+    };
+    let mut args = TmaArgs {
+        sx,
+        sw,
+        y: yp,
+        m: m as i32,
+        n: n as i32,
+        k_tiles: (k_pad / K_TILE) as i32,
+        ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
+    };
+    // Persistent: at most one block per SM, each walking its share of the tiles.
+    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(128);
+    let clusters = tiles.min(device.sm_count() as usize / cluster);
+    let name = if cluster == 2 { "mixq_w8_tma_pair" } else { "mixq_w8_tma" };
+    let function = device.function(&MIXQ, name, TMA_SMEM)?;
+    let mut params = [
+        &mut map_x as *mut TensorMap as *mut c_void,
+        &mut map_w as *mut TensorMap as *mut c_void,
+        &mut map_xo as *mut TensorMap as *mut c_void,
+        &mut map_wo as *mut TensorMap as *mut c_void,
+        &mut args as *mut TmaArgs as *mut c_void,
+    ];
+    launch_clustered(device, &function, ((cluster * clusters) as u32, 384, cluster as u32), TMA_SMEM, &mut params)
 }
 
 fn launch_fill(device: &CudaDevice, name: &str, len: usize) -> Result<(cudarc::driver::CudaFunction, LaunchConfig)> {

@@ -118,7 +118,7 @@ fn check_gemm(bits: u32, group: usize) {
             kernels.push(Kernel::Gemv);
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
-            kernels.push(Kernel::Wgmma);
+            kernels.extend([Kernel::Wgmma, Kernel::Tma, Kernel::TmaPair]);
         }
         for kernel in kernels {
             // Poison: every output element must be written.

@@ -1,0 +1,96 @@
+//! Hopper's copy engine (TMA) and thread-block clusters from the host: tensor maps describing
+//! 2-D tiles of a row-major matrix, and launches with a cluster shape (which cudarc's launch
+//! builder does not cover).
+
+use std::ffi::c_void;
+
+use cudarc::driver::{sys, CudaFunction, DeviceRepr};
+
+use crate::{CudaDevice, CudaError, Result};
+
+/// `CUtensorMap`: 128 opaque bytes, passed by value as a `__grid_constant__` kernel parameter.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct TensorMap([u64; 16]);
+
+unsafe impl DeviceRepr for TensorMap {}
+
+/// Element types the maps describe.
+#[derive(Clone, Copy)]
+pub(crate) enum Element {
+    U8,
+    F16,
+}
+
+/// A map of the row-major `[rows][cols]` matrix at device address `base` (rows `row_bytes`
+/// apart), read in boxes of `box_rows` x `box_cols`, each row of a box 128 bytes wide and stored
+/// with the 128-byte swizzle that wgmma's descriptors expect. Rows past `rows` read as zeros.
+pub(crate) fn tile_map(
+    base: u64,
+    element: Element,
+    (rows, cols): (usize, usize),
+    row_bytes: usize,
+    (box_rows, box_cols): (u32, u32),
+) -> Result<TensorMap> {
+    let (dtype, size) = match element {
+        Element::U8 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 1),
+        Element::F16 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2),
+    };
+    if box_cols as usize * size != 128 || base % 16 != 0 || row_bytes % 16 != 0 || rows == 0 || cols == 0 {
+        return Err(CudaError::Shape(format!(
+            "no tensor map for a {rows} x {cols} matrix ({row_bytes}-byte rows) in {box_rows} x {box_cols} boxes"
+        )));
+    }
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims = [cols as u64, rows as u64];
+    let strides = [row_bytes as u64];
+    let boxes = [box_cols, box_rows];
+    let element_strides = [1u32, 1];
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            2,
+            base as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+    }
+    Ok(TensorMap(map.opaque))
+}
+
+/// Launches `function` on the device's stream with clusters of `cluster` blocks along x;
+/// `params` point at each kernel argument in order.
+pub(crate) fn launch_clustered(
+    device: &CudaDevice,
+    function: &CudaFunction,
+    (blocks, threads, cluster): (u32, u32, u32),
+    shared_bytes: u32,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster, y: 1, z: 1 };
+    let config = sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared_bytes,
+        hStream: device.stream().cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    device.bind()?;
+    unsafe { sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()? };
+    Ok(())
+}
