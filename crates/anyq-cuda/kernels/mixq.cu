@@ -430,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) mixq_w8_wgmma_128x128(GemmA
 
 // Hopper kernel for W8 with the copy engine, persistent: each block (or cluster of CLUSTER
 // blocks, which share the weight tile: each fetches 1/CLUSTER of it and the copy engine multicasts
-// it into all of them) walks 128 x 128 output tiles. One producer warpgroup issues the copies of
+// it into all of them) walks 128 x BN output tiles. One producer warpgroup issues the copies of
 // a STAGES-deep ring that runs on across tiles, so the next tile's loads overlap this tile's
 // epilogue; two consumer warpgroups (64 rows each) run the wgmma's. full/empty mbarriers per
 // stage pass the stages around (the empty ones count every block's consumers, since a multicast
@@ -443,10 +443,22 @@ struct TmaArgs {
     int m, n, k_tiles, ko_tiles;
 };
 
-template <int CLUSTER, int STAGES>
+// wgmma over a 64 x BN block (BN 128 or 192).
+template <int BN>
+__device__ __forceinline__ void wgmma_s8(int* d, u64_t a, u64_t b, int accumulate) {
+    if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
+    else wgmma_s8_n128(d, a, b, accumulate);
+}
+template <int BN>
+__device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
+    if (BN == 192) wgmma_f16_n192(d, a, b);
+    else wgmma_f16_n128(d, a, b);
+}
+
+template <int CLUSTER, int STAGES, int BN>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TmaArgs& p) {
-    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER;
+    constexpr int BM = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_ring[];
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
@@ -512,7 +524,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         for (int tile = cluster; tile < tiles; tile += clusters) {
             int m0, n0;
             coords(tile, m0, n0);
-            int acc[64];
+            int acc[ACC];
             for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
                 const int s = it % STAGES;
                 mbar_wait(full + 8 * s, (it / STAGES) & 1);
@@ -520,7 +532,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-                    wgmma_s8_n128(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
+                    wgmma_s8<BN>(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
                 wgmma_commit();
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
@@ -529,12 +541,12 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             release(it - 1);
 
             // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
-            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x 128 block.
+            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x BN block.
             const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
             const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-            float out[64];
+            float out[ACC];
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
+            for (int j = 0; j < BN / 8; ++j) {
                 const int col = n0 + j * 8 + 2 * t;
                 const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
                 out[4 * j + 0] = x0 * w0 * (float)acc[4 * j + 0];
@@ -549,7 +561,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-                    wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
                 wgmma_commit();
                 wgmma_wait<0>();
                 release(it);
@@ -557,7 +569,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             GemmArgs q;
             q.y = p.y, q.m = p.m, q.n = p.n;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
+            for (int j = 0; j < BN / 8; ++j) {
                 const int col = n0 + j * 8 + 2 * t;
                 store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
                 store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
@@ -569,19 +581,26 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
-// 7 stages of 32 KiB: the deepest ring that fits, to cover the latency of L2 at full rate.
+// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB), to cover the latency of L2 at full rate.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                 const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<1, 7>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<1, 7, 128>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                      const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 7>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<2, 7, 128>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w8_tma_pair_wide(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+                          const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w8_tma<2, 5, 192>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 
@@ -593,9 +612,44 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 // activations, both straight from global memory: since Σ_k is order-free, the k of each mma
 // fragment slot only has to agree between the two operands, not follow the fragment's own order.
 
-template <bool W4>
+// The GEMV's loads, as volatile asm: ptxas keeps them ahead of the (volatile) mma's that use
+// them, so a batch's loads are all in flight together instead of being sunk next to their uses.
+// Weights are read once: they stream past L1 so the activations (read by every warp) stay there.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 load_cached(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float2 load_cached_f2(const float* p) {
+    float2 v;
+    asm volatile("ld.global.nc.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32_t load_cached_u8(const u8_t* p) {
+    u32_t v;
+    asm volatile("ld.global.nc.u8 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// One slice's operands for one lane: weights, the activations of rows g (and g + 8 when there
+// are more than 8 tokens), W4's zero point and scales.
+template <bool W4, bool ROWS16>
+struct Slice {
+    uint4 w, a0, b0, a1, b1;
+    u32_t zero4;
+    float2 scale;
+};
+
+template <bool W4, bool ROWS16>
 __device__ __forceinline__ void mixq_gemv(const GemmArgs& p, int split) {
-    constexpr int WARPS = 8;
+    constexpr int WARPS = 8, BATCH = W4 ? 2 : 4; // slices per batch; the next batch loads while one computes
     __shared__ float partial[WARPS][32][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -605,47 +659,71 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p, int split) {
     const int row = live ? tile * 8 + g : 0, col = live ? tile * 8 + 2 * t : 0;
     const int chunk_k = W4 ? 128 : 64; // k per 64-byte slice of a weight row
     const int chunks = live ? p.k_pad / chunk_k : 0;
-    const bool row0 = g < p.m, row1 = g + 8 < p.m;
+    const bool row0 = g < p.m, row1 = ROWS16 && g + 8 < p.m;
     const uint4 none = make_uint4(0, 0, 0, 0);
-    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)g * p.k_pad;
-    const u8_t* x1 = x0 + (u64_t)8 * p.k_pad;
+    // Rows past the tokens read a real row and are zeroed afterwards, as are slices past the end
+    // (read from the last one): no branch separates a batch's loads.
+    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)min(g, p.m - 1) * p.k_pad;
+    const u8_t* x1 = (const u8_t*)p.xq + (u64_t)min(g + 8, p.m - 1) * p.k_pad;
     const u8_t* w = p.wq + (u64_t)row * (W4 ? p.k_pad / 2 : p.k_pad) + 16 * t;
+
+    auto load = [&](int base, Slice<W4, ROWS16> (&batch)[BATCH]) {
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const int c = min(base + u * split, chunks - 1);
+            Slice<W4, ROWS16>& sl = batch[u];
+            sl.w = load_stream(w + c * 64);
+            // W4: lane t holds the 32-k block t of the slice, k = 32t + j (low nibbles) and + 16
+            // (high); W8: k = 16t .. 16t + 15, words 0, 1 feeding step 0 and 2, 3 step 1.
+            const int kb = W4 ? c * 128 + 32 * t : c * 64 + 16 * t;
+            sl.a0 = load_cached(x0 + kb);
+            if (W4) sl.b0 = load_cached(x0 + kb + 16);
+            if (ROWS16) sl.a1 = load_cached(x1 + kb);
+            if (W4 && ROWS16) sl.b1 = load_cached(x1 + kb + 16);
+            if (W4) {
+                const int group = c / p.group_tiles;
+                sl.zero4 = load_cached_u8(p.wz + (u64_t)group * n_pad + row) * 0x01010101u;
+                sl.scale = load_cached_f2(p.sw + (u64_t)group * n_pad + col);
+            }
+        }
+    };
 
     float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int acc[4] = {0, 0, 0, 0};
-#pragma unroll 4
-    for (int c = part; c < chunks; c += split) {
-        const uint4 wv = __ldg((const uint4*)(w + c * 64));
-        if (W4) {
-            // Lane t holds the 32-k block t of the slice: k = 32t + j (low) and + 16 (high).
-            const int kb = c * 128 + 32 * t, group = c / p.group_tiles;
-            const uint4 lo0 = row0 ? __ldg((const uint4*)(x0 + kb)) : none, hi0 = row0 ? __ldg((const uint4*)(x0 + kb + 16)) : none;
-            const uint4 lo1 = row1 ? __ldg((const uint4*)(x1 + kb)) : none, hi1 = row1 ? __ldg((const uint4*)(x1 + kb + 16)) : none;
-            const u32_t zero4 = __ldg(p.wz + (u64_t)group * n_pad + row) * 0x01010101u;
-            const float2 scale = __ldg((const float2*)(p.sw + (u64_t)group * n_pad + col));
-            const u32_t wk[4] = {wv.x, wv.y, wv.z, wv.w};
-            const u32_t l0[4] = {lo0.x, lo0.y, lo0.z, lo0.w}, h0[4] = {hi0.x, hi0.y, hi0.z, hi0.w};
-            const u32_t l1[4] = {lo1.x, lo1.y, lo1.z, lo1.w}, h1[4] = {hi1.x, hi1.y, hi1.z, hi1.w};
+    Slice<W4, ROWS16> batch[BATCH], next[BATCH];
+    if (part < chunks) load(part, batch);
+    for (int base = part; base < chunks; base += BATCH * split) {
+        if (base + BATCH * split < chunks) load(base + BATCH * split, next);
 #pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                u32_t b0, b1;
-                unpack_w4(wk[s], zero4, b0, b1);
-                const u32_t a[4] = {l0[s], l1[s], h0[s], h1[s]};
-                mma_s8(acc, a, b0, b1);
+        for (int u = 0; u < BATCH; ++u) {
+            Slice<W4, ROWS16>& sl = batch[u];
+            const bool ok = base + u * split < chunks;
+            const uint4 a0 = ok && row0 ? sl.a0 : none, a1 = ROWS16 && ok && row1 ? sl.a1 : none;
+            if (W4) {
+                const uint4 b0 = ok && row0 ? sl.b0 : none, b1 = ROWS16 && ok && row1 ? sl.b1 : none;
+                const u32_t wk[4] = {sl.w.x, sl.w.y, sl.w.z, sl.w.w};
+                const u32_t l0[4] = {a0.x, a0.y, a0.z, a0.w}, h0[4] = {b0.x, b0.y, b0.z, b0.w};
+                const u32_t l1[4] = {a1.x, a1.y, a1.z, a1.w}, h1[4] = {b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    u32_t w0, w1;
+                    unpack_w4(wk[s], sl.zero4, w0, w1);
+                    const u32_t a[4] = {l0[s], l1[s], h0[s], h1[s]};
+                    mma_s8(acc, a, w0, w1);
+                }
+                out[0] += sl.scale.x * (float)acc[0];
+                out[1] += sl.scale.y * (float)acc[1];
+                out[2] += sl.scale.x * (float)acc[2];
+                out[3] += sl.scale.y * (float)acc[3];
+                acc[0] = acc[1] = acc[2] = acc[3] = 0;
+            } else {
+                const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
+                mma_s8(acc, s0, sl.w.x, sl.w.y);
+                mma_s8(acc, s1, sl.w.z, sl.w.w);
             }
-            out[0] += scale.x * (float)acc[0];
-            out[1] += scale.y * (float)acc[1];
-            out[2] += scale.x * (float)acc[2];
-            out[3] += scale.y * (float)acc[3];
-            acc[0] = acc[1] = acc[2] = acc[3] = 0;
-        } else {
-            // Lane t holds k = 16t .. 16t + 15 of the slice: words 0, 1 feed step 0, words 2, 3 step 1.
-            const int kb = c * 64 + 16 * t;
-            const uint4 a0 = row0 ? __ldg((const uint4*)(x0 + kb)) : none, a1 = row1 ? __ldg((const uint4*)(x1 + kb)) : none;
-            const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
-            mma_s8(acc, s0, wv.x, wv.y);
-            mma_s8(acc, s1, wv.z, wv.w);
         }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) batch[u] = next[u];
     }
     if (!W4 && live) {
         const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
@@ -685,5 +763,8 @@ __device__ __forceinline__ void mixq_gemv(const GemmArgs& p, int split) {
     store_pair(p, g + 8, col, sum[2], sum[3]);
 }
 
-extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv(GemmArgs p, int split) { mixq_gemv<false>(p, split); }
-extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv(GemmArgs p, int split) { mixq_gemv<true>(p, split); }
+// Separate kernels for up to 8 and up to 16 tokens: the first needs half the registers.
+extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv8(GemmArgs p, int split) { mixq_gemv<false, false>(p, split); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv16(GemmArgs p, int split) { mixq_gemv<false, true>(p, split); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv8(GemmArgs p, int split) { mixq_gemv<true, false>(p, split); }
+extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv16(GemmArgs p, int split) { mixq_gemv<true, true>(p, split); }

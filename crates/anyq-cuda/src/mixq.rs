@@ -475,7 +475,9 @@ pub fn gemm_with(
     let hopper = device.compute_capability() == (9, 0);
     let kernel = match kernel {
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
-        Kernel::Auto if hopper && !w4 => Kernel::Wgmma,
+        // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
+        Kernel::Auto if hopper && !w4 && m <= 128 => Kernel::Tma,
+        Kernel::Auto if hopper && !w4 => Kernel::TmaPair,
         Kernel::Auto => Kernel::Mma,
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
@@ -513,10 +515,16 @@ pub fn gemm_with(
         group_tiles: weight.group_tiles as i32,
     };
     if kernel == Kernel::Gemv {
-        let name = if w4 { "mixq_w4_gemv" } else { "mixq_w8_gemv" };
-        // Warps per weight tile: each streams at least 16 slices of 64 bytes of its rows.
-        let slices = acts.k_pad / if w4 { 128 } else { 64 };
-        let split = (slices / 16).clamp(1, 8).next_power_of_two().min(8) as i32;
+        let name = match (w4, m > 8) {
+            (true, true) => "mixq_w4_gemv16",
+            (true, false) => "mixq_w4_gemv8",
+            (false, true) => "mixq_w8_gemv16",
+            (false, false) => "mixq_w8_gemv8",
+        };
+        // Warps per 8-row weight tile (they split its k): enough warps in all for every SM to
+        // keep many loads in flight, at most 8 (a block).
+        let tiles = n.div_ceil(8);
+        let split = (32 * device.sm_count() as usize).div_ceil(tiles).next_power_of_two().min(8) as i32;
         let tiles_per_block = 8 / split as usize;
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(8).div_ceil(tiles_per_block) as u32, 1, 1),
@@ -563,9 +571,30 @@ struct TmaArgs {
     ko_tiles: i32,
 }
 
-/// 7 stages of a 128-row activation tile and a 128-row weight tile (128 bytes a row), the
-/// 1024-byte alignment of the swizzle, and 14 mbarriers.
-const TMA_SMEM: u32 = 7 * (128 + 128) * 128 + 1024 + 14 * 8;
+/// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
+/// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the 1024-byte alignment
+/// of the swizzle, and two mbarriers a stage).
+struct TmaKernel {
+    name: &'static str,
+    cluster: usize,
+    bn: usize,
+    smem: u32,
+}
+
+const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) -> TmaKernel {
+    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 1024 + stages * 16 }
+}
+
+const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
+const TMA_PAIR: TmaKernel = tma_kernel("mixq_w8_tma_pair", 2, 7, 128);
+const TMA_PAIR_WIDE: TmaKernel = tma_kernel("mixq_w8_tma_pair_wide", 2, 5, 192);
+
+/// Of the tiles' waves over the GPU's clusters, the fraction that does work.
+fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
+    let tiles = m.div_ceil(128 * kernel.cluster) * n.div_ceil(kernel.bn);
+    let slots = sm_count / kernel.cluster;
+    tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
+}
 
 fn gemm_tma(
     device: &CudaDevice,
@@ -575,6 +604,15 @@ fn gemm_tma(
     cluster: usize,
 ) -> Result<()> {
     let (m, n, k_pad, ko_pad) = (acts.tokens, weight.n, acts.k_pad, acts.outliers.padded_len());
+    let sm_count = device.sm_count() as usize;
+    // Wider tiles where they leave fewer clusters idle in the last wave.
+    let kernel = match cluster {
+        1 => &TMA_SINGLE,
+        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count) > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 => {
+            &TMA_PAIR_WIDE
+        }
+        _ => &TMA_PAIR,
+    };
     let n_pad = round_up(n, 8);
     let stream = device.stream();
     let (xq, _g1) = acts.xq.device_ptr(stream);
@@ -584,8 +622,8 @@ fn gemm_tma(
     let (sw, _g5) = weight.scales.device_ptr(stream);
     let (wo, _g6) = weight.outlier_weight.device_ptr(stream);
     let (yp, _g7) = y.device_ptr_mut(stream);
-    // Each block of a cluster fetches its share of the weight tile's 128 rows.
-    let weight_rows = (128 / cluster) as u32;
+    // Each block of a cluster fetches its share of the weight tile's rows.
+    let weight_rows = (kernel.bn / cluster) as u32;
     let mut map_x = tile_map(xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
     let mut map_w = tile_map(wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
     // Without outliers the kernel never reads these maps.
@@ -607,10 +645,9 @@ fn gemm_tma(
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
     };
     // Persistent: at most one block per SM, each walking its share of the tiles.
-    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(128);
-    let clusters = tiles.min(device.sm_count() as usize / cluster);
-    let name = if cluster == 2 { "mixq_w8_tma_pair" } else { "mixq_w8_tma" };
-    let function = device.function(&MIXQ, name, TMA_SMEM)?;
+    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);
+    let clusters = tiles.min(sm_count / cluster);
+    let function = device.function(&MIXQ, kernel.name, kernel.smem)?;
     let mut params = [
         &mut map_x as *mut TensorMap as *mut c_void,
         &mut map_w as *mut TensorMap as *mut c_void,
@@ -618,7 +655,7 @@ fn gemm_tma(
         &mut map_wo as *mut TensorMap as *mut c_void,
         &mut args as *mut TmaArgs as *mut c_void,
     ];
-    launch_clustered(device, &function, ((cluster * clusters) as u32, 384, cluster as u32), TMA_SMEM, &mut params)
+    launch_clustered(device, &function, ((cluster * clusters) as u32, 384, cluster as u32), kernel.smem, &mut params)
 }
 
 fn launch_fill(device: &CudaDevice, name: &str, len: usize) -> Result<(cudarc::driver::CudaFunction, LaunchConfig)> {

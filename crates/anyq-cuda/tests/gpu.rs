@@ -57,6 +57,9 @@ const CASES: &[Case] = &[
     Case { m: 300, n: 129, k: 1000, outliers: 0 },
     Case { m: 1030, n: 4104, k: 384, outliers: 40 },
     Case { m: 2100, n: 8200, k: 128, outliers: 100 },
+    // Wide enough for the 192-column cluster tiles to fill the GPU better than 128-column ones.
+    Case { m: 500, n: 6100, k: 256, outliers: 30 },
+    Case { m: 9, n: 1000, k: 1024, outliers: 12 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
