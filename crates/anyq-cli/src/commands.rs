@@ -4,16 +4,18 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use anyq_cuda::CudaDevice;
 use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
-use anyq_engine::{generate as run_generation, outlier_report, Sampler, SamplingParams, TextStream};
-use anyq_models::TokenizerBundle;
+use anyq_engine::{generate as run_generation, generate_with, outlier_report, Sampler, SamplingParams, TextStream};
+use anyq_models::cuda::CudaLlama;
+use anyq_models::{LoadedModel, TokenizerBundle};
 use anyq_quant::methods::method_by_name;
 
 use crate::progress::{
-    load_quantized, load_with_progress, perplexity_with_progress, quantize_loaded, read_calibration_text,
-    save_with_progress,
+    load_quantized, load_with_progress, perplexity_on_with_progress, perplexity_with_progress, quantize_loaded,
+    read_calibration_text, save_with_progress,
 };
-use crate::{GenerateArgs, PplArgs, QuantizeCommandArgs};
+use crate::{DeviceKind, GenerateArgs, PplArgs, QuantizeArgs, QuantizeCommandArgs};
 
 fn tokenizer_of<'a>(bundle: Option<&'a TokenizerBundle>, model: &Path) -> anyhow::Result<&'a TokenizerBundle> {
     bundle.with_context(|| format!("{} has no tokenizer (GGUF tokenizer metadata or tokenizer.json)", model.display()))
@@ -64,12 +66,15 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     params.validate().map_err(anyhow::Error::msg)?;
+    // A missing GPU fails before minutes of loading, not after.
+    let device = open_gpu(args.device, &args.quantize)?;
     let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     let ids = prompt_ids(bundle, &args)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
+    let gpu = device.map(|device| gpu_model(&device, &loaded)).transpose()?;
     let mut sampler = Sampler::new(params);
     let mut stream = TextStream::new(&bundle.tokenizer);
     let mut stdout = std::io::stdout();
@@ -77,21 +82,30 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         write!(stdout, "{}", args.prompt)?;
     }
     let mut write_error = None;
-    let generation =
-        run_generation(&loaded.model, &ids, args.max_tokens, &mut sampler, &bundle.special.stop, &mut |id| {
-            let piece = match stream.push(id) {
-                Ok(piece) => piece,
-                Err(e) => {
-                    write_error = Some(anyhow::anyhow!("cannot decode token {id}: {e}"));
-                    return false;
-                }
-            };
-            if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
-                write_error = Some(e.into());
+    let mut on_token = |id| {
+        let piece = match stream.push(id) {
+            Ok(piece) => piece,
+            Err(e) => {
+                write_error = Some(anyhow::anyhow!("cannot decode token {id}: {e}"));
                 return false;
             }
-            true
-        })?;
+        };
+        if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+            write_error = Some(e.into());
+            return false;
+        }
+        true
+    };
+    let stop = &bundle.special.stop;
+    let generation = match &gpu {
+        None => run_generation(&loaded.model, &ids, args.max_tokens, &mut sampler, stop, &mut on_token)?,
+        Some(gpu) => {
+            // Room for the prompt and every new token, within the model's context.
+            let capacity = (ids.len() + args.max_tokens).clamp(1, gpu.config().max_position_embeddings);
+            let mut decoder = gpu.decoder(capacity)?;
+            generate_with(&mut decoder, &ids, args.max_tokens, &mut sampler, stop, &mut on_token)?
+        }
+    };
     if let Some(e) = write_error {
         return Err(e);
     }
@@ -108,12 +122,44 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// GPU 0 when `device` is CUDA. Quantizing in memory is refused first: the GPU runs FP16 only.
+fn open_gpu(device: DeviceKind, quantize: &QuantizeArgs) -> anyhow::Result<Option<std::sync::Arc<CudaDevice>>> {
+    if device == DeviceKind::Cpu {
+        return Ok(None);
+    }
+    if let Some(method) = &quantize.quantize {
+        bail!("--quantize {method}: only FP16 models run on the GPU so far; use --device cpu");
+    }
+    let device = CudaDevice::open(0)?;
+    eprintln!("GPU: {} (compute capability {:?})", device.name(), device.compute_capability());
+    Ok(Some(device))
+}
+
+/// The loaded model converted to FP16 on `device`; quantized checkpoints are refused.
+fn gpu_model(device: &std::sync::Arc<CudaDevice>, loaded: &LoadedModel) -> anyhow::Result<CudaLlama> {
+    if let Some(q) = &loaded.quantization {
+        bail!(
+            "{} is a {} checkpoint: only FP16 models run on the GPU so far; use --device cpu",
+            loaded.source.display(),
+            q.method
+        );
+    }
+    Ok(CudaLlama::new(device, &loaded.model)?)
+}
+
 pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("cannot read {}", args.text.display()))?;
+    let device = open_gpu(args.device, &args.quantize)?;
     let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     let ids = bundle.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-    let (report, rate) = perplexity_with_progress(&loaded.model, &ids, args.ctx, args.max_windows)?;
+    let (report, rate) = match device {
+        None => perplexity_with_progress(&loaded.model, &ids, args.ctx, args.max_windows)?,
+        Some(device) => {
+            let gpu = gpu_model(&device, &loaded)?;
+            perplexity_on_with_progress(&mut gpu.decoder(args.ctx)?, &ids, args.ctx, args.max_windows)?
+        }
+    };
     println!("text: {} ({} tokens)", args.text.display(), ids.len());
     println!(
         "windows: {} x {} tokens, {} tokens predicted, {rate:.1} tokens/s",

@@ -70,8 +70,19 @@ struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the model runs: `cuda` converts it to FP16 on the first NVIDIA GPU.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
     #[command(flatten)]
     quantize: QuantizeArgs,
+}
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    /// FP16 on the first NVIDIA GPU.
+    Cuda,
 }
 
 /// In-memory quantization before running.
@@ -128,6 +139,9 @@ struct PplArgs {
     /// Evaluate only the first N windows.
     #[arg(long)]
     max_windows: Option<usize>,
+    /// Where the model runs: `cuda` converts it to FP16 on the first NVIDIA GPU.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
     #[command(flatten)]
     quantize: QuantizeArgs,
 }

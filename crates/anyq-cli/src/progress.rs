@@ -4,8 +4,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use anyq_engine::{calibrate_with, perplexity, quantize_model, CalibrationStats, PerplexityReport};
-use anyq_models::{load_model, save_quantized, LlamaModel, LoadedModel};
+use anyq_engine::{
+    calibrate_with, perplexity_with, quantize_model, CalibrationStats, PerplexityError, PerplexityReport,
+};
+use anyq_models::{load_model, save_quantized, CpuDecoder, Decoder, LlamaModel, LoadedModel};
 use anyq_quant::methods::{method_by_name, QuantMethod};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -138,12 +140,25 @@ pub fn perplexity_with_progress(
     ctx: usize,
     max_windows: Option<usize>,
 ) -> anyhow::Result<(PerplexityReport, f64)> {
-    if ctx > model.config.max_position_embeddings {
-        anyhow::bail!("--ctx {ctx} exceeds the model's context of {}", model.config.max_position_embeddings);
+    perplexity_on_with_progress(&mut CpuDecoder::new(model), ids, ctx, max_windows)
+}
+
+/// [`perplexity_with_progress`] on any device.
+pub fn perplexity_on_with_progress<D: Decoder>(
+    decoder: &mut D,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+) -> anyhow::Result<(PerplexityReport, f64)>
+where
+    PerplexityError: From<D::Error>,
+{
+    if ctx > decoder.max_positions() {
+        anyhow::bail!("--ctx {ctx} exceeds the model's context of {}", decoder.max_positions());
     }
     let progress = bar(0, "ppl");
     let started = Instant::now();
-    let report = perplexity(model, ids, ctx, max_windows, &|done, total| {
+    let report = perplexity_with(decoder, ids, ctx, max_windows, &|done, total| {
         progress.set_length(total as u64);
         progress.set_position(done as u64);
     })?;

@@ -6,9 +6,11 @@
 // - activations: xq int8 [m][k_pad], outlier channels zeroed, per-token scale sx[m]; the outlier
 //   channels gathered in order into xo f16 [m][ko_pad]. k_pad is a multiple of 128, ko_pad of 64.
 // - W8: wq int8 [n_pad][k_pad], per-row scale sw[n_pad].
-// - W4: wq [n_pad][k_pad / 2]; in each 32-k block of a row (16 bytes) byte j holds k = j in its
-//   low nibble and k = j + 16 in its high one, so four bytes unpack (q - zero, in registers) into
-//   exactly the two registers of an m16n8k32 fragment. Scale sw and zero point wz per (row, group
+// - W4: wq holds each row's k_pad / 2 bytes as 64-byte slices (128 k), the 8 rows of a tile
+//   side by side: slice c of tile j is the 512 bytes at (j · k_pad / 128 + c) · 512, row r of the
+//   tile at r · 64 in it (a warp streaming a tile reads whole 512-byte runs). In each 32-k block
+//   (16 bytes) byte j holds k = j in its low nibble and k = j + 16 in its high one, so four bytes
+//   unpack (q - zero, in registers) into exactly the two registers of an m16n8k32 fragment. Scale sw and zero point wz per (row, group
 //   of 128·group_tiles k), group-major: sw[group][n_pad], wz[group][n_pad]. Hopper's INT4 MMA is emulated and slower than INT8: 4-bit weights
 //   always compute in INT8.
 // - outlier weights: wo f16 [n_pad][ko_pad].
@@ -118,6 +120,19 @@ __device__ __forceinline__ void load_tile(u8_t* s, const u8_t* src, u64_t stride
     }
 }
 
+// W4's k tile kt (one 64-byte slice a row) of rows n0 .. n0 + ROWS: one 512-byte run per tile.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_w4_tile(u8_t* s, const u8_t* wq, int slices, int n0, int rows, int kt) {
+    static_assert(ROWS * 4 % THREADS == 0, "whole 16-byte chunks per thread");
+#pragma unroll
+    for (int it = 0; it < ROWS * 4 / THREADS; ++it) {
+        const int i = threadIdx.x + it * THREADS, r = i / 4, c = i % 4;
+        const bool valid = n0 + r < rows;
+        const u64_t at = valid ? ((u64_t)((n0 + r) / 8) * slices + kt) * 512 + (r % 8) * 64 + c * 16 : 0;
+        cp_async16(s + swizzled<64>(r, c), wq + at, valid);
+    }
+}
+
 // Stores a pair of adjacent outputs (c, c + 1) of row `row`, each only if inside the matrix.
 __device__ __forceinline__ void store_pair(const GemmArgs& p, int row, int col, float v0, float v1) {
     if (row >= p.m || col >= p.n) return;
@@ -174,7 +189,8 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
     auto load_stage = [&](int stage, int kt) {
         u8_t* s = smem + stage * STAGE_BYTES;
         load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xq, p.k_pad, m0, p.m, kt * BK);
-        load_tile<BN, B_ROW, THREADS>(s + A_BYTES, p.wq, w_stride, n0, n_pad, kt * B_ROW);
+        if (W4) load_w4_tile<BN, THREADS>(s + A_BYTES, p.wq, k_tiles, n0, n_pad, kt);
+        else load_tile<BN, B_ROW, THREADS>(s + A_BYTES, p.wq, w_stride, n0, n_pad, kt * B_ROW);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -612,9 +628,9 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 // activations, both straight from global memory: since Σ_k is order-free, the k of each mma
 // fragment slot only has to agree between the two operands, not follow the fragment's own order.
 
-// The GEMV's loads, as volatile asm: ptxas keeps them ahead of the (volatile) mma's that use
-// them, so a batch's loads are all in flight together instead of being sunk next to their uses.
-// Weights are read once: they stream past L1 so the activations (read by every warp) stay there.
+// The GEMV's weight loads, as volatile asm so that ptxas keeps them where they are written, ahead
+// of the (volatile) mma's; weights are read once: they stream past L1 so that the activations
+// (read by every warp) stay there.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -622,145 +638,138 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
                  : "l"(p));
     return v;
 }
-__device__ __forceinline__ uint4 load_cached(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
 __device__ __forceinline__ float2 load_cached_f2(const float* p) {
     float2 v;
     asm volatile("ld.global.nc.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "l"(p));
     return v;
 }
-__device__ __forceinline__ u32_t load_cached_u8(const u8_t* p) {
-    u32_t v;
-    asm volatile("ld.global.nc.u8 %0, [%1];\n" : "=r"(v) : "l"(p));
+__device__ __forceinline__ u32_t load_cached_u16(const u8_t* p) {
+    unsigned short v;
+    asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
     return v;
 }
 
 // One slice's operands for one lane: weights, the activations of rows g (and g + 8 when there
-// are more than 8 tokens), W4's zero point and scales.
-template <bool W4, bool ROWS16>
+// are more than 8 tokens), W4's zero points of the lane's two output columns (one per byte) and
+// scales.
+template <bool ROWS16>
 struct Slice {
     uint4 w, a0, b0, a1, b1;
-    u32_t zero4;
+    u32_t zeros;
     float2 scale;
 };
 
+// Blocks loop over groups of 8 / split weight tiles (a persistent grid: no ragged last wave);
+// `split` warps share a tile, each streaming every split-th slice of its k, the next slice's loads
+// in flight while one computes (more slices in flight cost registers, hence warps, and measured
+// slower). Rows past the tokens need no zeroing: an mma row only reaches the same output row,
+// and those are never stored. W4 multiplies the unsigned nibbles and takes zero · Σx off
+// afterwards (Σx from an mma against ones): cheaper than unpacking to q − zero.
 template <bool W4, bool ROWS16>
 __device__ __forceinline__ void mixq_gemv(const GemmArgs& p, int split) {
-    constexpr int WARPS = 8, BATCH = W4 ? 2 : 4; // slices per batch; the next batch loads while one computes
+    constexpr int WARPS = 8;
     __shared__ float partial[WARPS][32][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x * (WARPS / split) + warp / split, part = warp % split;
-    const int n_pad = (p.n + 7) & ~7;
-    const bool live = tile * 8 < n_pad;
-    const int row = live ? tile * 8 + g : 0, col = live ? tile * 8 + 2 * t : 0;
+    const int g = lane >> 2, t = lane & 3, part = warp % split;
+    const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8;
     const int chunk_k = W4 ? 128 : 64; // k per 64-byte slice of a weight row
-    const int chunks = live ? p.k_pad / chunk_k : 0;
+    const int slices = p.k_pad / chunk_k;
     const bool row0 = g < p.m, row1 = ROWS16 && g + 8 < p.m;
-    const uint4 none = make_uint4(0, 0, 0, 0);
-    // Rows past the tokens read a real row and are zeroed afterwards, as are slices past the end
-    // (read from the last one): no branch separates a batch's loads.
     const u8_t* x0 = (const u8_t*)p.xq + (u64_t)min(g, p.m - 1) * p.k_pad;
     const u8_t* x1 = (const u8_t*)p.xq + (u64_t)min(g + 8, p.m - 1) * p.k_pad;
-    const u8_t* w = p.wq + (u64_t)row * (W4 ? p.k_pad / 2 : p.k_pad) + 16 * t;
+    const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)min(g, p.m - 1) * p.ko_pad) + 16 * t;
+    const u8_t* o1 = (const u8_t*)(p.xo + (u64_t)min(g + 8, p.m - 1) * p.ko_pad) + 16 * t;
+    const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
 
-    auto load = [&](int base, Slice<W4, ROWS16> (&batch)[BATCH]) {
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-            const int c = min(base + u * split, chunks - 1);
-            Slice<W4, ROWS16>& sl = batch[u];
-            sl.w = load_stream(w + c * 64);
+    for (int first = blockIdx.x * (WARPS / split); first < n_tiles; first += gridDim.x * (WARPS / split)) {
+        const int tile = first + warp / split;
+        const bool live = tile < n_tiles;
+        const int row = tile * 8 + g, col = tile * 8 + 2 * t;
+        const int chunks = live ? slices : 0;
+        // W8: row-major; W4: tile-interleaved, the warp's 8 rows of a slice in one 512-byte run.
+        const u8_t* w = W4 ? p.wq + (u64_t)tile * slices * 512 + 16 * lane : p.wq + (u64_t)row * p.k_pad + 16 * t;
+        auto load = [&](int c, Slice<ROWS16>& sl) {
+            sl.w = load_stream(w + c * (W4 ? 512 : 64));
             // W4: lane t holds the 32-k block t of the slice, k = 32t + j (low nibbles) and + 16
             // (high); W8: k = 16t .. 16t + 15, words 0, 1 feeding step 0 and 2, 3 step 1.
             const int kb = W4 ? c * 128 + 32 * t : c * 64 + 16 * t;
-            sl.a0 = load_cached(x0 + kb);
-            if (W4) sl.b0 = load_cached(x0 + kb + 16);
-            if (ROWS16) sl.a1 = load_cached(x1 + kb);
-            if (W4 && ROWS16) sl.b1 = load_cached(x1 + kb + 16);
+            sl.a0 = __ldg((const uint4*)(x0 + kb));
+            if (W4) sl.b0 = __ldg((const uint4*)(x0 + kb + 16));
+            if (ROWS16) sl.a1 = __ldg((const uint4*)(x1 + kb));
+            if (W4 && ROWS16) sl.b1 = __ldg((const uint4*)(x1 + kb + 16));
             if (W4) {
-                const int group = c / p.group_tiles;
-                sl.zero4 = load_cached_u8(p.wz + (u64_t)group * n_pad + row) * 0x01010101u;
-                sl.scale = load_cached_f2(p.sw + (u64_t)group * n_pad + col);
+                const u64_t group = p.group_tiles == 1 ? c : c / p.group_tiles;
+                sl.zeros = load_cached_u16(p.wz + group * n_pad + col);
+                sl.scale = load_cached_f2(p.sw + group * n_pad + col);
             }
-        }
-    };
+        };
 
-    float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int acc[4] = {0, 0, 0, 0};
-    Slice<W4, ROWS16> batch[BATCH], next[BATCH];
-    if (part < chunks) load(part, batch);
-    for (int base = part; base < chunks; base += BATCH * split) {
-        if (base + BATCH * split < chunks) load(base + BATCH * split, next);
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-            Slice<W4, ROWS16>& sl = batch[u];
-            const bool ok = base + u * split < chunks;
-            const uint4 a0 = ok && row0 ? sl.a0 : none, a1 = ROWS16 && ok && row1 ? sl.a1 : none;
+        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int acc[4] = {0, 0, 0, 0};
+        Slice<ROWS16> cur, next;
+        if (part < chunks) load(part, cur);
+        for (int c = part; c < chunks; c += split) {
+            if (c + split < chunks) load(c + split, next);
+            const uint4 a1 = ROWS16 ? cur.a1 : cur.a0;
             if (W4) {
-                const uint4 b0 = ok && row0 ? sl.b0 : none, b1 = ROWS16 && ok && row1 ? sl.b1 : none;
-                const u32_t wk[4] = {sl.w.x, sl.w.y, sl.w.z, sl.w.w};
-                const u32_t l0[4] = {a0.x, a0.y, a0.z, a0.w}, h0[4] = {b0.x, b0.y, b0.z, b0.w};
+                const uint4 b1 = ROWS16 ? cur.b1 : cur.b0;
+                const u32_t wk[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+                const u32_t l0[4] = {cur.a0.x, cur.a0.y, cur.a0.z, cur.a0.w}, h0[4] = {cur.b0.x, cur.b0.y, cur.b0.z, cur.b0.w};
                 const u32_t l1[4] = {a1.x, a1.y, a1.z, a1.w}, h1[4] = {b1.x, b1.y, b1.z, b1.w};
+                int sum[4] = {0, 0, 0, 0};
 #pragma unroll
                 for (int s = 0; s < 4; ++s) {
-                    u32_t w0, w1;
-                    unpack_w4(wk[s], sl.zero4, w0, w1);
                     const u32_t a[4] = {l0[s], l1[s], h0[s], h1[s]};
-                    mma_s8(acc, a, w0, w1);
+                    mma_s8(acc, a, wk[s] & 0x0f0f0f0fu, (wk[s] >> 4) & 0x0f0f0f0fu);
+                    mma_s8(sum, a, 0x01010101u, 0x01010101u);
                 }
-                out[0] += sl.scale.x * (float)acc[0];
-                out[1] += sl.scale.y * (float)acc[1];
-                out[2] += sl.scale.x * (float)acc[2];
-                out[3] += sl.scale.y * (float)acc[3];
+                const int z0 = cur.zeros & 0xff, z1 = cur.zeros >> 8;
+                out[0] += cur.scale.x * (float)(acc[0] - z0 * sum[0]);
+                out[1] += cur.scale.y * (float)(acc[1] - z1 * sum[1]);
+                out[2] += cur.scale.x * (float)(acc[2] - z0 * sum[2]);
+                out[3] += cur.scale.y * (float)(acc[3] - z1 * sum[3]);
                 acc[0] = acc[1] = acc[2] = acc[3] = 0;
             } else {
-                const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
-                mma_s8(acc, s0, sl.w.x, sl.w.y);
-                mma_s8(acc, s1, sl.w.z, sl.w.w);
+                const u32_t s0[4] = {cur.a0.x, a1.x, cur.a0.y, a1.y}, s1[4] = {cur.a0.z, a1.z, cur.a0.w, a1.w};
+                mma_s8(acc, s0, cur.w.x, cur.w.y);
+                mma_s8(acc, s1, cur.w.z, cur.w.w);
             }
+            cur = next;
         }
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) batch[u] = next[u];
-    }
-    if (!W4 && live) {
-        const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
-        out[0] = xs0 * p.sw[col] * (float)acc[0];
-        out[1] = xs0 * p.sw[col + 1] * (float)acc[1];
-        out[2] = xs1 * p.sw[col] * (float)acc[2];
-        out[3] = xs1 * p.sw[col + 1] * (float)acc[3];
-    } else if (live) {
-        const float xs0 = row0 ? p.sx[g] : 0.0f, xs1 = row1 ? p.sx[g + 8] : 0.0f;
-        out[0] *= xs0, out[1] *= xs0, out[2] *= xs1, out[3] *= xs1;
-    }
+        if (live) {
+            const float w0 = W4 ? 1.0f : p.sw[col], w1 = W4 ? 1.0f : p.sw[col + 1];
+            out[0] = xs0 * w0 * (W4 ? out[0] : (float)acc[0]);
+            out[1] = xs0 * w1 * (W4 ? out[1] : (float)acc[1]);
+            out[2] = xs1 * w0 * (W4 ? out[2] : (float)acc[2]);
+            out[3] = xs1 * w1 * (W4 ? out[3] : (float)acc[3]);
+        }
 
-    // Outliers: 32 channels (64 bytes) per slice; lane t holds channels 8t .. 8t + 7.
-    const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)g * p.ko_pad);
-    const u8_t* o1 = o0 + (u64_t)16 * p.ko_pad;
-    const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
-    for (int c = part; live && c < p.ko_pad / 32; c += split) {
-        const uint4 wv = __ldg((const uint4*)(wo + c * 64));
-        const int kb = c * 64 + 16 * t;
-        const uint4 a0 = row0 ? __ldg((const uint4*)(o0 + kb)) : none, a1 = row1 ? __ldg((const uint4*)(o1 + kb)) : none;
-        const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
-        mma_f16(out, s0, wv.x, wv.y);
-        mma_f16(out, s1, wv.z, wv.w);
-    }
+        // Outliers: 32 channels (64 bytes) per slice; lane t holds channels 8t .. 8t + 7.
+        const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
+        for (int c = part; live && c < p.ko_pad / 32; c += split) {
+            const uint4 wv = __ldg((const uint4*)(wo + c * 64));
+            const uint4 a0 = __ldg((const uint4*)(o0 + c * 64));
+            const uint4 a1 = ROWS16 ? __ldg((const uint4*)(o1 + c * 64)) : a0;
+            const u32_t s0[4] = {a0.x, a1.x, a0.y, a1.y}, s1[4] = {a0.z, a1.z, a0.w, a1.w};
+            mma_f16(out, s0, wv.x, wv.y);
+            mma_f16(out, s1, wv.z, wv.w);
+        }
 
 #pragma unroll
-    for (int r = 0; r < 4; ++r) partial[warp][lane][r] = out[r];
-    __syncthreads();
-    if (part != 0 || !live) return;
-    float sum[4];
+        for (int r = 0; r < 4; ++r) partial[warp][lane][r] = out[r];
+        __syncthreads();
+        if (part == 0 && live) {
+            float sum[4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        sum[r] = 0.0f;
-        for (int w2 = warp; w2 < warp + split; ++w2) sum[r] += partial[w2][lane][r];
+            for (int r = 0; r < 4; ++r) {
+                sum[r] = 0.0f;
+                for (int w2 = warp; w2 < warp + split; ++w2) sum[r] += partial[w2][lane][r];
+            }
+            store_pair(p, g, col, sum[0], sum[1]);
+            store_pair(p, g + 8, col, sum[2], sum[3]);
+        }
+        __syncthreads(); // partial is reused by the next group
     }
-    store_pair(p, g, col, sum[0], sum[1]);
-    store_pair(p, g + 8, col, sum[2], sum[3]);
 }
 
 // Separate kernels for up to 8 and up to 16 tokens: the first needs half the registers.

@@ -36,7 +36,8 @@ impl BlasGemm {
         y: &mut CudaSlice<half::bf16>,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        self.gemm(x, w, y, (m, n, k), cublas_sys::cudaDataType_t::CUDA_R_16BF)
+        let bf16 = cublas_sys::cudaDataType_t::CUDA_R_16BF;
+        self.gemm(x, w, y, (m, n, k), bf16, bf16)
     }
 
     pub fn f16(
@@ -46,16 +47,32 @@ impl BlasGemm {
         y: &mut CudaSlice<half::f16>,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        self.gemm(x, w, y, (m, n, k), cublas_sys::cudaDataType_t::CUDA_R_16F)
+        let f16 = cublas_sys::cudaDataType_t::CUDA_R_16F;
+        self.gemm(x, w, y, (m, n, k), f16, f16)
     }
 
-    fn gemm<T>(
+    /// f16 inputs, f32 outputs: for products that must not round to f16 or overflow it (the
+    /// residual stream's deltas, logits).
+    pub fn f16_to_f32(
+        &self,
+        x: &CudaSlice<half::f16>,
+        w: &CudaSlice<half::f16>,
+        y: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        let (f16, f32) = (cublas_sys::cudaDataType_t::CUDA_R_16F, cublas_sys::cudaDataType_t::CUDA_R_32F);
+        self.gemm(x, w, y, (m, n, k), f16, f32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<T, U>(
         &self,
         x: &CudaSlice<T>,
         w: &CudaSlice<T>,
-        y: &mut CudaSlice<T>,
+        y: &mut CudaSlice<U>,
         (m, n, k): (usize, usize, usize),
         dtype: cublas_sys::cudaDataType_t,
+        out_dtype: cublas_sys::cudaDataType_t,
     ) -> Result<()> {
         check_len("x", x.len(), m * k)?;
         check_len("w", w.len(), n * k)?;
@@ -83,7 +100,7 @@ impl BlasGemm {
                 k as i32,
                 &beta as *const f32 as *const c_void,
                 yp as *mut c_void,
-                dtype,
+                out_dtype,
                 n as i32,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -72,17 +72,24 @@ pub fn pack_w8(q: &[i8], n: usize, k: usize) -> Vec<u8> {
     out
 }
 
-/// Unsigned 4-bit weights `q[n][k]` (0..=15), row-major `[round_up(n, 8)][round_up(k, 128) / 2]`:
-/// in each 32-k block (16 bytes) of a row, byte j holds k = j in its low nibble and k = j + 16 in
-/// its high one. Padding columns take `pad(row, col)` (the row's zero point: they dequantize to 0).
+/// Unsigned 4-bit weights `q[n][k]` (0..=15), padded to `round_up(n, 8)` rows of
+/// `round_up(k, 128) / 2` bytes, in 64-byte row slices (128 k) stored tile by tile: the 8 rows of
+/// a tile have their slice `c` in 512 contiguous bytes, at `(tile · slices + c) · 512 + row · 64`,
+/// so that a warp streaming one tile reads whole 512-byte runs. In each 32-k block (16 bytes) of a
+/// slice, byte j holds k = j in its low nibble and k = j + 16 in its high one. Padding columns
+/// take `pad(row, col)` (the row's zero point: they dequantize to 0).
 pub fn pack_w4(q: &[u8], n: usize, k: usize, pad: impl Fn(usize, usize) -> u8) -> Vec<u8> {
     let k_pad = round_up(k, K_TILE);
+    let slices = k_pad / 128;
     let mut out = vec![0u8; round_up(n, 8) * k_pad / 2];
     for row in 0..n {
         let value = |col: usize| if col < k { q[row * k + col] & 15 } else { pad(row, col) & 15 };
-        for (i, byte) in out[row * k_pad / 2..][..k_pad / 2].iter_mut().enumerate() {
-            let col = i / 16 * 32 + i % 16;
-            *byte = value(col) | (value(col + 16) << 4);
+        for slice in 0..slices {
+            let at = (row / 8 * slices + slice) * 512 + row % 8 * 64;
+            for (i, byte) in out[at..at + 64].iter_mut().enumerate() {
+                let col = slice * 128 + i / 16 * 32 + i % 16;
+                *byte = value(col) | (value(col + 16) << 4);
+            }
         }
     }
     out
@@ -525,13 +532,15 @@ pub fn gemm_with(
         // keep many loads in flight, at most 8 (a block).
         let tiles = n.div_ceil(8);
         let split = (32 * device.sm_count() as usize).div_ceil(tiles).next_power_of_two().min(8) as i32;
-        let tiles_per_block = 8 / split as usize;
+        // A persistent grid of as many blocks as fit on the GPU at once.
+        let function = device.function(&MIXQ, name, 0)?;
+        let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?.max(1) as usize;
+        let groups = tiles.div_ceil(8 / split as usize);
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(8).div_ceil(tiles_per_block) as u32, 1, 1),
+            grid_dim: (groups.min(per_sm * device.sm_count() as usize) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let function = device.function(&MIXQ, name, 0)?;
         let mut launch = stream.launch_builder(&function);
         launch.arg(&args).arg(&split);
         unsafe { launch.launch(config) }?;
@@ -744,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn w4_nibbles_follow_the_fragment_order_and_pad_with_the_zero_point() {
+    fn w4_slices_are_tile_interleaved_with_nibbles_in_fragment_order_and_zero_point_padding() {
         let (n, k) = (5, 300);
         let mut rng = XorShift::new(4);
         let q: Vec<u8> = rng.bytes(n * k).into_iter().map(|b| b & 15).collect();
@@ -754,7 +763,7 @@ mod tests {
         assert_eq!(packed.len(), 8 * k_pad / 2);
         for row in 0..n {
             for col in 0..k_pad {
-                let byte = packed[row * k_pad / 2 + col / 32 * 16 + col % 16];
+                let byte = packed[col / 128 * 512 + row * 64 + col % 128 / 32 * 16 + col % 16];
                 let got = if col % 32 < 16 { byte & 15 } else { byte >> 4 };
                 let want = if col < k { q[row * k + col] } else { zero(row) };
                 assert_eq!(got, want, "({row}, {col})");

@@ -1,1 +1,332 @@
-//! Kernels of the FP16 model on the GPU (normalisation, RoPE, attention, sampling).
+//! Kernels of the FP16 model on the GPU (`kernels/model.cu`): embedding gather, RMSNorm (with the
+//! residual add), RoPE on the fused QKV projection with the KV-cache append, SiLU·up and causal
+//! attention with grouped KV heads. The linear layers are cuBLAS GEMMs ([`crate::BlasGemm`]).
+//!
+//! Activations read by GEMMs are f16 (`CudaSlice<f16>`); the residual stream `x` and the deltas
+//! added to it are f32. Every wrapper checks its shapes and returns [`CudaError::Shape`] for
+//! buffers too small or shapes the kernels do not take, so no launch reads or writes outside
+//! its buffers.
+
+use anyq_core::cpu::{AttentionShape, Rope, RopeStyle};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::compile::{kernel_source, KernelSource};
+use crate::{CudaDevice, CudaError, Result};
+
+const MODEL: KernelSource = kernel_source!("model");
+
+/// Threads of the row kernels (embedding, norms, RoPE).
+const ROW_THREADS: u32 = 256;
+/// Warps per block of the attention kernel (`ATTN_WARPS` in model.cu), one (query, head) each.
+const ATTENTION_WARPS: usize = 4;
+/// The largest head the attention kernel holds (`ATTN_MAX_DIM` in model.cu).
+pub const MAX_HEAD_DIM: usize = 256;
+
+fn shape_error(message: String) -> CudaError {
+    CudaError::Shape(message)
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got < want {
+        return Err(shape_error(format!("{what} holds {got} elements, {want} are needed")));
+    }
+    Ok(())
+}
+
+/// A size as the kernels' `int`, or an error naming it.
+fn as_int(what: &str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| shape_error(format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
+}
+
+fn rows_config(rows: usize) -> Result<LaunchConfig> {
+    let rows = u32::try_from(rows).map_err(|_| shape_error(format!("{rows} rows exceed one launch")))?;
+    Ok(LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// `x[r] = table[tokens[r]]` (f16 table `[vocab][dim]`, f32 rows) for the first `rows` tokens.
+/// Ids must be below `vocab` (the model checks them): a larger one gives a row of NaNs.
+pub fn embed(
+    device: &CudaDevice,
+    table: &CudaSlice<f16>,
+    (vocab, dim): (usize, usize),
+    tokens: &CudaSlice<u32>,
+    rows: usize,
+    x: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_len("embedding table", table.len(), vocab * dim)?;
+    check_len("tokens", tokens.len(), rows)?;
+    check_len("x", x.len(), rows * dim)?;
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let (vocab_i, dim_i) = (as_int("vocab", vocab)?, as_int("dim", dim)?);
+    let function = device.function(&MODEL, "model_embed", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(table).arg(tokens).arg(&vocab_i).arg(&dim_i).arg(x);
+    unsafe { launch.launch(rows_config(rows)?) }?;
+    Ok(())
+}
+
+/// RMSNorm of `rows` rows of `x` (`[rows][dim]`, f32) into `out` (f16): `x / rms(x) · gamma`.
+pub fn rms_norm(
+    device: &CudaDevice,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    eps: f32,
+    (rows, dim): (usize, usize),
+    out: &mut CudaSlice<f16>,
+) -> Result<()> {
+    check_len("x", x.len(), rows * dim)?;
+    check_len("gamma", gamma.len(), dim)?;
+    check_len("out", out.len(), rows * dim)?;
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let dim_i = as_int("dim", dim)?;
+    let function = device.function(&MODEL, "model_rms_norm", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(x).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
+    unsafe { launch.launch(rows_config(rows)?) }?;
+    Ok(())
+}
+
+/// The residual connection and the next RMSNorm in one pass: `x += delta`, then
+/// `out = x / rms(x) · gamma`; `x` and `delta` are f32 `[rows][dim]`, `out` f16.
+pub fn add_rms_norm(
+    device: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    delta: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    eps: f32,
+    (rows, dim): (usize, usize),
+    out: &mut CudaSlice<f16>,
+) -> Result<()> {
+    check_len("x", x.len(), rows * dim)?;
+    check_len("delta", delta.len(), rows * dim)?;
+    check_len("gamma", gamma.len(), dim)?;
+    check_len("out", out.len(), rows * dim)?;
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let dim_i = as_int("dim", dim)?;
+    let function = device.function(&MODEL, "model_add_rms_norm", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(x).arg(delta).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
+    unsafe { launch.launch(rows_config(rows)?) }?;
+    Ok(())
+}
+
+/// `act[r][j] = silu(gate[r][j]) · up[r][j]`, where row r of `gate_up` (`[rows][2 · ffn]`, the
+/// fused gate/up projection) is `[gate | up]`.
+pub fn silu_mul(
+    device: &CudaDevice,
+    gate_up: &CudaSlice<f16>,
+    (rows, ffn): (usize, usize),
+    act: &mut CudaSlice<f16>,
+) -> Result<()> {
+    check_len("gate_up", gate_up.len(), rows * 2 * ffn)?;
+    check_len("act", act.len(), rows * ffn)?;
+    if rows == 0 || ffn == 0 {
+        return Ok(());
+    }
+    let (rows_i, ffn_i) = (as_int("rows", rows)?, as_int("ffn", ffn)?);
+    let function = device.function(&MODEL, "model_silu_mul", 0)?;
+    // Grid-stride: enough blocks to fill the GPU, no more.
+    let blocks = (rows * ffn).div_ceil(ROW_THREADS as usize).min(device.sm_count() as usize * 8).max(1) as u32;
+    let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(gate_up).arg(&rows_i).arg(&ffn_i).arg(act);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+/// RoPE's inverse frequencies on the device, with the pair layout.
+pub struct RopeFrequencies {
+    style: RopeStyle,
+    head_dim: usize,
+    inv_freq: CudaSlice<f32>,
+}
+
+impl RopeFrequencies {
+    /// The frequencies of a CPU [`Rope`] (per-frequency factors included), so that both devices
+    /// rotate by the same f32 angles.
+    pub fn new(device: &CudaDevice, rope: &Rope) -> Result<Self> {
+        if rope.head_dim == 0 || !rope.head_dim.is_multiple_of(2) || rope.inv_freq().len() != rope.head_dim / 2 {
+            return Err(shape_error(format!(
+                "RoPE needs an even head size with one frequency per pair: head_dim {}, {} frequencies",
+                rope.head_dim,
+                rope.inv_freq().len()
+            )));
+        }
+        Ok(Self { style: rope.style, head_dim: rope.head_dim, inv_freq: device.upload(rope.inv_freq())? })
+    }
+
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+/// The heads of a shape, checked for what the kernels take: `heads` a multiple of `kv_heads`,
+/// `head_dim` a multiple of 8 up to [`MAX_HEAD_DIM`].
+fn check_heads(shape: &AttentionShape) -> Result<()> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim, .. } = *shape;
+    if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(shape_error(format!("{n_heads} attention heads cannot share {n_kv_heads} KV heads evenly")));
+    }
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
+        return Err(shape_error(format!(
+            "head size {head_dim}: the GPU kernels take multiples of 8 up to {MAX_HEAD_DIM}"
+        )));
+    }
+    Ok(())
+}
+
+/// Splits the fused QKV projection of `shape.queries` new tokens (`qkv`: `[queries][(heads +
+/// 2 · kv_heads) · head_dim]`, rows `[q | k | v]`) at positions `shape.past..`: adds `bias` (`[(heads
+/// + 2 · kv_heads) · head_dim]`, f32) if any, rotates q and k by RoPE, writes q
+/// (`[queries][heads · head_dim]`) and appends k and v to the layer's caches (`[positions][kv_heads
+/// · head_dim]`) at rows `past..past + queries`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv(
+    device: &CudaDevice,
+    qkv: &CudaSlice<f16>,
+    bias: Option<&CudaSlice<f32>>,
+    rope: &RopeFrequencies,
+    shape: AttentionShape,
+    q: &mut CudaSlice<f16>,
+    k_cache: &mut CudaSlice<f16>,
+    v_cache: &mut CudaSlice<f16>,
+) -> Result<()> {
+    check_heads(&shape)?;
+    let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
+    if rope.head_dim != head_dim {
+        return Err(shape_error(format!("RoPE is for heads of {}, the shape has {head_dim}", rope.head_dim)));
+    }
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+    let width = q_width + 2 * kv_width;
+    check_len("qkv", qkv.len(), queries * width)?;
+    if let Some(bias) = bias {
+        check_len("qkv bias", bias.len(), width)?;
+    }
+    check_len("q", q.len(), queries * q_width)?;
+    check_len("k cache", k_cache.len(), (past + queries) * kv_width)?;
+    check_len("v cache", v_cache.len(), (past + queries) * kv_width)?;
+    if queries == 0 {
+        return Ok(());
+    }
+    as_int("positions", past + queries)?;
+    let (heads_i, kv_heads_i, dim_i, past_i) = (
+        as_int("heads", n_heads)?,
+        as_int("kv heads", n_kv_heads)?,
+        as_int("head_dim", head_dim)?,
+        as_int("past", past)?,
+    );
+    let neox = i32::from(rope.style == RopeStyle::Neox);
+    // The kernel skips the bias where its pointer is null.
+    let null = 0u64;
+    let function = device.function(&MODEL, "model_rope_qkv", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(qkv);
+    match bias {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&rope.inv_freq)
+        .arg(&heads_i)
+        .arg(&kv_heads_i)
+        .arg(&dim_i)
+        .arg(&neox)
+        .arg(&past_i)
+        .arg(q)
+        .arg(k_cache)
+        .arg(v_cache);
+    unsafe { launch.launch(rows_config(queries)?) }?;
+    Ok(())
+}
+
+/// Causal attention of `shape.queries` new queries at positions `shape.past..` over the cached
+/// keys and values (which already hold the new positions): `q` and `out` are `[queries][heads ·
+/// head_dim]`, the caches `[positions][kv_heads · head_dim]`; query t sees keys `0..=past + t`,
+/// and head h reads KV head `h / (heads / kv_heads)`. Scores are scaled by `1 / √head_dim`.
+pub fn attention(
+    device: &CudaDevice,
+    q: &CudaSlice<f16>,
+    k_cache: &CudaSlice<f16>,
+    v_cache: &CudaSlice<f16>,
+    shape: AttentionShape,
+    out: &mut CudaSlice<f16>,
+) -> Result<()> {
+    check_heads(&shape)?;
+    let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+    check_len("q", q.len(), queries * q_width)?;
+    check_len("out", out.len(), queries * q_width)?;
+    check_len("k cache", k_cache.len(), (past + queries) * kv_width)?;
+    check_len("v cache", v_cache.len(), (past + queries) * kv_width)?;
+    if queries == 0 {
+        return Ok(());
+    }
+    let tasks = as_int("queries · heads", queries * n_heads)? as usize;
+    as_int("positions", past + queries)?;
+    let (queries_i, past_i) = (as_int("queries", queries)?, as_int("past", past)?);
+    let (heads_i, kv_heads_i, dim_i) =
+        (as_int("heads", n_heads)?, as_int("kv heads", n_kv_heads)?, as_int("head_dim", head_dim)?);
+    // As the CPU computes it.
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let function = device.function(&MODEL, "model_attention", 0)?;
+    let config = LaunchConfig {
+        grid_dim: (tasks.div_ceil(ATTENTION_WARPS) as u32, 1, 1),
+        block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = device.stream().launch_builder(&function);
+    launch
+        .arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(&queries_i)
+        .arg(&past_i)
+        .arg(&heads_i)
+        .arg(&kv_heads_i)
+        .arg(&dim_i)
+        .arg(&scale)
+        .arg(out);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where NVRTC is installed (with or without a GPU), the model's kernels compile for Hopper.
+    #[test]
+    fn model_kernels_compile_for_hopper() {
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but NVRTC is missing");
+            eprintln!("no NVRTC: skipped");
+            return;
+        }
+        let image = crate::compile::cubin(&MODEL, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(image.starts_with(b"\x7fELF"), "model: not a cubin");
+    }
+
+    #[test]
+    fn shapes_the_kernels_cannot_take_are_errors() {
+        let shape =
+            |n_heads, n_kv_heads, head_dim| AttentionShape { queries: 1, past: 0, n_heads, n_kv_heads, head_dim };
+        assert!(check_heads(&shape(9, 3, 64)).is_ok());
+        assert!(check_heads(&shape(8, 8, 256)).is_ok());
+        for bad in [shape(9, 2, 64), shape(4, 0, 64), shape(4, 2, 60), shape(4, 2, 264), shape(4, 2, 0)] {
+            assert!(matches!(check_heads(&bad), Err(CudaError::Shape(_))), "{bad:?}");
+        }
+        assert!(matches!(check_len("x", 3, 4), Err(CudaError::Shape(m)) if m.contains("x holds 3")));
+        assert!(as_int("n", 1 << 40).is_err());
+    }
+}

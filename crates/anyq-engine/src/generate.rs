@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyq_models::{ForwardError, KvCache, LlamaModel};
+use anyq_models::{CpuDecoder, Decoder, ForwardError, LlamaModel};
 use tokenizers::Tokenizer;
 
 use crate::sampling::Sampler;
@@ -45,8 +45,8 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// Generates up to `max_new_tokens` after `prompt`. `on_token` sees each new id and returns
-/// false to stop. A stop id ends generation and is not included in the result.
+/// Generates up to `max_new_tokens` after `prompt` on the CPU. `on_token` sees each new id and
+/// returns false to stop. A stop id ends generation and is not included in the result.
 pub fn generate(
     model: &LlamaModel,
     prompt: &[u32],
@@ -55,14 +55,26 @@ pub fn generate(
     stop_ids: &[u32],
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generation, ForwardError> {
-    let mut cache: KvCache = model.new_cache();
+    generate_with(&mut CpuDecoder::new(model), prompt, max_new_tokens, sampler, stop_ids, on_token)
+}
+
+/// [`generate`] on any device: `decoder` holds the model and a cache of the sequence, which
+/// starts empty.
+pub fn generate_with<D: Decoder>(
+    decoder: &mut D,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Generation, D::Error> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut history = prompt.to_vec();
     let mut tokens = Vec::new();
-    let max_ctx = model.config.max_position_embeddings;
+    let max_ctx = decoder.max_positions();
 
     let start = Instant::now();
-    let mut logits = model.forward_last(prompt, &mut cache)?;
+    let mut logits = decoder.forward_last(prompt)?;
     stats.prefill_secs = start.elapsed().as_secs_f64();
 
     let decode_start = Instant::now();
@@ -82,10 +94,10 @@ pub fn generate(
         if tokens.len() == max_new_tokens {
             break StopReason::MaxTokens;
         }
-        if cache.len() + 1 > max_ctx {
+        if decoder.positions() + 1 > max_ctx {
             break StopReason::ContextFull;
         }
-        logits = model.forward_last(&[next], &mut cache)?;
+        logits = decoder.forward_last(&[next])?;
         stats.decode_steps += 1;
     };
     stats.decode_secs = decode_start.elapsed().as_secs_f64();

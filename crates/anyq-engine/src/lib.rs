@@ -9,7 +9,7 @@ pub mod quantize;
 pub mod sampling;
 
 pub use calibrate::{calibrate, calibrate_with, CalibrationStats};
-pub use generate::{generate, Generation, GenerationStats, StopReason, TextStream};
-pub use perplexity::{perplexity, PerplexityError, PerplexityReport};
+pub use generate::{generate, generate_with, Generation, GenerationStats, StopReason, TextStream};
+pub use perplexity::{perplexity, perplexity_with, PerplexityError, PerplexityReport};
 pub use quantize::{outlier_report, quantize_model};
 pub use sampling::{argmax, Sampler, SamplingParams};

@@ -2,10 +2,8 @@
 //! windows of `ctx` tokens, each window is run alone, and every token after the first of a
 //! window is predicted from those before it. ppl = exp(mean NLL over all predicted tokens).
 
-use anyq_models::{ForwardError, LlamaModel};
-
-/// Rows of logits computed at a time: `[rows, vocab]` stays a few MB even for large vocabularies.
-const LOGIT_ROWS: usize = 64;
+use anyq_models::cuda::CudaModelError;
+use anyq_models::{CpuDecoder, Decoder, ForwardError, LlamaModel};
 
 #[derive(Clone, Debug)]
 pub struct PerplexityReport {
@@ -25,6 +23,8 @@ pub enum PerplexityError {
     ContextTooSmall(usize),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Gpu(#[from] CudaModelError),
 }
 
 /// Evaluates the first `max_windows` windows (all when `None`). `progress(done, total)` is called
@@ -36,6 +36,20 @@ pub fn perplexity(
     max_windows: Option<usize>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<PerplexityReport, PerplexityError> {
+    perplexity_with(&mut CpuDecoder::new(model), ids, ctx, max_windows, progress)
+}
+
+/// [`perplexity`] on any device; `decoder` is cleared before each window.
+pub fn perplexity_with<D: Decoder>(
+    decoder: &mut D,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<PerplexityReport, PerplexityError>
+where
+    PerplexityError: From<D::Error>,
+{
     if ctx < 2 {
         return Err(PerplexityError::ContextTooSmall(ctx));
     }
@@ -44,20 +58,16 @@ pub fn perplexity(
     if windows == 0 {
         return Err(PerplexityError::TooShort { tokens: ids.len(), ctx });
     }
-    let (hidden_size, vocab) = (model.config.hidden_size, model.config.vocab_size);
     let mut nll_per_window = Vec::with_capacity(windows);
     for (w, window) in ids.chunks_exact(ctx).take(windows).enumerate() {
-        let mut cache = model.new_cache();
-        let hidden = model.forward_hidden(window, &mut cache)?;
+        decoder.clear();
         let mut window_nll = 0.0f64;
         // Position i predicts token i + 1; the last position predicts nothing in this window.
-        for first in (0..ctx - 1).step_by(LOGIT_ROWS) {
-            let rows = LOGIT_ROWS.min(ctx - 1 - first);
-            let logits = model.logits(&hidden[first * hidden_size..(first + rows) * hidden_size]);
-            for (r, row) in logits.chunks_exact(vocab).enumerate() {
-                window_nll += negative_log_likelihood(row, window[first + r + 1] as usize);
+        decoder.forward_all(window, &mut |i, logits| {
+            if let Some(&next) = window.get(i + 1) {
+                window_nll += negative_log_likelihood(logits, next as usize);
             }
-        }
+        })?;
         nll_per_window.push(window_nll / (ctx - 1) as f64);
         progress(w + 1, windows);
     }

@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
+pub mod decoder;
 pub mod error;
 pub mod llama;
 pub mod loader;
@@ -10,6 +12,7 @@ pub mod tokenizer;
 
 pub use checkpoint::{save_quantized, QuantizationConfig, SaveError};
 pub use config::{Architecture, ModelConfig};
+pub use decoder::{CpuDecoder, Decoder};
 pub use error::LoadError;
 pub use llama::{ActivationObserver, FloatWeight, ForwardError, KvCache, LinearInput, LlamaModel, LINEAR_MODULES};
 pub use loader::{load_model, LoadedModel, TokenizerBundle};

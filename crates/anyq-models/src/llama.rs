@@ -232,6 +232,27 @@ impl LlamaModel {
         Some(self.blocks.get(layer)?.linears[module_index(module)?].as_ref())
     }
 
+    /// The token embeddings `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> &dyn Linear {
+        self.embed_tokens.as_ref()
+    }
+
+    /// The output projection `[vocab, hidden]` (the embeddings when they are tied).
+    pub fn lm_head(&self) -> &dyn Linear {
+        self.lm_head.as_ref()
+    }
+
+    /// A block's RMSNorm weights: before attention and before the MLP.
+    pub fn block_norms(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        let block = self.blocks.get(layer)?;
+        Some((&block.attn_norm, &block.mlp_norm))
+    }
+
+    /// The final RMSNorm's weight.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
     /// Replaces a block's linear layer (quantization works layer by layer) and returns the old
     /// one. The new layer must have the same shape.
     pub fn replace_linear(

@@ -351,6 +351,12 @@ impl Rope {
         Self { style, head_dim, inv_freq }
     }
 
+    /// The `head_dim / 2` inverse frequencies (angle of pair i at position p = p · inv_freq[i]), for
+    /// devices that compute the angles themselves.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos and sin of every angle for the given positions: `[positions.len(), head_dim / 2]` each.
     pub fn tables(&self, positions: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
         let mut cos = Vec::with_capacity(positions.len() * self.inv_freq.len());

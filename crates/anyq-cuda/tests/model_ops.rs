@@ -1,0 +1,295 @@
+//! The FP16 model's kernels (`kernels/model.cu`) against plain host references on random inputs
+//! of odd shapes. Every output buffer starts poisoned (NaN), so an element a kernel forgets to
+//! write fails the comparison. On a machine without a GPU each test says so and returns, unless
+//! ANYQ_REQUIRE_GPU is set, which turns a missing GPU into a failure.
+
+use std::sync::Arc;
+
+use anyq_core::cpu::{causal_attention_reference, AttentionShape, Rope, RopeStyle};
+use anyq_core::testing::XorShift;
+use anyq_cuda::ops::{self, RopeFrequencies};
+use anyq_cuda::{BlasGemm, CudaDevice, CudaError};
+use half::f16;
+
+fn device() -> Option<Arc<CudaDevice>> {
+    if CudaDevice::available() {
+        return Some(CudaDevice::open(0).expect("a GPU is present but cannot be opened"));
+    }
+    assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but no GPU is usable");
+    eprintln!("no CUDA GPU: skipped");
+    None
+}
+
+const F16_POISON: u16 = 0x7e00; // a quiet NaN
+const F32_POISON: f32 = f32::NAN;
+
+fn f16s(values: &[f32]) -> Vec<f16> {
+    values.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+fn f32s(values: &[f16]) -> Vec<f32> {
+    values.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Random f16 values in [-scale, scale], and the same values in f32 (what the kernels read).
+fn random_f16(rng: &mut XorShift, n: usize, scale: f32) -> (Vec<f16>, Vec<f32>) {
+    let h = f16s(&rng.floats(n).iter().map(|v| v * scale).collect::<Vec<_>>());
+    let f = f32s(&h);
+    (h, f)
+}
+
+fn poisoned_f16(device: &CudaDevice, n: usize) -> cudarc::driver::CudaSlice<f16> {
+    device.upload(&vec![f16::from_bits(F16_POISON); n]).unwrap()
+}
+
+/// Each element within `atol + rtol · |want|` (f16 outputs round at 2⁻¹¹ relative); NaN (an
+/// unwritten, poisoned element) always fails.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= atol + rtol * w.abs();
+        assert!(ok, "{what}: element {i}: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn embedding_gathers_rows_of_the_table() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(1);
+    let (vocab, dim) = (101, 333);
+    let (table_h, table) = random_f16(&mut rng, vocab * dim, 2.0);
+    let tokens: Vec<u32> = vec![0, 100, 7, 7, 55];
+    let table_d = device.upload(&table_h).unwrap();
+    let tokens_d = device.upload(&tokens).unwrap();
+    let mut x = device.upload(&vec![F32_POISON; tokens.len() * dim + 3]).unwrap();
+    ops::embed(&device, &table_d, (vocab, dim), &tokens_d, tokens.len(), &mut x).unwrap();
+    let got = device.download(&x).unwrap();
+    let want: Vec<f32> = tokens.iter().flat_map(|&t| table[t as usize * dim..][..dim].to_vec()).collect();
+    assert_close("embedding", &got[..want.len()], &want, 0.0, 0.0);
+    assert!(got[want.len()..].iter().all(|v| v.is_nan()), "rows past `rows` must stay untouched");
+}
+
+fn rms_norm_reference(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let dim = gamma.len();
+    x.chunks_exact(dim)
+        .flat_map(|row| {
+            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let inv_rms = 1.0 / (mean_square + eps).sqrt();
+            row.iter().zip(gamma).map(move |(v, g)| v * inv_rms * g)
+        })
+        .collect()
+}
+
+#[test]
+fn rms_norm_and_the_fused_residual_add_match_the_host() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(2);
+    let eps = 1e-5;
+    for (rows, dim) in [(1, 576), (7, 333), (3, 1), (130, 2049), (2, 4100)] {
+        // Large values in a few channels, as LLaMA residual streams hold.
+        let x: Vec<f32> = rng
+            .floats(rows * dim)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * if i % 97 == 5 { 3000.0 } else { 3.0 })
+            .collect();
+        let delta: Vec<f32> = rng.floats(rows * dim).iter().map(|v| v * 50.0).collect();
+        let gamma: Vec<f32> = rng.floats(dim).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let gamma_d = device.upload(&gamma).unwrap();
+        let delta_d = device.upload(&delta).unwrap();
+
+        let x_d = device.upload(&x).unwrap();
+        let mut out = poisoned_f16(&device, rows * dim);
+        ops::rms_norm(&device, &x_d, &gamma_d, eps, (rows, dim), &mut out).unwrap();
+        let want = rms_norm_reference(&x, &gamma, eps);
+        assert_close(&format!("rms_norm {rows}x{dim}"), &f32s(&device.download(&out).unwrap()), &want, 1e-6, 1e-3);
+
+        let mut x_d = device.upload(&x).unwrap();
+        let mut out = poisoned_f16(&device, rows * dim);
+        ops::add_rms_norm(&device, &mut x_d, &delta_d, &gamma_d, eps, (rows, dim), &mut out).unwrap();
+        let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        assert_close(&format!("x += delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &summed, 0.0, 0.0);
+        let want = rms_norm_reference(&summed, &gamma, eps);
+        assert_close(&format!("add_rms_norm {rows}x{dim}"), &f32s(&device.download(&out).unwrap()), &want, 1e-6, 1e-3);
+    }
+}
+
+#[test]
+fn silu_mul_matches_the_host() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(3);
+    for (rows, ffn) in [(1, 1536), (5, 333), (67, 1000), (1, 1)] {
+        let (gate_up_h, gate_up) = random_f16(&mut rng, rows * 2 * ffn, 12.0);
+        let gate_up_d = device.upload(&gate_up_h).unwrap();
+        let mut act = poisoned_f16(&device, rows * ffn);
+        ops::silu_mul(&device, &gate_up_d, (rows, ffn), &mut act).unwrap();
+        let want: Vec<f32> = gate_up
+            .chunks_exact(2 * ffn)
+            .flat_map(|row| {
+                let (gate, up) = row.split_at(ffn);
+                gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_close(&format!("silu_mul {rows}x{ffn}"), &f32s(&device.download(&act).unwrap()), &want, 1e-6, 1e-3);
+    }
+}
+
+struct RopeCase {
+    rows: usize,
+    past: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    bias: bool,
+    factors: bool,
+}
+
+#[test]
+fn rope_qkv_rotates_both_styles_and_appends_to_the_cache() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(4);
+    let cases = [
+        RopeCase { rows: 5, past: 0, heads: 9, kv_heads: 3, head_dim: 64, bias: false, factors: false },
+        RopeCase { rows: 1, past: 37, heads: 9, kv_heads: 3, head_dim: 64, bias: false, factors: false },
+        RopeCase { rows: 19, past: 5000, heads: 6, kv_heads: 2, head_dim: 16, bias: true, factors: false },
+        RopeCase { rows: 3, past: 11, heads: 4, kv_heads: 4, head_dim: 128, bias: true, factors: true },
+        RopeCase { rows: 70, past: 2, heads: 2, kv_heads: 1, head_dim: 8, bias: false, factors: true },
+    ];
+    for case in &cases {
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            let RopeCase { rows, past, heads, kv_heads, head_dim: d, bias, factors } = *case;
+            let what = format!("{style:?} rows {rows} past {past} heads {heads}/{kv_heads} d {d}");
+            let (q_width, kv_width) = (heads * d, kv_heads * d);
+            let width = q_width + 2 * kv_width;
+            let freq_factors: Vec<f32> = (0..d / 2).map(|i| 1.0 + i as f32 * 0.37).collect();
+            let rope = Rope::new(style, d, 10000.0, factors.then_some(freq_factors.as_slice()));
+            let (qkv_h, qkv) = random_f16(&mut rng, rows * width, 4.0);
+            let bias_values: Vec<f32> = rng.floats(width);
+
+            let frequencies = RopeFrequencies::new(&device, &rope).unwrap();
+            let qkv_d = device.upload(&qkv_h).unwrap();
+            let bias_d = device.upload(&bias_values).unwrap();
+            let capacity = past + rows + 2;
+            let mut q = poisoned_f16(&device, rows * q_width);
+            let mut k_cache = poisoned_f16(&device, capacity * kv_width);
+            let mut v_cache = poisoned_f16(&device, capacity * kv_width);
+            let shape = AttentionShape { queries: rows, past, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+            let bias_arg = bias.then_some(&bias_d);
+            ops::rope_qkv(&device, &qkv_d, bias_arg, &frequencies, shape, &mut q, &mut k_cache, &mut v_cache).unwrap();
+
+            // The host: split, add the bias, rotate with the CPU's RoPE at positions past...
+            let mut want_q = Vec::new();
+            let (mut want_k, mut want_v) = (Vec::new(), Vec::new());
+            for row in qkv.chunks_exact(width) {
+                let biased: Vec<f32> =
+                    row.iter().zip(&bias_values).map(|(x, b)| if bias { x + b } else { *x }).collect();
+                want_q.extend_from_slice(&biased[..q_width]);
+                want_k.extend_from_slice(&biased[q_width..q_width + kv_width]);
+                want_v.extend_from_slice(&biased[q_width + kv_width..]);
+            }
+            let (cos, sin) = rope.tables(past..past + rows);
+            rope.apply(&mut want_q, heads, &cos, &sin);
+            rope.apply(&mut want_k, kv_heads, &cos, &sin);
+
+            assert_close(&format!("{what}: q"), &f32s(&device.download(&q).unwrap()), &want_q, 1e-5, 1e-3);
+            for (name, cache, want) in [("k", &k_cache, &want_k), ("v", &v_cache, &want_v)] {
+                let got = f32s(&device.download(cache).unwrap());
+                let (before, rest) = got.split_at(past * kv_width);
+                let (new, after) = rest.split_at(rows * kv_width);
+                assert_close(&format!("{what}: {name} cache"), new, want, 1e-5, 1e-3);
+                assert!(before.iter().chain(after).all(|v| v.is_nan()), "{what}: {name} written outside its rows");
+            }
+        }
+    }
+}
+
+struct AttentionCase {
+    queries: usize,
+    past: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[test]
+fn attention_matches_the_host_for_prefill_and_decode_with_gqa() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(5);
+    let cases = [
+        // SmolLM2's heads: a prompt, then decode steps short and long.
+        AttentionCase { queries: 13, past: 0, heads: 9, kv_heads: 3, head_dim: 64 },
+        AttentionCase { queries: 1, past: 13, heads: 9, kv_heads: 3, head_dim: 64 },
+        AttentionCase { queries: 1, past: 1000, heads: 9, kv_heads: 3, head_dim: 64 },
+        // A chunk after earlier chunks, crossing 32-key tiles.
+        AttentionCase { queries: 33, past: 31, heads: 6, kv_heads: 2, head_dim: 16 },
+        AttentionCase { queries: 70, past: 0, heads: 4, kv_heads: 4, head_dim: 128 },
+        AttentionCase { queries: 3, past: 64, heads: 8, kv_heads: 1, head_dim: 256 },
+        AttentionCase { queries: 2, past: 5, heads: 5, kv_heads: 5, head_dim: 8 },
+        AttentionCase { queries: 1, past: 0, heads: 3, kv_heads: 1, head_dim: 80 },
+    ];
+    for case in &cases {
+        let AttentionCase { queries, past, heads, kv_heads, head_dim: d } = *case;
+        let what = format!("queries {queries} past {past} heads {heads}/{kv_heads} d {d}");
+        let (q_width, kv_width) = (heads * d, kv_heads * d);
+        let keys = past + queries;
+        // Unit-scale q and k give peaked softmaxes as well as flat ones across heads.
+        let (q_h, q) = random_f16(&mut rng, queries * q_width, 2.0);
+        let (k_h, k) = random_f16(&mut rng, keys * kv_width, 2.0);
+        let (v_h, v) = random_f16(&mut rng, keys * kv_width, 1.0);
+        // Cache rows past the keys are NaN: reading one would poison the output.
+        let capacity = keys + 5;
+        let pad = vec![f16::from_bits(F16_POISON); (capacity - keys) * kv_width];
+        let k_d = device.upload(&[k_h, pad.clone()].concat()).unwrap();
+        let v_d = device.upload(&[v_h, pad].concat()).unwrap();
+        let q_d = device.upload(&q_h).unwrap();
+        let mut out = poisoned_f16(&device, queries * q_width);
+        let shape = AttentionShape { queries, past, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        ops::attention(&device, &q_d, &k_d, &v_d, shape, &mut out).unwrap();
+        let want = causal_attention_reference(&q, &k, &v, shape);
+        assert_close(&what, &f32s(&device.download(&out).unwrap()), &want, 1e-3, 2e-3);
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_not_launches() {
+    let Some(device) = device() else { return };
+    let small = device.upload(&[f16::ZERO; 64]).unwrap();
+    let mut out = device.upload(&[f16::ZERO; 64]).unwrap();
+    let shape = |n_heads, n_kv_heads, head_dim| AttentionShape { queries: 1, past: 0, n_heads, n_kv_heads, head_dim };
+    let shape_error = |r: anyq_cuda::Result<()>| matches!(r, Err(CudaError::Shape(_)));
+    // 3 heads over 2 KV heads, a head of 12, buffers too short for 2 heads of 64.
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(3, 2, 16), &mut out)));
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 12), &mut out)));
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 64), &mut out)));
+    assert!(shape_error(ops::silu_mul(&device, &small, (1, 33), &mut out)));
+    let x = device.upload(&vec![0.0f32; 64]).unwrap();
+    let gamma = device.upload(&vec![1.0f32; 65]).unwrap();
+    assert!(shape_error(ops::rms_norm(&device, &x, &gamma, 1e-5, (1, 65), &mut out)));
+    let rope = RopeFrequencies::new(&device, &Rope::new(RopeStyle::Neox, 16, 10000.0, None)).unwrap();
+    let (mut k, mut v) = (device.upload(&[f16::ZERO; 16]).unwrap(), device.upload(&[f16::ZERO; 16]).unwrap());
+    // The cache holds one position; the second row does not fit.
+    let two_rows = AttentionShape { queries: 2, past: 0, n_heads: 1, n_kv_heads: 1, head_dim: 16 };
+    let qkv = device.upload(&[f16::ZERO; 2 * 48]).unwrap();
+    assert!(shape_error(ops::rope_qkv(&device, &qkv, None, &rope, two_rows, &mut out, &mut k, &mut v)));
+    // A RoPE for heads of 16 on heads of 8.
+    let one = AttentionShape { queries: 1, past: 0, n_heads: 1, n_kv_heads: 1, head_dim: 8 };
+    assert!(shape_error(ops::rope_qkv(&device, &qkv, None, &rope, one, &mut out, &mut k, &mut v)));
+}
+
+/// The f32-output GEMM that the model's residual deltas and logits use.
+#[test]
+fn f16_gemm_with_f32_outputs_matches_the_host() {
+    let Some(device) = device() else { return };
+    let blas = BlasGemm::new(&device).unwrap();
+    let mut rng = XorShift::new(6);
+    for (m, n, k) in [(1, 49152, 576), (7, 333, 130), (64, 576, 1536)] {
+        let (x_h, x) = random_f16(&mut rng, m * k, 1.0);
+        let (w_h, w) = random_f16(&mut rng, n * k, 1.0);
+        let (x_d, w_d) = (device.upload(&x_h).unwrap(), device.upload(&w_h).unwrap());
+        let mut y = device.upload(&vec![F32_POISON; m * n]).unwrap();
+        blas.f16_to_f32(&x_d, &w_d, &mut y, (m, n, k)).unwrap();
+        let want = anyq_core::cpu::matmul_xwt_reference(&x, &w, m, n, k);
+        let tol = 1e-4 * (k as f32).sqrt();
+        assert_close(&format!("gemm {m}x{n}x{k}"), &device.download(&y).unwrap(), &want, tol, 1e-4);
+    }
+}
