@@ -22,37 +22,40 @@
 // Producer: normalise (or SiLU-gate) a row, find its amax over the non-outlier channels,
 // quantize those to int8 and gather the outliers into xo, in one kernel. One block per row.
 
+// The inputs are the model's own buffers: PLAIN reads f16 rows (the attention output),
+// RMSNORM the f32 residual stream with an f32 weight, SILU_MUL f16 rows holding the gate then the
+// up projection (one GEMM's output).
 enum { PRODUCE_PLAIN = 0, PRODUCE_RMSNORM = 1, PRODUCE_SILU_MUL = 2 };
 
 template <int MODE>
-__device__ __forceinline__ float produced(const f16_t* a, const f16_t* b, int k, float rinv) {
-    const float x = f16_to_f32(a[k]);
-    if (MODE == PRODUCE_RMSNORM) return x * rinv * f16_to_f32(b[k]);
-    if (MODE == PRODUCE_SILU_MUL) return x / (1.0f + __expf(-x)) * f16_to_f32(b[k]);
+__device__ __forceinline__ float produced(const void* row, const void* gamma, int k, int k_len, float rinv) {
+    if (MODE == PRODUCE_RMSNORM) return ((const float*)row)[k] * rinv * ((const float*)gamma)[k];
+    const float x = f16_to_f32(((const f16_t*)row)[k]);
+    if (MODE == PRODUCE_SILU_MUL) return x / (1.0f + __expf(-x)) * f16_to_f32(((const f16_t*)row)[k_len + k]);
     return x;
 }
 
 template <int MODE>
-__device__ void mixq_produce(const f16_t* __restrict__ a, const f16_t* __restrict__ b, int lda, int k_len,
-                             float eps, const int* __restrict__ slot, int ko, int k_pad, int ko_pad,
-                             i8_t* __restrict__ xq, float* __restrict__ sx, f16_t* __restrict__ xo,
-                             float threshold, u32_t* __restrict__ over_threshold) {
+__device__ void mixq_produce(const void* __restrict__ x, const float* __restrict__ gamma, int k_len, float eps,
+                             const int* __restrict__ slot, int ko, int k_pad, int ko_pad, i8_t* __restrict__ xq,
+                             float* __restrict__ sx, f16_t* __restrict__ xo, float threshold,
+                             u32_t* __restrict__ over_threshold) {
     __shared__ float scratch[32];
     const int row = blockIdx.x;
-    a += (u64_t)row * lda;
-    if (MODE == PRODUCE_SILU_MUL) b += (u64_t)row * lda;
+    const void* in = MODE == PRODUCE_RMSNORM ? (const void*)((const float*)x + (u64_t)row * k_len)
+                                             : (const void*)((const f16_t*)x + (u64_t)row * k_len * (MODE == PRODUCE_SILU_MUL ? 2 : 1));
     float rinv = 1.0f;
     if (MODE == PRODUCE_RMSNORM) {
         float sumsq = 0.0f;
         for (int k = threadIdx.x; k < k_len; k += blockDim.x) {
-            const float x = f16_to_f32(a[k]);
-            sumsq += x * x;
+            const float v = ((const float*)in)[k];
+            sumsq += v * v;
         }
         rinv = rsqrtf(block_reduce<false>(sumsq, scratch) / k_len + eps);
     }
     float amax = 0.0f;
     for (int k = threadIdx.x; k < k_len; k += blockDim.x)
-        if (slot[k] < 0) amax = fmaxf(amax, fabsf(produced<MODE>(a, b, k, rinv)));
+        if (slot[k] < 0) amax = fmaxf(amax, fabsf(produced<MODE>(in, gamma, k, k_len, rinv)));
     amax = block_reduce<true>(amax, scratch);
     const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
     const float inv = 1.0f / scale;
@@ -65,7 +68,7 @@ __device__ void mixq_produce(const f16_t* __restrict__ a, const f16_t* __restric
     for (int k = threadIdx.x; k < k_pad; k += blockDim.x) {
         int value = 0;
         if (k < k_len) {
-            const float y = produced<MODE>(a, b, k, rinv);
+            const float y = produced<MODE>(in, gamma, k, k_len, rinv);
             const int s = slot[k];
             if (s >= 0) o[s] = f32_to_f16(y);
             else value = max(-127, min(127, __float2int_rn(y * inv)));
@@ -75,10 +78,10 @@ __device__ void mixq_produce(const f16_t* __restrict__ a, const f16_t* __restric
     for (int j = ko + threadIdx.x; j < ko_pad; j += blockDim.x) o[j] = 0;
 }
 
-#define PRODUCE_ARGS                                                                                     \
-    const f16_t *a, const f16_t *b, int lda, int k_len, float eps, const int *slot, int ko, int k_pad, \
-        int ko_pad, i8_t *xq, float *sx, f16_t *xo, float threshold, u32_t *over_threshold
-#define PRODUCE_PASS a, b, lda, k_len, eps, slot, ko, k_pad, ko_pad, xq, sx, xo, threshold, over_threshold
+#define PRODUCE_ARGS                                                                                           \
+    const void *x, const float *gamma, int k_len, float eps, const int *slot, int ko, int k_pad, int ko_pad, \
+        i8_t *xq, float *sx, f16_t *xo, float threshold, u32_t *over_threshold
+#define PRODUCE_PASS x, gamma, k_len, eps, slot, ko, k_pad, ko_pad, xq, sx, xo, threshold, over_threshold
 
 extern "C" __global__ void mixq_produce_plain(PRODUCE_ARGS) { mixq_produce<PRODUCE_PLAIN>(PRODUCE_PASS); }
 extern "C" __global__ void mixq_produce_rmsnorm(PRODUCE_ARGS) { mixq_produce<PRODUCE_RMSNORM>(PRODUCE_PASS); }

@@ -245,12 +245,12 @@ fn check_shape(name: &str, got: usize, want: usize) -> Result<()> {
 
 /// What the producer kernel applies to its input rows before quantizing them.
 pub enum Producer<'a> {
-    /// The rows as they are (the attention output into o_proj).
-    Plain,
-    /// RMSNorm with weight `gamma` (f16 bits) and `eps`.
-    RmsNorm { gamma: &'a CudaSlice<u16>, eps: f32 },
-    /// SiLU(rows) · `up` (the MLP's gate and up projections).
-    SiluMul { up: &'a CudaSlice<u16> },
+    /// f16 rows `[tokens][k]` as they are (the attention output into o_proj).
+    Plain { x: &'a CudaSlice<u16> },
+    /// RMSNorm of the f32 residual stream `x[tokens][k]` with weight `gamma[k]`.
+    RmsNorm { x: &'a CudaSlice<f32>, gamma: &'a CudaSlice<f32>, eps: f32 },
+    /// SiLU(gate) · up from f16 rows `[tokens][2k]` holding the gate then the up projection.
+    SiluMul { gate_up: &'a CudaSlice<u16> },
 }
 
 /// Quantized activations for up to `capacity` tokens: INT8 rows with the outlier channels
@@ -322,30 +322,28 @@ impl MixqActivations {
         self.tokens
     }
 
-    /// Quantizes `tokens` rows of `x` (f16 bits, `[tokens][k]`) after applying `producer`;
-    /// tokens whose non-outlier amax exceeds `threshold` are counted (see [`Self::over_threshold`]).
-    pub fn produce(
-        &mut self,
-        device: &CudaDevice,
-        producer: Producer,
-        x: &CudaSlice<u16>,
-        tokens: usize,
-        threshold: f32,
-    ) -> Result<()> {
+    /// Quantizes `tokens` rows made by `producer`; tokens whose non-outlier amax exceeds
+    /// `threshold` are counted (see [`Self::over_threshold`]).
+    pub fn produce(&mut self, device: &CudaDevice, producer: Producer, tokens: usize, threshold: f32) -> Result<()> {
         let k = self.outliers.k;
         if tokens > self.capacity {
             return Err(CudaError::Shape(format!("{tokens} tokens exceed the buffer's {}", self.capacity)));
         }
-        check_at_least("x", x.len(), tokens * k)?;
-        let (name, b, eps) = match producer {
-            Producer::Plain => ("mixq_produce_plain", x, 0.0),
-            Producer::RmsNorm { gamma, eps } => {
-                check_at_least("gamma", gamma.len(), k)?;
-                ("mixq_produce_rmsnorm", gamma, eps)
+        let stream = device.stream();
+        // The gamma pointer is unused but by RMSNorm: any device pointer will do.
+        let (name, (x, _gx), (gamma, _gg), eps) = match producer {
+            Producer::Plain { x } => {
+                check_at_least("x", x.len(), tokens * k)?;
+                ("mixq_produce_plain", x.device_ptr(stream), x.device_ptr(stream), 0.0)
             }
-            Producer::SiluMul { up } => {
-                check_at_least("up", up.len(), tokens * k)?;
-                ("mixq_produce_silu_mul", up, 0.0)
+            Producer::RmsNorm { x, gamma, eps } => {
+                check_at_least("x", x.len(), tokens * k)?;
+                check_at_least("gamma", gamma.len(), k)?;
+                ("mixq_produce_rmsnorm", x.device_ptr(stream), gamma.device_ptr(stream), eps)
+            }
+            Producer::SiluMul { gate_up } => {
+                check_at_least("gate_up", gate_up.len(), tokens * 2 * k)?;
+                ("mixq_produce_silu_mul", gate_up.device_ptr(stream), gate_up.device_ptr(stream), 0.0)
             }
         };
         self.tokens = tokens;
@@ -356,11 +354,10 @@ impl MixqActivations {
         let (k_i, ko, k_pad, ko_pad) =
             (k as i32, self.outliers.channels.len() as i32, self.k_pad as i32, self.outliers.padded_len() as i32);
         let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = device.stream().launch_builder(&function);
+        let mut launch = stream.launch_builder(&function);
         launch
-            .arg(x)
-            .arg(b)
-            .arg(&k_i)
+            .arg(&x)
+            .arg(&gamma)
             .arg(&k_i)
             .arg(&eps)
             .arg(&self.outliers.slot)

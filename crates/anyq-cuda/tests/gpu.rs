@@ -156,31 +156,42 @@ fn check_producer(mode: &str) {
         let channels = spread_channels(k, outliers);
         let ko = channels.len();
         let set = OutlierSet::new(&device, k, &channels).unwrap();
+        // RMSNorm reads an f32 residual row and an f32 weight; SiLU·up an f16 row [gate | up];
+        // plain an f16 row.
+        let to_f16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| f16::from_f32(x).to_bits()).collect() };
         let x: Vec<f32> = (0..m * k).map(|_| 2.0 * rng.uniform()).collect();
-        let other: Vec<f32> = (0..m * k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
-        let xh: Vec<u16> = x.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
-        let oh: Vec<u16> = other.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
-        let (x, other): (Vec<f64>, Vec<f64>) = (to_f64(&xh), to_f64(&oh));
+        let gamma: Vec<f32> = (0..k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
+        let up: Vec<f32> = (0..m * k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
+        let xh = to_f16(&x);
+        let gate_up: Vec<u16> = (0..m).flat_map(|t| xh[t * k..][..k].iter().copied().chain(to_f16(&up[t * k..][..k]))).collect();
         let eps = 1e-5;
         let y: Vec<f64> = (0..m * k)
             .map(|i| match mode {
                 "rmsnorm" => {
                     let row = &x[i / k * k..][..k];
-                    let rinv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + eps).sqrt();
-                    x[i] * rinv * other[i % k]
+                    let rinv = 1.0 / (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64 + eps).sqrt();
+                    x[i] as f64 * rinv * gamma[i % k] as f64
                 }
-                "silu" => x[i] / (1.0 + (-x[i]).exp()) * other[i],
-                _ => x[i],
+                "silu" => {
+                    let (g, u) = (f16::from_bits(xh[i]).to_f64(), f16::from_bits(to_f16(&up[i..i + 1])[0]).to_f64());
+                    g / (1.0 + (-g).exp()) * u
+                }
+                _ => f16::from_bits(xh[i]).to_f64(),
             })
             .collect();
-        let (xd, od) = (device.upload(&xh).unwrap(), device.upload(&oh).unwrap());
+        let (xd, xhd, gd, gud) = (
+            device.upload(&x).unwrap(),
+            device.upload(&xh).unwrap(),
+            device.upload(&gamma).unwrap(),
+            device.upload(&gate_up).unwrap(),
+        );
         let mut acts = MixqActivations::new(&device, m + 3, &set).unwrap();
         let producer = match mode {
-            "rmsnorm" => Producer::RmsNorm { gamma: &od, eps: eps as f32 },
-            "silu" => Producer::SiluMul { up: &od },
-            _ => Producer::Plain,
+            "rmsnorm" => Producer::RmsNorm { x: &xd, gamma: &gd, eps: eps as f32 },
+            "silu" => Producer::SiluMul { gate_up: &gud },
+            _ => Producer::Plain { x: &xhd },
         };
-        acts.produce(&device, producer, &xd, m, 0.5).unwrap();
+        acts.produce(&device, producer, m, 0.5).unwrap();
         let (xq, sx, xo) = acts.download(&device).unwrap();
         let (k_pad, ko_pad) = (acts.padded_k(), set.padded_len());
         let mut over = 0;
