@@ -26,7 +26,7 @@ pub struct GemmBenchArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
-    /// MixQ W8A8 kernel above 16 tokens: auto, mma, wgmma, tma or tma-pair.
+    /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma or tma-pair.
     #[arg(long, default_value = "auto")]
     kernel: String,
 }
@@ -68,10 +68,9 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     let w8_kernel = match args.kernel.as_str() {
         "auto" => Kernel::Auto,
         "mma" => Kernel::Mma,
-        "wgmma" => Kernel::Wgmma,
         "tma" => Kernel::Tma,
         "tma-pair" => Kernel::TmaPair,
-        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, wgmma, tma or tma-pair"),
+        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma or tma-pair"),
     };
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;

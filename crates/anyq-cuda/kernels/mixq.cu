@@ -331,125 +331,9 @@ __device__ __forceinline__ void mixq_gemm_mma(const GemmArgs& p) {
 extern "C" __global__ void __launch_bounds__(256) mixq_w8_mma(GemmArgs p) { mixq_gemm_mma<4, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq_gemm_mma<4, true>(p); }
 
-// Hopper kernel for W8: two warpgroups, each 64 rows x BN columns of a 128 x BN tile as BN / 128
-// m64n128k32 wgmma's per k32 step, both operands straight from the swizzled shared-memory tiles;
-// a cp.async pipeline keeps STAGES - 2 tiles in flight while one wgmma batch runs. The outlier
-// tiles are fetched into the pipeline as soon as the last k tile has been asked for.
-template <int BN, int STAGES>
-__device__ __forceinline__ void mixq_w8_wgmma(const GemmArgs& p) {
-#ifdef ANYQ_WGMMA
-    constexpr int BM = 128, HALVES = BN / 128, AHEAD = STAGES - 2, THREADS = 256;
-    constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
-    extern __shared__ __align__(128) u8_t smem_raw[];
-    // The 128-byte swizzle repeats every 1024 bytes: tiles must start on that boundary.
-    u8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
-    int m0, n0;
-    tile_of_block(BM, BN, p.m, p.n, m0, n0);
-    const int n_pad = (p.n + 7) & ~7, k_tiles = p.k_pad / BK, ko_tiles = p.ko_pad / 64;
-    const int g = lane >> 2, t = lane & 3;
-
-    int acc[HALVES][64];
-
-    auto load_stage = [&](int stage, int kt) {
-        u8_t* s = smem + stage * STAGE_BYTES;
-        load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xq, p.k_pad, m0, p.m, kt * BK);
-        load_tile<BN, BK, THREADS>(s + A_BYTES, p.wq, p.k_pad, n0, n_pad, kt * BK);
-    };
-    auto load_outliers = [&](int stage, int ot) {
-        u8_t* s = smem + stage * STAGE_BYTES;
-        load_tile<BM, BK, THREADS>(s, (const u8_t*)p.xo, (u64_t)p.ko_pad * 2, m0, p.m, ot * BK);
-        load_tile<BN, BK, THREADS>(s + A_BYTES, (const u8_t*)p.wo, (u64_t)p.ko_pad * 2, n0, n_pad, ot * BK);
-    };
-#pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < k_tiles) load_stage(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<AHEAD - 1>();
-        fence_proxy_async();
-        __syncthreads(); // stage kt is complete for all; the stage refilled next was read two batches ago
-        if (kt + AHEAD < k_tiles) load_stage((kt + AHEAD) % STAGES, kt + AHEAD);
-        else if (kt == max(k_tiles - AHEAD, 0) && ko_tiles > 0) load_outliers(k_tiles % STAGES, 0);
-        cp_async_commit();
-
-        const u32_t a_base = smem_addr(smem + (kt % STAGES) * STAGE_BYTES) + wg * 64 * BK;
-        const u32_t b_base = smem_addr(smem + (kt % STAGES) * STAGE_BYTES + A_BYTES);
-        wgmma_fence();
-#pragma unroll
-        for (int step = 0; step < 4; ++step) {
-            const u64_t da = sw128_desc(a_base + 32 * step);
-#pragma unroll
-            for (int h = 0; h < HALVES; ++h) wgmma_s8_n128(acc[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step), kt + step);
-        }
-        wgmma_commit();
-        wgmma_wait<1>();
-    }
-    wgmma_wait<0>();
-
-    // Dequantize in registers. Thread (warp w of its warpgroup, lane 4g + t) holds, for each
-    // n8 block j of a 128-column half, rows 16w + g (+ 8) and columns 8j + 2t (+ 1).
-    const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
-    const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-    float out[HALVES][64];
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const int col = n0 + h * 128 + j * 8 + 2 * t;
-            const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
-            out[h][4 * j + 0] = x0 * w0 * (float)acc[h][4 * j + 0];
-            out[h][4 * j + 1] = x0 * w1 * (float)acc[h][4 * j + 1];
-            out[h][4 * j + 2] = x1 * w0 * (float)acc[h][4 * j + 2];
-            out[h][4 * j + 3] = x1 * w1 * (float)acc[h][4 * j + 3];
-        }
-
-    // Outlier channels: FP16 wgmma accumulating onto the dequantized values, 64 channels a stage
-    // (the first one is already in shared memory).
-    for (int ot = 0; ot < ko_tiles; ++ot) {
-        const int stage = (k_tiles + ot) % STAGES;
-        if (ot > 0) {
-            __syncthreads(); // no warpgroup still reads the stage about to be overwritten
-            load_outliers(stage, ot);
-            cp_async_commit();
-        }
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        const u32_t a_base = smem_addr(smem + stage * STAGE_BYTES) + wg * 64 * BK;
-        const u32_t b_base = smem_addr(smem + stage * STAGE_BYTES + A_BYTES);
-        wgmma_fence();
-#pragma unroll
-        for (int step = 0; step < 4; ++step) {
-            const u64_t da = sw128_desc(a_base + 32 * step);
-#pragma unroll
-            for (int h = 0; h < HALVES; ++h) wgmma_f16_n128(out[h], da, sw128_desc(b_base + h * 128 * BK + 32 * step));
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-    }
-
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const int col = n0 + h * 128 + j * 8 + 2 * t;
-            store_pair(p, row0, col, out[h][4 * j + 0], out[h][4 * j + 1]);
-            store_pair(p, row0 + 8, col, out[h][4 * j + 2], out[h][4 * j + 3]);
-        }
-#endif
-}
-
-// 128 x 256 tiles, one block per SM, for large grids; 128 x 128 tiles, two blocks per SM (one's
-// epilogue overlaps the other's main loop), where 128 x 256 would leave SMs idle.
-extern "C" __global__ void __launch_bounds__(256, 1) mixq_w8_wgmma_128x256(GemmArgs p) { mixq_w8_wgmma<256, 4>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) mixq_w8_wgmma_128x128(GemmArgs p) { mixq_w8_wgmma<128, 3>(p); }
-
 // Hopper kernel for W8 with the copy engine, persistent: each block (or cluster of CLUSTER
 // blocks, which share the weight tile: each fetches 1/CLUSTER of it and the copy engine multicasts
-// it into all of them) walks 128 x BN output tiles. One producer warpgroup issues the copies of
+// it into all of them) walks 128 x 128 output tiles. One producer warpgroup issues the copies of
 // a STAGES-deep ring that runs on across tiles, so the next tile's loads overlap this tile's
 // epilogue; two consumer warpgroups (64 rows each) run the wgmma's. full/empty mbarriers per
 // stage pass the stages around (the empty ones count every block's consumers, since a multicast
@@ -462,22 +346,15 @@ struct TmaArgs {
     int m, n, k_tiles, ko_tiles;
 };
 
-// wgmma over a 64 x BN block (BN 128 or 192).
-template <int BN>
-__device__ __forceinline__ void wgmma_s8(int* d, u64_t a, u64_t b, int accumulate) {
-    if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
-    else wgmma_s8_n128(d, a, b, accumulate);
-}
-template <int BN>
-__device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
-    if (BN == 192) wgmma_f16_n192(d, a, b);
-    else wgmma_f16_n128(d, a, b);
-}
-
-template <int CLUSTER, int STAGES, int BN>
+// PINGPONG: each consumer warpgroup takes whole tiles (128 rows: two m64 wgmma's a k step),
+// the two alternating, so that one's epilogue overlaps the other's main loop on the tensor cores;
+// its outlier tiles come twice, once for each 64-row half (the registers hold the integer
+// accumulators of both halves and the FP16 ones of one). Otherwise the two share each tile, 64
+// rows each.
+template <int CLUSTER, int STAGES, bool PINGPONG>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TmaArgs& p) {
-    constexpr int BM = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
+    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2, HALVES = PINGPONG ? 2 : 1;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_ring[];
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
@@ -488,7 +365,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
     const int cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
     const int tiles_m = (p.m + CLUSTER * BM - 1) / (CLUSTER * BM), tiles_n = (p.n + BN - 1) / BN;
-    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles;
+    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + HALVES * p.ko_tiles;
     // Tile index -> (first row of the cluster's rows, first column), in groups of 8 tile rows.
     auto coords = [&](int id, int& m0, int& n0) {
         const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
@@ -499,7 +376,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, 2 * CLUSTER); // 2 consumer warpgroups in each block
+            mbar_init(empty + 8 * s, (PINGPONG ? 1 : 2) * CLUSTER); // the stage's consumers in each block
         }
         mbar_init_fence();
     }
@@ -520,7 +397,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                     mbar_expect_bytes(bar, STAGE_BYTES);
                     // k tiles of int8, then outlier tiles of 64 f16 channels (also 128 bytes a row).
                     const bool bulk = kt < p.k_tiles;
-                    const int x = bulk ? kt * BK : (kt - p.k_tiles) * 64;
+                    const int x = bulk ? kt * BK : (kt - p.k_tiles) % p.ko_tiles * 64;
                     tma_load(a, bulk ? &map_x : &map_xo, x, m0, bar);
                     if (CLUSTER > 1) tma_load_multicast(b, bulk ? &map_w : &map_wo, x, n0 + rank * B_ROWS, bar, (1 << CLUSTER) - 1);
                     else tma_load(b, bulk ? &map_w : &map_wo, x, n0, bar);
@@ -539,19 +416,24 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             else
                 for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
         };
-        int it = 0;
-        for (int tile = cluster; tile < tiles; tile += clusters) {
+        int local = 0; // the block's tiles so far: tile `local` starts at ring position local · per_tile
+        for (int tile = cluster; tile < tiles; tile += clusters, ++local) {
+            if (PINGPONG && (local & 1) != cw) continue;
             int m0, n0;
             coords(tile, m0, n0);
-            int acc[ACC];
+            int it = local * per_tile;
+            const int first_half = PINGPONG ? 0 : cw; // this warpgroup's first 64-row half
+            int acc[HALVES][ACC];
             for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
                 const int s = it % STAGES;
                 mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                const u32_t a_base = ring + s * STAGE_BYTES + first_half * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-                    wgmma_s8<BN>(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
+#pragma unroll
+                    for (int h = 0; h < HALVES; ++h)
+                        wgmma_s8_n128(acc[h], sw128_desc(a_base + h * 64 * BK + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
                 wgmma_commit();
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
@@ -559,39 +441,42 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             wgmma_wait<0>();
             release(it - 1);
 
-            // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
-            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x BN block.
-            const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
-            const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-            float out[ACC];
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = n0 + j * 8 + 2 * t;
-                const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
-                out[4 * j + 0] = x0 * w0 * (float)acc[4 * j + 0];
-                out[4 * j + 1] = x0 * w1 * (float)acc[4 * j + 1];
-                out[4 * j + 2] = x1 * w0 * (float)acc[4 * j + 2];
-                out[4 * j + 3] = x1 * w1 * (float)acc[4 * j + 3];
-            }
-            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
-                const int s = it % STAGES;
-                mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-                wgmma_fence();
+            for (int h = 0; h < HALVES; ++h) {
+                // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
+                // 16w + g (+ 8) and columns 8j + 2t (+ 1) of the 64 x BN half.
+                const int row0 = m0 + (first_half + h) * 64 + (warp & 3) * 16 + g;
+                const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
+                float out[ACC];
 #pragma unroll
-                for (int step = 0; step < 4; ++step)
-                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
-                wgmma_commit();
-                wgmma_wait<0>();
-                release(it);
-            }
-            GemmArgs q;
-            q.y = p.y, q.m = p.m, q.n = p.n;
+                for (int j = 0; j < BN / 8; ++j) {
+                    const int col = n0 + j * 8 + 2 * t;
+                    const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
+                    out[4 * j + 0] = x0 * w0 * (float)acc[h][4 * j + 0];
+                    out[4 * j + 1] = x0 * w1 * (float)acc[h][4 * j + 1];
+                    out[4 * j + 2] = x1 * w0 * (float)acc[h][4 * j + 2];
+                    out[4 * j + 3] = x1 * w1 * (float)acc[h][4 * j + 3];
+                }
+                for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+                    const int s = it % STAGES;
+                    mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                    const u32_t a_base = ring + s * STAGE_BYTES + (first_half + h) * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                    wgmma_fence();
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = n0 + j * 8 + 2 * t;
-                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
-                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+                    for (int step = 0; step < 4; ++step)
+                        wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    release(it);
+                }
+                GemmArgs q;
+                q.y = p.y, q.m = p.m, q.n = p.n;
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+                    const int col = n0 + j * 8 + 2 * t;
+                    store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
+                    store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+                }
             }
         }
     }
@@ -600,40 +485,31 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
-// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB), to cover the latency of L2 at full rate.
+// 7 stages of 32 KiB, the deepest ring that fits, to cover the latency of L2 at full rate; up to
+// 128 tokens one block per 128 x 128 tile, above that clusters of two in ping-pong.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                 const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<1, 7, 128>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<1, 7, false>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                      const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 7, 128>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<2, 7, true>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair_wide(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
-                          const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 5, 192>(map_x, map_w, map_xo, map_wo, p);
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
-// GEMV for up to 16 tokens, where reading the weights is the cost. Each block holds 8 warps;
-// `split` consecutive warps share one 8-row weight tile, each streaming a 1/split share of its k
-// (long enough to keep several loads in flight), and their partial sums meet in shared memory.
-// Each lane reads 16 contiguous bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of
-// activations, both straight from global memory: since Σ_k is order-free, the k of each mma
-// fragment slot only has to agree between the two operands, not follow the fragment's own order.
+// GEMV for up to 16 tokens, where reading the weights is the cost. Each lane reads 16 contiguous
+// bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of activations, both straight
+// from global memory: since Σ_k is order-free, the k of each mma fragment slot only has to agree
+// between the two operands, not follow the fragment's own order.
 
-// The GEMV's weight loads, as volatile asm so that ptxas keeps them where they are written, ahead
-// of the (volatile) mma's; weights are read once: they stream past L1 so that the activations
-// (read by every warp) stay there.
+// Loads as volatile asm, so that ptxas keeps them where they are written, ahead of the (volatile)
+// mma's; weights are read once: they stream past L1, so that the activations (read by every warp)
+// stay there.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"

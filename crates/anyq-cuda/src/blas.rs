@@ -8,6 +8,7 @@ use cudarc::cublas::{result as cublas, sys as cublas_sys, CudaBlas};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
+use crate::ops::F16Storage;
 use crate::{CudaDevice, CudaError, Result};
 
 fn blas_error(what: &str, e: impl std::fmt::Debug) -> CudaError {
@@ -40,11 +41,12 @@ impl BlasGemm {
         self.gemm(x, w, y, (m, n, k), bf16, bf16)
     }
 
+    /// Activations as `f16` or as their bits (see [`F16Storage`]).
     pub fn f16(
         &self,
-        x: &CudaSlice<half::f16>,
+        x: &CudaSlice<impl F16Storage>,
         w: &CudaSlice<half::f16>,
-        y: &mut CudaSlice<half::f16>,
+        y: &mut CudaSlice<impl F16Storage>,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
         let f16 = cublas_sys::cudaDataType_t::CUDA_R_16F;
@@ -55,7 +57,7 @@ impl BlasGemm {
     /// residual stream's deltas, logits).
     pub fn f16_to_f32(
         &self,
-        x: &CudaSlice<half::f16>,
+        x: &CudaSlice<impl F16Storage>,
         w: &CudaSlice<half::f16>,
         y: &mut CudaSlice<f32>,
         (m, n, k): (usize, usize, usize),
@@ -65,11 +67,11 @@ impl BlasGemm {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm<T, U>(
+    fn gemm<X, W, Y>(
         &self,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        y: &mut CudaSlice<U>,
+        x: &CudaSlice<X>,
+        w: &CudaSlice<W>,
+        y: &mut CudaSlice<Y>,
         (m, n, k): (usize, usize, usize),
         dtype: cublas_sys::cudaDataType_t,
         out_dtype: cublas_sys::cudaDataType_t,

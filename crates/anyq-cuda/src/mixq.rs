@@ -425,11 +425,6 @@ struct Tiled {
     smem: u32,
 }
 
-/// Hopper: 4 stages of a 128-row activation and a 256-row weight tile, 128 bytes each, plus the
-/// 1024 bytes that align them for the 128-byte swizzle; or 3 stages of 128 + 128 rows, two
-/// blocks per SM.
-const W8_WGMMA_WIDE: Tiled = Tiled { name: "mixq_w8_wgmma_128x256", bm: 128, bn: 256, smem: 4 * (128 + 256) * 128 + 1024 };
-const W8_WGMMA: Tiled = Tiled { name: "mixq_w8_wgmma_128x128", bm: 128, bn: 128, smem: 3 * (128 + 128) * 128 + 1024 };
 /// Any sm_80+: 4 stages of two 128 x 128-byte tiles.
 const W8_MMA: Tiled = Tiled { name: "mixq_w8_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
 const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2 * 128 * 128 };
@@ -437,18 +432,17 @@ const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2
 /// Which GEMM kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fastest for the shape and GPU: GEMV up to [`GEMV_MAX_TOKENS`] tokens, then wgmma
-    /// (Hopper, W8) or mma.sync.
+    /// The fastest for the shape and GPU: GEMV up to [`GEMV_MAX_TOKENS`] tokens, then the TMA
+    /// kernels (Hopper, W8) or mma.sync.
     Auto,
     /// Weight-streaming GEMV (up to [`GEMV_MAX_TOKENS`] tokens).
     Gemv,
     /// Tiled mma.sync (any sm_80+ GPU).
     Mma,
-    /// Tiled wgmma (Hopper, W8 only).
-    Wgmma,
     /// Persistent wgmma fed by the copy engine through a 7-stage ring (Hopper, W8 only).
     Tma,
-    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast.
+    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast, and
+    /// each consumer warpgroup taking whole tiles, alternately (ping-pong).
     TmaPair,
 }
 
@@ -486,13 +480,13 @@ pub fn gemm_with(
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
         }
-        Kernel::Wgmma | Kernel::Tma | Kernel::TmaPair if w4 || !hopper => {
+        Kernel::Tma | Kernel::TmaPair if w4 || !hopper => {
             return Err(CudaError::Shape(format!("the {kernel:?} kernel runs W8 weights on Hopper (sm_90) only")))
         }
         chosen => chosen,
     };
     if let Kernel::Tma | Kernel::TmaPair = kernel {
-        return gemm_tma(device, weight, acts, y, if kernel == Kernel::TmaPair { 2 } else { 1 });
+        return gemm_tma(device, weight, acts, y, kernel);
     }
     let stream = device.stream();
     let (xq, _g1) = acts.xq.device_ptr(stream);
@@ -544,14 +538,7 @@ pub fn gemm_with(
         return Ok(());
     }
     let (function, config) = {
-        // Wide tiles once there are enough of them for every SM several times over.
-        let wide_tiles = m.div_ceil(W8_WGMMA_WIDE.bm) * n.div_ceil(W8_WGMMA_WIDE.bn);
-        let tiled = match (kernel, w4) {
-            (Kernel::Wgmma, _) if wide_tiles >= 4 * device.sm_count() as usize => &W8_WGMMA_WIDE,
-            (Kernel::Wgmma, _) => &W8_WGMMA,
-            (_, true) => &W4_MMA,
-            (_, false) => &W8_MMA,
-        };
+        let tiled = if w4 { &W4_MMA } else { &W8_MMA };
         let config = LaunchConfig {
             grid_dim: ((m.div_ceil(tiled.bm) * n.div_ceil(tiled.bn)) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -577,48 +564,30 @@ struct TmaArgs {
     ko_tiles: i32,
 }
 
-/// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
-/// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the 1024-byte alignment
-/// of the swizzle, and two mbarriers a stage).
+/// A persistent TMA kernel: its name, blocks per cluster and shared memory (7 stages of a 128-row
+/// activation tile and a 128-row weight tile, 128 bytes a row, the 1024-byte alignment of the
+/// swizzle, and two mbarriers a stage).
 struct TmaKernel {
     name: &'static str,
     cluster: usize,
-    bn: usize,
     smem: u32,
 }
 
-const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) -> TmaKernel {
-    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 1024 + stages * 16 }
-}
-
-const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
-const TMA_PAIR: TmaKernel = tma_kernel("mixq_w8_tma_pair", 2, 7, 128);
-const TMA_PAIR_WIDE: TmaKernel = tma_kernel("mixq_w8_tma_pair_wide", 2, 5, 192);
-
-/// Of the tiles' waves over the GPU's clusters, the fraction that does work.
-fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
-    let tiles = m.div_ceil(128 * kernel.cluster) * n.div_ceil(kernel.bn);
-    let slots = sm_count / kernel.cluster;
-    tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
-}
+const TMA_SMEM: u32 = 7 * (128 + 128) * 128 + 1024 + 7 * 16;
+const TMA_SINGLE: TmaKernel = TmaKernel { name: "mixq_w8_tma", cluster: 1, smem: TMA_SMEM };
+const TMA_PAIR: TmaKernel = TmaKernel { name: "mixq_w8_tma_pair", cluster: 2, smem: TMA_SMEM };
 
 fn gemm_tma(
     device: &CudaDevice,
     weight: &MixqWeight,
     acts: &MixqActivations,
     y: &mut CudaSlice<u16>,
-    cluster: usize,
+    choice: Kernel,
 ) -> Result<()> {
     let (m, n, k_pad, ko_pad) = (acts.tokens, weight.n, acts.k_pad, acts.outliers.padded_len());
     let sm_count = device.sm_count() as usize;
-    // Wider tiles where they leave fewer clusters idle in the last wave.
-    let kernel = match cluster {
-        1 => &TMA_SINGLE,
-        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count) > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 => {
-            &TMA_PAIR_WIDE
-        }
-        _ => &TMA_PAIR,
-    };
+    let kernel = if choice == Kernel::Tma { &TMA_SINGLE } else { &TMA_PAIR };
+    let cluster = kernel.cluster;
     let n_pad = round_up(n, 8);
     let stream = device.stream();
     let (xq, _g1) = acts.xq.device_ptr(stream);
@@ -629,7 +598,7 @@ fn gemm_tma(
     let (wo, _g6) = weight.outlier_weight.device_ptr(stream);
     let (yp, _g7) = y.device_ptr_mut(stream);
     // Each block of a cluster fetches its share of the weight tile's rows.
-    let weight_rows = (kernel.bn / cluster) as u32;
+    let weight_rows = (128 / cluster) as u32;
     let mut map_x = tile_map(xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
     let mut map_w = tile_map(wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
     // Without outliers the kernel never reads these maps.
@@ -651,7 +620,7 @@ fn gemm_tma(
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
     };
     // Persistent: at most one block per SM, each walking its share of the tiles.
-    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);
+    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(128);
     let clusters = tiles.min(sm_count / cluster);
     let function = device.function(&MIXQ, kernel.name, kernel.smem)?;
     let mut params = [

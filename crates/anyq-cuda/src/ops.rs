@@ -2,13 +2,18 @@
 //! residual add), RoPE on the fused QKV projection with the KV-cache append, SiLU·up and causal
 //! attention with grouped KV heads. The linear layers are cuBLAS GEMMs ([`crate::BlasGemm`]).
 //!
-//! Activations read by GEMMs are f16 (`CudaSlice<f16>`); the residual stream `x` and the deltas
+//! Activations read by GEMMs are f16 (`CudaSlice<f16>`, or the same values as raw bits where they
+//! meet [`crate::mixq`]'s kernels: see [`F16Storage`]); the residual stream `x` and the deltas
 //! added to it are f32. Every wrapper checks its shapes and returns [`CudaError::Shape`] for
 //! buffers too small or shapes the kernels do not take, so no launch reads or writes outside
 //! its buffers.
+//!
+//! Batched decode ([`rope_qkv_decode_batched`], [`attention_decode_batched`]) gives each sequence
+//! a cache of its own: per layer `[sequences][capacity][kv_heads · head_dim]`, so sequence b's
+//! position p is row `b · capacity + p`.
 
 use anyq_core::cpu::{AttentionShape, Rope, RopeStyle};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use crate::compile::{kernel_source, KernelSource};
@@ -22,6 +27,19 @@ const ROW_THREADS: u32 = 256;
 const ATTENTION_WARPS: usize = 4;
 /// The largest head the attention kernel holds (`ATTN_MAX_DIM` in model.cu).
 pub const MAX_HEAD_DIM: usize = 256;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::f16 {}
+    impl Sealed for u16 {}
+}
+
+/// The element types of f16 activations: `half::f16`, or its bits as `u16`, which is how
+/// [`crate::mixq`] types the buffers its producers read and its GEMMs write. The kernels read and
+/// write both as IEEE binary16, so a model hands the same buffer to either.
+pub trait F16Storage: DeviceRepr + sealed::Sealed {}
+impl F16Storage for f16 {}
+impl F16Storage for u16 {}
 
 fn shape_error(message: String) -> CudaError {
     CudaError::Shape(message)
@@ -42,6 +60,12 @@ fn as_int(what: &str, value: usize) -> Result<i32> {
 fn rows_config(rows: usize) -> Result<LaunchConfig> {
     let rows = u32::try_from(rows).map_err(|_| shape_error(format!("{rows} rows exceed one launch")))?;
     Ok(LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// Grid-stride launch over `total` elements: enough blocks to fill the GPU, no more.
+fn elementwise_config(device: &CudaDevice, total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(ROW_THREADS as usize).min(device.sm_count() as usize * 8).max(1) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// `x[r] = table[tokens[r]]` (f16 table `[vocab][dim]`, f32 rows) for the first `rows` tokens.
@@ -121,7 +145,7 @@ pub fn add_rms_norm(
 /// fused gate/up projection) is `[gate | up]`.
 pub fn silu_mul(
     device: &CudaDevice,
-    gate_up: &CudaSlice<f16>,
+    gate_up: &CudaSlice<impl F16Storage>,
     (rows, ffn): (usize, usize),
     act: &mut CudaSlice<f16>,
 ) -> Result<()> {
@@ -132,12 +156,9 @@ pub fn silu_mul(
     }
     let (rows_i, ffn_i) = (as_int("rows", rows)?, as_int("ffn", ffn)?);
     let function = device.function(&MODEL, "model_silu_mul", 0)?;
-    // Grid-stride: enough blocks to fill the GPU, no more.
-    let blocks = (rows * ffn).div_ceil(ROW_THREADS as usize).min(device.sm_count() as usize * 8).max(1) as u32;
-    let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut launch = device.stream().launch_builder(&function);
     launch.arg(gate_up).arg(&rows_i).arg(&ffn_i).arg(act);
-    unsafe { launch.launch(config) }?;
+    unsafe { launch.launch(elementwise_config(device, rows * ffn)) }?;
     Ok(())
 }
 
@@ -171,10 +192,9 @@ impl RopeFrequencies {
     }
 }
 
-/// The heads of a shape, checked for what the kernels take: `heads` a multiple of `kv_heads`,
-/// `head_dim` a multiple of 8 up to [`MAX_HEAD_DIM`].
-fn check_heads(shape: &AttentionShape) -> Result<()> {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, .. } = *shape;
+/// Heads checked for what the kernels take: `heads` a multiple of `kv_heads`, `head_dim` a
+/// multiple of 8 up to [`MAX_HEAD_DIM`].
+fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Result<()> {
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(shape_error(format!("{n_heads} attention heads cannot share {n_kv_heads} KV heads evenly")));
     }
@@ -194,7 +214,7 @@ fn check_heads(shape: &AttentionShape) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv(
     device: &CudaDevice,
-    qkv: &CudaSlice<f16>,
+    qkv: &CudaSlice<impl F16Storage>,
     bias: Option<&CudaSlice<f32>>,
     rope: &RopeFrequencies,
     shape: AttentionShape,
@@ -202,8 +222,8 @@ pub fn rope_qkv(
     k_cache: &mut CudaSlice<f16>,
     v_cache: &mut CudaSlice<f16>,
 ) -> Result<()> {
-    check_heads(&shape)?;
     let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
+    check_heads(n_heads, n_kv_heads, head_dim)?;
     if rope.head_dim != head_dim {
         return Err(shape_error(format!("RoPE is for heads of {}, the shape has {head_dim}", rope.head_dim)));
     }
@@ -260,10 +280,10 @@ pub fn attention(
     k_cache: &CudaSlice<f16>,
     v_cache: &CudaSlice<f16>,
     shape: AttentionShape,
-    out: &mut CudaSlice<f16>,
+    out: &mut CudaSlice<impl F16Storage>,
 ) -> Result<()> {
-    check_heads(&shape)?;
     let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
+    check_heads(n_heads, n_kv_heads, head_dim)?;
     let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
     check_len("q", q.len(), queries * q_width)?;
     check_len("out", out.len(), queries * q_width)?;
@@ -301,6 +321,187 @@ pub fn attention(
     Ok(())
 }
 
+/// `x += delta` over `rows` rows of the residual stream (`[rows][dim]`, f32), for a sub-layer
+/// whose output the next RMSNorm cannot add itself (MixQ's producers read `x` as it is).
+pub fn add_residual(
+    device: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    delta: &CudaSlice<f32>,
+    (rows, dim): (usize, usize),
+) -> Result<()> {
+    check_len("x", x.len(), rows * dim)?;
+    check_len("delta", delta.len(), rows * dim)?;
+    if rows * dim == 0 {
+        return Ok(());
+    }
+    let total = (rows * dim) as u64;
+    let function = device.function(&MODEL, "model_add_f32", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(x).arg(delta).arg(&total);
+    unsafe { launch.launch(elementwise_config(device, rows * dim)) }?;
+    Ok(())
+}
+
+/// [`add_residual`] of an f16 delta (what MixQ's GEMMs write).
+pub fn add_residual_f16(
+    device: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    delta: &CudaSlice<impl F16Storage>,
+    (rows, dim): (usize, usize),
+) -> Result<()> {
+    check_len("x", x.len(), rows * dim)?;
+    check_len("delta", delta.len(), rows * dim)?;
+    if rows * dim == 0 {
+        return Ok(());
+    }
+    let total = (rows * dim) as u64;
+    let function = device.function(&MODEL, "model_add_f16", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(x).arg(delta).arg(&total);
+    unsafe { launch.launch(elementwise_config(device, rows * dim)) }?;
+    Ok(())
+}
+
+/// One decode step of a batch: `sequences` sequences, one new token each at its own position,
+/// each with a cache of `capacity` positions (see the module's note on the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeShape {
+    pub sequences: usize,
+    pub capacity: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl DecodeShape {
+    /// Checks the heads and the sizes the kernels index with 32-bit integers.
+    fn check(&self) -> Result<()> {
+        check_heads(self.n_heads, self.n_kv_heads, self.head_dim)?;
+        as_int("capacity", self.capacity)?;
+        as_int("sequences · heads", self.sequences * self.n_heads)?;
+        as_int("q width", self.n_heads * self.head_dim)?;
+        Ok(())
+    }
+}
+
+/// [`rope_qkv`] for a batch: row b of `qkv` (`[sequences][(heads + 2 · kv_heads) · head_dim]`) is
+/// sequence b's new token at `positions[b]`; q goes to row b of `q` (`[sequences][heads ·
+/// head_dim]`), k and v to row `b · capacity + positions[b]` of the caches. Positions must be
+/// below `capacity` (the model checks them): one that is not gives NaN queries and writes no cache
+/// row.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv_decode_batched(
+    device: &CudaDevice,
+    qkv: &CudaSlice<impl F16Storage>,
+    bias: Option<&CudaSlice<f32>>,
+    rope: &RopeFrequencies,
+    positions: &CudaSlice<u32>,
+    shape: DecodeShape,
+    q: &mut CudaSlice<f16>,
+    k_cache: &mut CudaSlice<f16>,
+    v_cache: &mut CudaSlice<f16>,
+) -> Result<()> {
+    shape.check()?;
+    let DecodeShape { sequences, capacity, n_heads, n_kv_heads, head_dim } = shape;
+    if rope.head_dim != head_dim {
+        return Err(shape_error(format!("RoPE is for heads of {}, the shape has {head_dim}", rope.head_dim)));
+    }
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+    let width = q_width + 2 * kv_width;
+    check_len("qkv", qkv.len(), sequences * width)?;
+    if let Some(bias) = bias {
+        check_len("qkv bias", bias.len(), width)?;
+    }
+    check_len("positions", positions.len(), sequences)?;
+    check_len("q", q.len(), sequences * q_width)?;
+    check_len("k cache", k_cache.len(), sequences * capacity * kv_width)?;
+    check_len("v cache", v_cache.len(), sequences * capacity * kv_width)?;
+    if sequences == 0 {
+        return Ok(());
+    }
+    let (heads_i, kv_heads_i, dim_i, capacity_i) = (
+        as_int("heads", n_heads)?,
+        as_int("kv heads", n_kv_heads)?,
+        as_int("head_dim", head_dim)?,
+        as_int("capacity", capacity)?,
+    );
+    let neox = i32::from(rope.style == RopeStyle::Neox);
+    // The kernel skips the bias where its pointer is null.
+    let null = 0u64;
+    let function = device.function(&MODEL, "model_rope_qkv_decode", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(qkv);
+    match bias {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&rope.inv_freq)
+        .arg(&heads_i)
+        .arg(&kv_heads_i)
+        .arg(&dim_i)
+        .arg(&neox)
+        .arg(positions)
+        .arg(&capacity_i)
+        .arg(q)
+        .arg(k_cache)
+        .arg(v_cache);
+    unsafe { launch.launch(rows_config(sequences)?) }?;
+    Ok(())
+}
+
+/// [`attention`] for a batch: sequence b's query (row b of `q`, `[sequences][heads · head_dim]`) at
+/// `positions[b]` attends to keys `0..=positions[b]` of its own cache (rows `b · capacity..`),
+/// which already holds the new one; `out` is `[sequences][heads · head_dim]`. Positions must be
+/// below `capacity`: one that is not gives NaNs and reads nothing.
+pub fn attention_decode_batched(
+    device: &CudaDevice,
+    q: &CudaSlice<f16>,
+    k_cache: &CudaSlice<f16>,
+    v_cache: &CudaSlice<f16>,
+    positions: &CudaSlice<u32>,
+    shape: DecodeShape,
+    out: &mut CudaSlice<impl F16Storage>,
+) -> Result<()> {
+    shape.check()?;
+    let DecodeShape { sequences, capacity, n_heads, n_kv_heads, head_dim } = shape;
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+    check_len("q", q.len(), sequences * q_width)?;
+    check_len("out", out.len(), sequences * q_width)?;
+    check_len("positions", positions.len(), sequences)?;
+    check_len("k cache", k_cache.len(), sequences * capacity * kv_width)?;
+    check_len("v cache", v_cache.len(), sequences * capacity * kv_width)?;
+    if sequences == 0 {
+        return Ok(());
+    }
+    let tasks = sequences * n_heads;
+    let (capacity_i, sequences_i) = (as_int("capacity", capacity)?, as_int("sequences", sequences)?);
+    let (heads_i, kv_heads_i, dim_i) =
+        (as_int("heads", n_heads)?, as_int("kv heads", n_kv_heads)?, as_int("head_dim", head_dim)?);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let function = device.function(&MODEL, "model_attention_decode", 0)?;
+    let config = LaunchConfig {
+        grid_dim: (tasks.div_ceil(ATTENTION_WARPS) as u32, 1, 1),
+        block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = device.stream().launch_builder(&function);
+    launch
+        .arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(positions)
+        .arg(&capacity_i)
+        .arg(&sequences_i)
+        .arg(&heads_i)
+        .arg(&kv_heads_i)
+        .arg(&dim_i)
+        .arg(&scale)
+        .arg(out);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,12 +520,10 @@ mod tests {
 
     #[test]
     fn shapes_the_kernels_cannot_take_are_errors() {
-        let shape =
-            |n_heads, n_kv_heads, head_dim| AttentionShape { queries: 1, past: 0, n_heads, n_kv_heads, head_dim };
-        assert!(check_heads(&shape(9, 3, 64)).is_ok());
-        assert!(check_heads(&shape(8, 8, 256)).is_ok());
-        for bad in [shape(9, 2, 64), shape(4, 0, 64), shape(4, 2, 60), shape(4, 2, 264), shape(4, 2, 0)] {
-            assert!(matches!(check_heads(&bad), Err(CudaError::Shape(_))), "{bad:?}");
+        assert!(check_heads(9, 3, 64).is_ok());
+        assert!(check_heads(8, 8, 256).is_ok());
+        for (heads, kv_heads, d) in [(9, 2, 64), (4, 0, 64), (4, 2, 60), (4, 2, 264), (4, 2, 0)] {
+            assert!(matches!(check_heads(heads, kv_heads, d), Err(CudaError::Shape(_))), "{heads}/{kv_heads} d {d}");
         }
         assert!(matches!(check_len("x", 3, 4), Err(CudaError::Shape(m)) if m.contains("x holds 3")));
         assert!(as_int("n", 1 << 40).is_err());
