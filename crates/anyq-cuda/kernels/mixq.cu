@@ -656,3 +656,95 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv8(GemmArgs p, int 
 extern "C" __global__ void __launch_bounds__(256) mixq_w8_gemv16(GemmArgs p, int split) { mixq_gemv<false, true>(p, split); }
 extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv8(GemmArgs p, int split) { mixq_gemv<true, false>(p, split); }
 extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv16(GemmArgs p, int split) { mixq_gemv<true, true>(p, split); }
+
+// W4A8 GEMV for up to 4 tokens with dp4a instead of mma: an m16n8k32 mma would compute 16 token
+// rows of which 1-4 are real, and its fragment bookkeeping costs issue slots that a memory-bound
+// kernel needs for loads. Each lane owns one weight row's 32-k block of a slice (the same
+// tile-interleaved 16 bytes as the mma GEMV), dots it with each token's 32 activations, and takes
+// zero · Σx off per group; the 4 lanes of a row and the `split` warps of a tile then add up.
+template <int TOKENS>
+__device__ __forceinline__ void mixq_w4_gemv_dp4a(const GemmArgs& p, int split) {
+    constexpr int WARPS = 8;
+    __shared__ float partial[WARPS][32][TOKENS];
+    // The tokens' outlier activations, read by every warp: once into shared memory.
+    extern __shared__ __align__(16) f16_t outlier_x[];
+    for (int i = threadIdx.x; i < p.m * p.ko_pad; i += blockDim.x) outlier_x[i] = p.xo[i];
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, part = warp % split;
+    const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8;
+    const int slices = p.k_pad / 128;
+
+    for (int first = blockIdx.x * (WARPS / split); first < n_tiles; first += gridDim.x * (WARPS / split)) {
+        const int tile = first + warp / split;
+        const bool live = tile < n_tiles;
+        const int row = tile * 8 + g;
+        const int chunks = live ? slices : 0;
+        const u8_t* w = p.wq + (u64_t)tile * slices * 512 + 16 * lane;
+        float out[TOKENS];
+#pragma unroll
+        for (int m = 0; m < TOKENS; ++m) out[m] = 0.0f;
+        // The warp's first outlier weights (lane t: channels 8t .. 8t + 7 of a 32-channel slice),
+        // fetched now so that their latency hides behind the main loop.
+        const bool outliers = live && part < p.ko_pad / 32;
+        uint4 wo = outliers ? __ldg((const uint4*)(p.wo + (u64_t)row * p.ko_pad + part * 32 + 8 * t)) : make_uint4(0, 0, 0, 0);
+        uint4 wv = chunks > part ? load_stream(w + part * 512) : make_uint4(0, 0, 0, 0);
+        for (int c = part; c < chunks; c += split) {
+            const uint4 cur = wv;
+            if (c + split < chunks) wv = load_stream(w + (c + split) * 512);
+            const u64_t group = p.group_tiles == 1 ? c : c / p.group_tiles;
+            const int zero = p.wz[group * n_pad + row];
+            const float scale = p.sw[group * n_pad + row];
+            const u32_t wk[4] = {cur.x, cur.y, cur.z, cur.w};
+#pragma unroll
+            for (int m = 0; m < TOKENS; ++m) {
+                if (m >= p.m) break;
+                // Token m's k = 32t + 0..15 (low nibbles) and 32t + 16..31 (high).
+                const u8_t* x = (const u8_t*)p.xq + (u64_t)m * p.k_pad + c * 128 + 32 * t;
+                const uint4 lo = __ldg((const uint4*)x), hi = __ldg((const uint4*)(x + 16));
+                const u32_t xl[4] = {lo.x, lo.y, lo.z, lo.w}, xh[4] = {hi.x, hi.y, hi.z, hi.w};
+                int dot = 0, sum = 0;
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    dot = __dp4a((int)(wk[s] & 0x0f0f0f0fu), (int)xl[s], dot);
+                    dot = __dp4a((int)((wk[s] >> 4) & 0x0f0f0f0fu), (int)xh[s], dot);
+                    sum = __dp4a(0x01010101, (int)xl[s], sum);
+                    sum = __dp4a(0x01010101, (int)xh[s], sum);
+                }
+                out[m] += scale * (float)(dot - zero * sum);
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < TOKENS; ++m) out[m] *= m < p.m ? p.sx[m] : 0.0f;
+        for (int c = part; outliers && c < p.ko_pad / 32; c += split) {
+            if (c != part) wo = __ldg((const uint4*)(p.wo + (u64_t)row * p.ko_pad + c * 32 + 8 * t));
+            const f16_t* wh = (const f16_t*)&wo;
+#pragma unroll
+            for (int m = 0; m < TOKENS; ++m) {
+                if (m >= p.m) break;
+                const uint4 xo = *(const uint4*)(outlier_x + m * p.ko_pad + c * 32 + 8 * t);
+                const f16_t* xh = (const f16_t*)&xo;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) out[m] += f16_to_f32(xh[j]) * f16_to_f32(wh[j]);
+            }
+        }
+        // The row's 4 lanes, then the tile's `split` warps.
+#pragma unroll
+        for (int m = 0; m < TOKENS; ++m) {
+            out[m] += __shfl_xor_sync(0xffffffffu, out[m], 1);
+            out[m] += __shfl_xor_sync(0xffffffffu, out[m], 2);
+            partial[warp][lane][m] = out[m];
+        }
+        __syncthreads();
+        if (part == 0 && live && t == 0 && row < p.n) {
+            for (int m = 0; m < TOKENS && m < p.m; ++m) {
+                float total = 0.0f;
+                for (int w2 = warp; w2 < warp + split; ++w2) total += partial[w2][lane][m];
+                p.y[(u64_t)m * p.n + row] = f32_to_f16(total);
+            }
+        }
+        __syncthreads(); // partial is reused by the next group
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, int split) { mixq_w4_gemv_dp4a<4>(p, split); }

@@ -21,6 +21,8 @@ pub const K_TILE: usize = 128;
 pub const OUTLIER_TILE: usize = 64;
 /// Up to this many tokens the weight-streaming GEMV kernel runs; above it the tiled GEMM.
 pub const GEMV_MAX_TOKENS: usize = 16;
+/// Up to this many tokens W4A8's GEMV multiplies with dp4a rather than a 16-row mma.
+const DP4A_MAX_TOKENS: usize = 4;
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
@@ -513,24 +515,27 @@ pub fn gemm_with(
         group_tiles: weight.group_tiles as i32,
     };
     if kernel == Kernel::Gemv {
-        let name = match (w4, m > 8) {
-            (true, true) => "mixq_w4_gemv16",
-            (true, false) => "mixq_w4_gemv8",
-            (false, true) => "mixq_w8_gemv16",
-            (false, false) => "mixq_w8_gemv8",
+        let name = match (w4, m) {
+            (true, ..=DP4A_MAX_TOKENS) => "mixq_w4_gemv_dp4a",
+            (true, 9..) => "mixq_w4_gemv16",
+            (true, _) => "mixq_w4_gemv8",
+            (false, 9..) => "mixq_w8_gemv16",
+            (false, _) => "mixq_w8_gemv8",
         };
         // Warps per 8-row weight tile (they split its k): enough warps in all for every SM to
         // keep many loads in flight, at most 8 (a block).
         let tiles = n.div_ceil(8);
         let split = (32 * device.sm_count() as usize).div_ceil(tiles).next_power_of_two().min(8) as i32;
+        // The dp4a kernel keeps the tokens' outlier activations in shared memory.
+        let smem = if m <= DP4A_MAX_TOKENS && w4 { (m * acts.outliers.padded_len() * 2) as u32 } else { 0 };
         // A persistent grid of as many blocks as fit on the GPU at once.
         let function = device.function(&MIXQ, name, 0)?;
-        let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?.max(1) as usize;
+        let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(256, smem as usize, None)?.max(1) as usize;
         let groups = tiles.div_ceil(8 / split as usize);
         let config = LaunchConfig {
             grid_dim: (groups.min(per_sm * device.sm_count() as usize) as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let mut launch = stream.launch_builder(&function);
         launch.arg(&args).arg(&split);
