@@ -1,6 +1,7 @@
 //! `anyq`: quantized LLM inference from the command line.
 
 mod bench;
+mod bench_e2e;
 mod bench_gpu;
 mod bench_kernels;
 mod commands;
@@ -154,6 +155,9 @@ enum BenchCommand {
     Kernels(bench_kernels::KernelBenchArgs),
     /// MixQ W8A8/W4A8 GEMMs on an NVIDIA GPU against cuBLAS BF16 and cuBLASLt INT8.
     Gemm(bench_gpu::GemmBenchArgs),
+    /// Decode tokens/s of a LLaMA-3-8B-shaped model with random weights on an NVIDIA GPU: FP16
+    /// (cuBLAS) against MixQ W8A8 and W4A8, batch by batch.
+    E2e(bench_e2e::E2eBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Cpu(args)) => bench::cpu(args),
         Command::Bench(BenchCommand::Kernels(args)) => bench_kernels::run(args),
         Command::Bench(BenchCommand::Gemm(args)) => bench_gpu::gemm(args),
+        Command::Bench(BenchCommand::E2e(args)) => bench_e2e::run(args),
         Command::Report(args) => report::run(args),
         Command::Info { model } => commands::info(&model),
     });

@@ -308,3 +308,28 @@ fn quantize_writes_a_checkpoint_that_generate_and_eval_load() {
     let out = anyq(&["quantize", model, "--method", "rtn-w8a8", "--out", checkpoint]);
     assert!(!out.status.success() && text(&out.stderr).contains("not empty"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn bench_e2e_rejects_bad_arguments_before_looking_for_a_gpu() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--batch", "1,0"], "batch sizes must be at least 1"),
+        (&["--ctx", "0"], "the context must be 1 to 8191 positions"),
+        (&["--ctx", "8192"], "the context must be 1 to 8191 positions"),
+        (&["--variants", "fp16,int3"], "unknown variant \"int3\": expected fp16, w8a8, w4a8"),
+        (&["--outliers", "60"], "outliers are a percentage in 0..=50"),
+        (&["--layers", "0"], "at least one layer"),
+        (&["--warmup", "0"], "at least one warm-up step"),
+    ];
+    for (extra, expected) in cases {
+        let args: Vec<&str> = ["bench", "e2e"].iter().chain(extra.iter()).copied().collect();
+        let out = anyq(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    if !anyq_cuda::CudaDevice::available() {
+        let out = anyq(&["bench", "e2e", "--layers", "1", "--batch", "1"]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("GPU") && !stderr.contains("panicked"), "{stderr}");
+    }
+}

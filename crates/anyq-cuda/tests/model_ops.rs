@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyq_core::cpu::{causal_attention_reference, AttentionShape, Rope, RopeStyle};
 use anyq_core::testing::XorShift;
-use anyq_cuda::ops::{self, RopeFrequencies};
+use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError};
 use half::f16;
 
@@ -251,6 +251,200 @@ fn attention_matches_the_host_for_prefill_and_decode_with_gqa() {
 }
 
 #[test]
+fn residual_adds_match_the_host_for_f32_and_f16_deltas() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(7);
+    for (rows, dim) in [(1, 4096), (3, 333), (130, 1)] {
+        let x: Vec<f32> = rng.floats(rows * dim).iter().map(|v| v * 3000.0).collect();
+        let delta: Vec<f32> = rng.floats(rows * dim).iter().map(|v| v * 50.0).collect();
+        // One element past the rows: it must stay as it was.
+        let mut x_d = device.upload(&[x.as_slice(), &[7.0]].concat()).unwrap();
+        ops::add_residual(&device, &mut x_d, &device.upload(&delta).unwrap(), (rows, dim)).unwrap();
+        let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).chain([7.0]).collect();
+        assert_close(&format!("x += f32 delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &summed, 0.0, 0.0);
+
+        // The f16 delta as MixQ's GEMMs leave it: raw bits.
+        let (delta_h, delta) = random_f16(&mut rng, rows * dim, 60.0);
+        let bits: Vec<u16> = delta_h.iter().map(|v| v.to_bits()).collect();
+        let mut x_d = device.upload(&[x.as_slice(), &[7.0]].concat()).unwrap();
+        ops::add_residual_f16(&device, &mut x_d, &device.upload(&bits).unwrap(), (rows, dim)).unwrap();
+        let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).chain([7.0]).collect();
+        assert_close(&format!("x += f16 delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &summed, 0.0, 0.0);
+    }
+}
+
+struct DecodeCase {
+    sequences: usize,
+    capacity: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    bias: bool,
+}
+
+const DECODE_CASES: &[DecodeCase] = &[
+    // LLaMA-3-8B's heads over a short context.
+    DecodeCase { sequences: 5, capacity: 40, heads: 32, kv_heads: 8, head_dim: 128, bias: false },
+    // SmolLM2's heads, positions across 32-key tiles.
+    DecodeCase { sequences: 7, capacity: 100, heads: 9, kv_heads: 3, head_dim: 64, bias: true },
+    DecodeCase { sequences: 1, capacity: 1, heads: 2, kv_heads: 1, head_dim: 8, bias: false },
+    DecodeCase { sequences: 33, capacity: 9, heads: 4, kv_heads: 4, head_dim: 256, bias: true },
+];
+
+/// Each sequence at its own position: the first at 0, the last at the cache's end, the others
+/// anywhere.
+fn decode_positions(rng: &mut XorShift, sequences: usize, capacity: usize) -> Vec<usize> {
+    (0..sequences)
+        .map(|b| match b {
+            0 => 0,
+            _ if b == sequences - 1 => capacity - 1,
+            _ => (rng.next_u64() % capacity as u64) as usize,
+        })
+        .collect()
+}
+
+fn positions_u32(positions: &[usize]) -> Vec<u32> {
+    positions.iter().map(|&p| p as u32).collect()
+}
+
+#[test]
+fn batched_rope_appends_each_sequence_at_its_own_position_in_its_own_cache() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(8);
+    for case in DECODE_CASES {
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            let DecodeCase { sequences, capacity, heads, kv_heads, head_dim: d, bias } = *case;
+            let what = format!("{style:?} {sequences} sequences of {capacity} heads {heads}/{kv_heads} d {d}");
+            let (q_width, kv_width) = (heads * d, kv_heads * d);
+            let width = q_width + 2 * kv_width;
+            let rope = Rope::new(style, d, 500000.0, None);
+            let positions = decode_positions(&mut rng, sequences, capacity);
+            // The QKV projection as MixQ's GEMM writes it: f16 bits.
+            let (qkv_h, qkv) = random_f16(&mut rng, sequences * width, 4.0);
+            let qkv_bits: Vec<u16> = qkv_h.iter().map(|v| v.to_bits()).collect();
+            let bias_values: Vec<f32> = rng.floats(width);
+
+            let frequencies = RopeFrequencies::new(&device, &rope).unwrap();
+            let bias_d = device.upload(&bias_values).unwrap();
+            let positions_d = device.upload(&positions_u32(&positions)).unwrap();
+            let mut q = poisoned_f16(&device, sequences * q_width);
+            let mut k_cache = poisoned_f16(&device, sequences * capacity * kv_width);
+            let mut v_cache = poisoned_f16(&device, sequences * capacity * kv_width);
+            let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+            ops::rope_qkv_decode_batched(
+                &device,
+                &device.upload(&qkv_bits).unwrap(),
+                bias.then_some(&bias_d),
+                &frequencies,
+                &positions_d,
+                shape,
+                &mut q,
+                &mut k_cache,
+                &mut v_cache,
+            )
+            .unwrap();
+
+            let got_q = f32s(&device.download(&q).unwrap());
+            let got_k = f32s(&device.download(&k_cache).unwrap());
+            let got_v = f32s(&device.download(&v_cache).unwrap());
+            let mut written = vec![false; sequences * capacity];
+            for (b, row) in qkv.chunks_exact(width).enumerate() {
+                let biased: Vec<f32> =
+                    row.iter().zip(&bias_values).map(|(x, c)| if bias { x + c } else { *x }).collect();
+                let (mut want_q, mut want_k) =
+                    (biased[..q_width].to_vec(), biased[q_width..q_width + kv_width].to_vec());
+                let (cos, sin) = rope.tables(positions[b]..positions[b] + 1);
+                rope.apply(&mut want_q, heads, &cos, &sin);
+                rope.apply(&mut want_k, kv_heads, &cos, &sin);
+                let at = b * capacity + positions[b];
+                written[at] = true;
+                assert_close(&format!("{what}: q of {b}"), &got_q[b * q_width..][..q_width], &want_q, 1e-5, 1e-3);
+                assert_close(&format!("{what}: k of {b}"), &got_k[at * kv_width..][..kv_width], &want_k, 1e-5, 1e-3);
+                let want_v = &biased[q_width + kv_width..];
+                assert_close(&format!("{what}: v of {b}"), &got_v[at * kv_width..][..kv_width], want_v, 1e-5, 1e-3);
+            }
+            for (row, _) in written.iter().enumerate().filter(|(_, &w)| !w) {
+                let untouched = |cache: &[f32]| cache[row * kv_width..][..kv_width].iter().all(|v| v.is_nan());
+                assert!(untouched(&got_k) && untouched(&got_v), "{what}: cache row {row} written");
+            }
+        }
+    }
+}
+
+/// Sequence b's keys and values in its own region of the caches `[sequences][capacity][kv_width]`,
+/// rows past its position poisoned; attention reads rows `0..=positions[b]` only.
+#[test]
+fn batched_decode_attention_reads_each_sequence_own_cache_up_to_its_position() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(9);
+    for case in DECODE_CASES {
+        let DecodeCase { sequences, capacity, heads, kv_heads, head_dim: d, .. } = *case;
+        let what = format!("{sequences} sequences of {capacity} heads {heads}/{kv_heads} d {d}");
+        let (q_width, kv_width) = (heads * d, kv_heads * d);
+        let positions = decode_positions(&mut rng, sequences, capacity);
+        let (q_h, q) = random_f16(&mut rng, sequences * q_width, 2.0);
+        let (k_h, k) = random_f16(&mut rng, sequences * capacity * kv_width, 2.0);
+        let (v_h, v) = random_f16(&mut rng, sequences * capacity * kv_width, 1.0);
+        let poison = |mut cache: Vec<f16>| {
+            for (b, &p) in positions.iter().enumerate() {
+                let first_unused = (b * capacity + p + 1) * kv_width;
+                cache[first_unused..(b + 1) * capacity * kv_width].fill(f16::from_bits(F16_POISON));
+            }
+            cache
+        };
+        let (k_d, v_d) = (device.upload(&poison(k_h)).unwrap(), device.upload(&poison(v_h)).unwrap());
+        let positions_d = device.upload(&positions_u32(&positions)).unwrap();
+        // The output as MixQ's producer reads it: f16 bits.
+        let mut out = device.upload(&vec![F16_POISON; sequences * q_width]).unwrap();
+        let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        ops::attention_decode_batched(
+            &device,
+            &device.upload(&q_h).unwrap(),
+            &k_d,
+            &v_d,
+            &positions_d,
+            shape,
+            &mut out,
+        )
+        .unwrap();
+        let got: Vec<f32> = device.download(&out).unwrap().into_iter().map(|b| f16::from_bits(b).to_f32()).collect();
+        for (b, &p) in positions.iter().enumerate() {
+            let region = b * capacity * kv_width..(b * capacity + p + 1) * kv_width;
+            let one = AttentionShape { queries: 1, past: p, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+            let want = causal_attention_reference(&q[b * q_width..][..q_width], &k[region.clone()], &v[region], one);
+            assert_close(&format!("{what}: sequence {b} at {p}"), &got[b * q_width..][..q_width], &want, 1e-3, 2e-3);
+        }
+    }
+}
+
+/// A position past the cache (which the model refuses before a launch) is no read or write
+/// outside it: the sequence's outputs are NaN and its cache rows untouched.
+#[test]
+fn batched_decode_positions_past_the_cache_give_nans_not_stray_accesses() {
+    let Some(device) = device() else { return };
+    let (sequences, capacity, heads, kv_heads, d) = (3, 4, 2, 1, 8);
+    let (q_width, kv_width) = (heads * d, kv_heads * d);
+    let rope = RopeFrequencies::new(&device, &Rope::new(RopeStyle::Neox, d, 10000.0, None)).unwrap();
+    let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+    let positions = device.upload(&[1u32, 4, 1 << 31]).unwrap();
+    let qkv = device.upload(&vec![f16::ONE; sequences * (q_width + 2 * kv_width)]).unwrap();
+    let mut q = poisoned_f16(&device, sequences * q_width);
+    let mut k_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
+    let mut v_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
+    ops::rope_qkv_decode_batched(&device, &qkv, None, &rope, &positions, shape, &mut q, &mut k_cache, &mut v_cache)
+        .unwrap();
+    let mut out = poisoned_f16(&device, sequences * q_width);
+    ops::attention_decode_batched(&device, &q, &k_cache, &v_cache, &positions, shape, &mut out).unwrap();
+    let (q, out) = (f32s(&device.download(&q).unwrap()), f32s(&device.download(&out).unwrap()));
+    assert!(q[..q_width].iter().chain(&out[..q_width]).all(|v| v.is_finite()), "sequence 0 is in range");
+    assert!(q[q_width..].iter().chain(&out[q_width..]).all(|v| v.is_nan()), "sequences 1 and 2 are not");
+    let keys = f32s(&device.download(&k_cache).unwrap());
+    let written: Vec<usize> =
+        (0..sequences * capacity).filter(|&r| keys[r * kv_width..][..kv_width] != [0.0; 8]).collect();
+    assert_eq!(written, vec![1], "only sequence 0's position 1 is written");
+}
+
+#[test]
 fn bad_shapes_are_errors_not_launches() {
     let Some(device) = device() else { return };
     let small = device.upload(&[f16::ZERO; 64]).unwrap();
@@ -274,6 +468,34 @@ fn bad_shapes_are_errors_not_launches() {
     // A RoPE for heads of 16 on heads of 8.
     let one = AttentionShape { queries: 1, past: 0, n_heads: 1, n_kv_heads: 1, head_dim: 8 };
     assert!(shape_error(ops::rope_qkv(&device, &qkv, None, &rope, one, &mut out, &mut k, &mut v)));
+
+    // Batched decode: two sequences of one position each need two cache rows; these hold one.
+    let positions = device.upload(&[0u32, 0]).unwrap();
+    let two = DecodeShape { sequences: 2, capacity: 1, n_heads: 1, n_kv_heads: 1, head_dim: 16 };
+    assert!(shape_error(ops::rope_qkv_decode_batched(
+        &device, &qkv, None, &rope, &positions, two, &mut out, &mut k, &mut v
+    )));
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k, &v, &positions, two, &mut out)));
+    // Fewer positions than sequences.
+    let one_position = device.upload(&[0u32]).unwrap();
+    let (mut k2, mut v2) = (device.upload(&[f16::ZERO; 32]).unwrap(), device.upload(&[f16::ZERO; 32]).unwrap());
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &one_position, two, &mut out)));
+    assert!(shape_error(ops::rope_qkv_decode_batched(
+        &device,
+        &qkv,
+        None,
+        &rope,
+        &one_position,
+        two,
+        &mut out,
+        &mut k2,
+        &mut v2
+    )));
+    let odd = DecodeShape { sequences: 1, capacity: 1, n_heads: 3, n_kv_heads: 2, head_dim: 16 };
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &positions, odd, &mut out)));
+    let mut x = device.upload(&vec![0.0f32; 64]).unwrap();
+    assert!(shape_error(ops::add_residual(&device, &mut x, &gamma, (1, 65))));
+    assert!(shape_error(ops::add_residual_f16(&device, &mut x, &small, (2, 33))));
 }
 
 /// The f32-output GEMM that the model's residual deltas and logits use.

@@ -7,12 +7,20 @@
 //! Per layer: `normed` → QKV GEMM (q, k, v weights stacked) → RoPE, KV-cache append → attention
 //! → o_proj GEMM (f32 out) → `x += ·`, RMSNorm → gate/up GEMM (stacked) → SiLU·up → down GEMM
 //! (f32 out) → `x += ·`, the next RMSNorm.
+//!
+//! The same blocks run with MixQ linear layers ([`CudaLinear::Mixq`], built through
+//! [`CudaLlama::from_weights`]): MixQ's producers normalize (RMSNorm of `x`, SiLU·up of the gate/up
+//! output, or nothing for the attention output) and quantize each input in one pass, and its GEMMs
+//! write f16, added to `x` before the next producer reads it. Besides one sequence's prefill and
+//! decode, [`CudaLlama::decode_step`] decodes one token for each of a batch of sequences, each
+//! with a cache of its own ([`CudaBatchCache`]).
 
 use std::sync::Arc;
 
 use anyq_core::cpu::{AttentionShape, Rope};
 use anyq_core::{DenseLinear, Linear};
-use anyq_cuda::ops::{self, RopeFrequencies};
+use anyq_cuda::mixq::{self, MixqActivations, MixqWeight, OutlierSet, Producer};
+use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError, CudaSlice};
 use anyq_quant::ggml_linear::GgmlLinear;
 use half::f16;
@@ -34,19 +42,57 @@ pub enum CudaModelError {
     Unsupported(String),
 }
 
+/// A linear layer on the device, `y = x · Wᵀ` with `W` `[out, in]`.
+pub enum CudaLinear {
+    /// f16 weights `[n][k]`, row-major: a cuBLAS GEMM.
+    Fp16 { weight: CudaSlice<f16>, n: usize, k: usize },
+    /// MixQ: integer weights with f16 outlier columns, the input quantized by MixQ's producer.
+    Mixq(MixqWeight),
+}
+
+impl CudaLinear {
+    /// `(out, in)` features.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Fp16 { n, k, .. } => (*n, *k),
+            Self::Mixq(weight) => weight.shape(),
+        }
+    }
+
+    fn outliers(&self) -> Option<&Arc<OutlierSet>> {
+        match self {
+            Self::Fp16 { .. } => None,
+            Self::Mixq(weight) => Some(weight.outliers()),
+        }
+    }
+}
+
 /// One decoder block's weights on the device.
-struct Layer {
-    attn_norm: CudaSlice<f32>,
-    mlp_norm: CudaSlice<f32>,
+pub struct CudaLayer {
+    /// RMSNorm weights `[hidden]` before attention and before the MLP.
+    pub attn_norm: CudaSlice<f32>,
+    pub mlp_norm: CudaSlice<f32>,
     /// `[q_width + 2 · kv_width, hidden]`: the q, k and v rows, one GEMM for the three.
-    qkv: CudaSlice<f16>,
-    qkv_bias: Option<CudaSlice<f32>>,
+    pub qkv: CudaLinear,
+    /// `[q_width + 2 · kv_width]`, added before RoPE (Qwen2).
+    pub qkv_bias: Option<CudaSlice<f32>>,
     /// `[hidden, q_width]`.
-    o_proj: CudaSlice<f16>,
+    pub o_proj: CudaLinear,
     /// `[2 · ffn, hidden]`: the gate rows, then the up rows.
-    gate_up: CudaSlice<f16>,
+    pub gate_up: CudaLinear,
     /// `[hidden, ffn]`.
-    down: CudaSlice<f16>,
+    pub down: CudaLinear,
+}
+
+/// A model's weights on the device, for [`CudaLlama::from_weights`].
+pub struct CudaWeights {
+    /// `[vocab, hidden]`.
+    pub embed: CudaSlice<f16>,
+    /// `[vocab, hidden]`; `None` when tied to `embed`.
+    pub lm_head: Option<CudaSlice<f16>>,
+    pub layers: Vec<CudaLayer>,
+    /// `[hidden]`.
+    pub final_norm: CudaSlice<f32>,
 }
 
 pub struct CudaLlama {
@@ -57,9 +103,38 @@ pub struct CudaLlama {
     embed: CudaSlice<f16>,
     /// `[vocab, hidden]`; `None` when tied to `embed`.
     lm_head: Option<CudaSlice<f16>>,
-    layers: Vec<Layer>,
+    layers: Vec<CudaLayer>,
     final_norm: CudaSlice<f32>,
     rope: RopeFrequencies,
+}
+
+/// One of the linear layers of a block.
+type BlockLinear = fn(&CudaLayer) -> &CudaLinear;
+
+/// The four linear layers of a block, with their names in errors.
+const BLOCK_LINEARS: [(&str, BlockLinear); 4] = [
+    ("q/k/v_proj", |l| &l.qkv),
+    ("o_proj", |l| &l.o_proj),
+    ("gate/up_proj", |l| &l.gate_up),
+    ("down_proj", |l| &l.down),
+];
+
+/// Refuses head layouts the GPU kernels do not take.
+fn check_heads(c: &ModelConfig) -> Result<(), CudaModelError> {
+    if c.num_kv_heads == 0
+        || !c.num_heads.is_multiple_of(c.num_kv_heads)
+        || !c.head_dim.is_multiple_of(8)
+        || c.head_dim > ops::MAX_HEAD_DIM
+    {
+        return Err(CudaModelError::Unsupported(format!(
+            "{} heads over {} KV heads of size {}: the GPU kernels need whole groups and heads of a multiple of 8 up to {}",
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            ops::MAX_HEAD_DIM
+        )));
+    }
+    Ok(())
 }
 
 /// f32 weights as f16 on the device; a value beyond f16's range is an error, not an infinity.
@@ -92,20 +167,7 @@ impl CudaLlama {
     pub fn new(device: &Arc<CudaDevice>, model: &LlamaModel) -> Result<Self, CudaModelError> {
         let c = model.config.clone();
         let (h, q_width, kv_width) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        if c.num_kv_heads == 0
-            || !c.num_heads.is_multiple_of(c.num_kv_heads)
-            || !c.head_dim.is_multiple_of(8)
-            || c.head_dim > ops::MAX_HEAD_DIM
-        {
-            return Err(CudaModelError::Unsupported(format!(
-                "{} heads over {} KV heads of size {}: the GPU kernels need whole groups and heads of a multiple of 8 up to {}",
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                ops::MAX_HEAD_DIM
-            )));
-        }
-        let blas = BlasGemm::new(device)?;
+        check_heads(&c)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         // (out, in) of each module of LINEAR_MODULES.
         let ffn = c.intermediate_size;
@@ -148,14 +210,17 @@ impl CudaLlama {
                 }
             };
             let (attn_norm, mlp_norm) = model.block_norms(i).expect("layer i < num_layers");
-            layers.push(Layer {
+            let fp16 = |name: &str, weight: &[f32], (n, k): (usize, usize)| -> Result<CudaLinear, CudaModelError> {
+                Ok(CudaLinear::Fp16 { weight: upload_f16(device, &format!("layer {i} {name}"), weight)?, n, k })
+            };
+            layers.push(CudaLayer {
                 attn_norm: device.upload(attn_norm)?,
                 mlp_norm: device.upload(mlp_norm)?,
-                qkv: upload_f16(device, &format!("layer {i} q/k/v_proj"), &[q, k, v].concat())?,
+                qkv: fp16("q/k/v_proj", &[q, k, v].concat(), (q_width + 2 * kv_width, h))?,
                 qkv_bias,
-                o_proj: upload_f16(device, &format!("layer {i} o_proj"), &o)?,
-                gate_up: upload_f16(device, &format!("layer {i} gate/up_proj"), &[gate, up].concat())?,
-                down: upload_f16(device, &format!("layer {i} down_proj"), &down)?,
+                o_proj: fp16("o_proj", &o, (h, q_width))?,
+                gate_up: fp16("gate/up_proj", &[gate, up].concat(), (2 * ffn, h))?,
+                down: fp16("down_proj", &down, (h, ffn))?,
             });
         }
         let embed = upload_f16(device, "embed_tokens", &float_weight(model.embed_tokens(), "embed_tokens")?)?;
@@ -163,16 +228,87 @@ impl CudaLlama {
             true => None,
             false => Some(upload_f16(device, "lm_head", &float_weight(model.lm_head(), "lm_head")?)?),
         };
+        let final_norm = device.upload(model.final_norm())?;
+        Self::from_weights(device, c, CudaWeights { embed, lm_head, layers, final_norm })
+    }
+
+    /// A model from weights already on the device (FP16 or MixQ linear layers, in any mix), checked
+    /// against `config`'s shapes. The MixQ layers that take the same input in every block (q/k/v,
+    /// o_proj, gate/up or down) must share its outlier channels: a forward pass quantizes that
+    /// input into one buffer for all of them.
+    pub fn from_weights(
+        device: &Arc<CudaDevice>,
+        config: ModelConfig,
+        weights: CudaWeights,
+    ) -> Result<Self, CudaModelError> {
+        let c = config;
+        check_heads(&c)?;
+        let (h, ffn, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let wrong = |what: String| Err(CudaModelError::Unsupported(what));
+        if weights.layers.len() != c.num_layers {
+            return wrong(format!("{} layers of weights for a model of {}", weights.layers.len(), c.num_layers));
+        }
+        if weights.embed.len() != vocab * h {
+            return wrong(format!(
+                "embed_tokens holds {} values, [{vocab}, {h}] needs {}",
+                weights.embed.len(),
+                vocab * h
+            ));
+        }
+        match (&weights.lm_head, c.tie_word_embeddings) {
+            (Some(head), false) if head.len() == vocab * h => {}
+            (None, true) => {}
+            (Some(head), false) => {
+                return wrong(format!("lm_head holds {} values, [{vocab}, {h}] needs {}", head.len(), vocab * h))
+            }
+            (_, tied) => return wrong(format!("the config says tied embeddings: {tied}, the weights disagree")),
+        }
+        if weights.final_norm.len() != h {
+            return wrong(format!("the final norm holds {} values, not {h}", weights.final_norm.len()));
+        }
+        let shapes = [(q_width + 2 * kv_width, h), (h, q_width), (2 * ffn, h), (h, ffn)];
+        for (i, layer) in weights.layers.iter().enumerate() {
+            for (norm, name) in [(&layer.attn_norm, "input norm"), (&layer.mlp_norm, "post-attention norm")] {
+                if norm.len() != h {
+                    return wrong(format!("layer {i} {name} holds {} values, not {h}", norm.len()));
+                }
+            }
+            if let Some(bias) = &layer.qkv_bias {
+                if bias.len() != q_width + 2 * kv_width {
+                    return wrong(format!(
+                        "layer {i} q/k/v bias holds {} values, not {}",
+                        bias.len(),
+                        q_width + 2 * kv_width
+                    ));
+                }
+            }
+            for ((name, linear), (n, k)) in BLOCK_LINEARS.iter().zip(shapes) {
+                let (got_n, got_k) = linear(layer).shape();
+                if (got_n, got_k) != (n, k) {
+                    return wrong(format!("layer {i} {name}: expected [{n}, {k}], got [{got_n}, {got_k}]"));
+                }
+                let first = weights.layers.iter().find_map(|l| linear(l).outliers());
+                if let (Some(first), Some(own)) = (first, linear(layer).outliers()) {
+                    if first.channels() != own.channels() {
+                        return wrong(format!(
+                            "layer {i} {name}: MixQ outlier channels differ from an earlier layer's; the GPU model \
+                             quantizes this input of every layer into one buffer"
+                        ));
+                    }
+                }
+            }
+        }
         let rope = Rope::new(c.rope_style, c.head_dim, c.rope_theta, c.rope_freq_factors.as_deref());
         Ok(Self {
             device: device.clone(),
-            blas,
-            final_norm: device.upload(model.final_norm())?,
+            blas: BlasGemm::new(device)?,
             rope: RopeFrequencies::new(device, &rope)?,
             config: c,
-            embed,
-            lm_head,
-            layers,
+            embed: weights.embed,
+            lm_head: weights.lm_head,
+            layers: weights.layers,
+            final_norm: weights.final_norm,
         })
     }
 
@@ -206,7 +342,7 @@ impl CudaLlama {
             len: 0,
             capacity,
             kv_width,
-            scratch: Scratch::new(&self.device, c, PREFILL_CHUNK.min(capacity))?,
+            scratch: Scratch::new(self, PREFILL_CHUNK.min(capacity), LOGIT_ROWS)?,
         })
     }
 
@@ -289,8 +425,7 @@ impl CudaLlama {
     fn forward_chunk(&self, tokens: &[u32], cache: &mut CudaKvCache) -> Result<(), CudaModelError> {
         let c = &self.config;
         let dev = self.device.as_ref();
-        let (t, h, ffn, eps) = (tokens.len(), c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let t = tokens.len();
         let shape = AttentionShape {
             queries: t,
             past: cache.len,
@@ -298,28 +433,181 @@ impl CudaLlama {
             n_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let s = &mut cache.scratch;
+        let CudaKvCache { keys, values, scratch: s, len, .. } = cache;
         self.device.stream().memcpy_htod(tokens, &mut s.tokens).map_err(CudaError::from)?;
-        ops::embed(dev, &self.embed, (c.vocab_size, h), &s.tokens, t, &mut s.x)?;
-        let first_norm = self.layers.first().map_or(&self.final_norm, |l| &l.attn_norm);
-        ops::rms_norm(dev, &s.x, first_norm, eps, (t, h), &mut s.normed)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
-            self.blas.f16(&s.normed, &layer.qkv, &mut s.qkv, (t, q_width + 2 * kv_width, h))?;
-            ops::rope_qkv(dev, &s.qkv, layer.qkv_bias.as_ref(), &self.rope, shape, &mut s.q, keys, values)?;
-            ops::attention(dev, &s.q, keys, values, shape, &mut s.attn)?;
-            self.blas.f16_to_f32(&s.attn, &layer.o_proj, &mut s.delta, (t, h, q_width))?;
-            ops::add_rms_norm(dev, &mut s.x, &s.delta, &layer.mlp_norm, eps, (t, h), &mut s.normed)?;
-
-            self.blas.f16(&s.normed, &layer.gate_up, &mut s.gate_up, (t, 2 * ffn, h))?;
-            ops::silu_mul(dev, &s.gate_up, (t, ffn), &mut s.act)?;
-            self.blas.f16_to_f32(&s.act, &layer.down, &mut s.delta, (t, h, ffn))?;
-            let next_norm = self.layers.get(i + 1).map_or(&self.final_norm, |l| &l.attn_norm);
-            ops::add_rms_norm(dev, &mut s.x, &s.delta, next_norm, eps, (t, h), &mut s.normed)?;
-        }
-        cache.len += t;
+        ops::embed(dev, &self.embed, (c.vocab_size, c.hidden_size), &s.tokens, t, &mut s.x)?;
+        self.run_blocks(s, t, |i, layer, io| {
+            let (keys, values) = (&mut keys[i], &mut values[i]);
+            ops::rope_qkv(dev, io.qkv, layer.qkv_bias.as_ref(), &self.rope, shape, io.q, keys, values)?;
+            ops::attention(dev, io.q, keys, values, shape, io.out)?;
+            Ok(())
+        })?;
+        *len += t;
         Ok(())
     }
+
+    /// Every block over the `rows` tokens whose embeddings are in `s.x`, then the final RMSNorm
+    /// into `s.normed`. `attention(i, layer, io)` runs block i's attention: it reads the QKV
+    /// projection `io.qkv`, keeps the keys and values in its cache and writes `io.out`.
+    fn run_blocks(
+        &self,
+        s: &mut Scratch,
+        rows: usize,
+        mut attention: impl FnMut(usize, &CudaLayer, AttentionIo<'_>) -> Result<(), CudaModelError>,
+    ) -> Result<(), CudaModelError> {
+        let Scratch { x, normed, qkv, q, attn, delta, delta_half, gate_up, act, mixq, .. } = s;
+        let mut r = Residual { x, delta, delta_half, pending: Pending::Nothing, rows };
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.linear_of_norm(&mut r, &layer.attn_norm, &layer.qkv, normed, mixq.qkv.as_mut(), qkv)?;
+            attention(i, layer, AttentionIo { qkv, q, out: attn })?;
+            self.linear_to_residual(&mut r, &layer.o_proj, SubLayerInput::Plain(attn), mixq.o_proj.as_mut())?;
+            self.linear_of_norm(&mut r, &layer.mlp_norm, &layer.gate_up, normed, mixq.gate_up.as_mut(), gate_up)?;
+            let input = SubLayerInput::SiluMul { gate_up, act };
+            self.linear_to_residual(&mut r, &layer.down, input, mixq.down.as_mut())?;
+        }
+        self.norm(&mut r, &self.final_norm, normed)
+    }
+
+    /// `normed = x / rms(x) · gamma`, once the pending output is in `x` (added in the same pass
+    /// when it is f32).
+    fn norm(
+        &self,
+        r: &mut Residual,
+        gamma: &CudaSlice<f32>,
+        normed: &mut CudaSlice<f16>,
+    ) -> Result<(), CudaModelError> {
+        let (dev, eps, dims) = (self.device.as_ref(), self.config.rms_norm_eps, (r.rows, self.config.hidden_size));
+        match r.pending {
+            Pending::F32 => ops::add_rms_norm(dev, r.x, r.delta, gamma, eps, dims, normed)?,
+            Pending::F16 => {
+                ops::add_residual_f16(dev, r.x, r.delta_half, dims)?;
+                ops::rms_norm(dev, r.x, gamma, eps, dims, normed)?;
+            }
+            Pending::Nothing => ops::rms_norm(dev, r.x, gamma, eps, dims, normed)?,
+        }
+        r.pending = Pending::Nothing;
+        Ok(())
+    }
+
+    /// Adds the pending output to `x`.
+    fn settle(&self, r: &mut Residual) -> Result<(), CudaModelError> {
+        let (dev, dims) = (self.device.as_ref(), (r.rows, self.config.hidden_size));
+        match r.pending {
+            Pending::F32 => ops::add_residual(dev, r.x, r.delta, dims)?,
+            Pending::F16 => ops::add_residual_f16(dev, r.x, r.delta_half, dims)?,
+            Pending::Nothing => {}
+        }
+        r.pending = Pending::Nothing;
+        Ok(())
+    }
+
+    /// `out = linear(x / rms(x) · gamma)` (`[rows, n]`): FP16 layers normalize into `normed` for
+    /// the GEMM, MixQ's producer normalizes and quantizes `x` in one pass.
+    fn linear_of_norm(
+        &self,
+        r: &mut Residual,
+        gamma: &CudaSlice<f32>,
+        linear: &CudaLinear,
+        normed: &mut CudaSlice<f16>,
+        acts: Option<&mut MixqActivations>,
+        out: &mut CudaSlice<u16>,
+    ) -> Result<(), CudaModelError> {
+        let dev = self.device.as_ref();
+        match linear {
+            CudaLinear::Fp16 { weight, n, k } => {
+                self.norm(r, gamma, normed)?;
+                self.blas.f16(normed, weight, out, (r.rows, *n, *k))?;
+            }
+            CudaLinear::Mixq(weight) => {
+                self.settle(r)?;
+                let acts = acts.ok_or_else(missing_mixq_buffer)?;
+                let producer = Producer::RmsNorm { x: r.x, gamma, eps: self.config.rms_norm_eps };
+                acts.produce(dev, producer, r.rows, f32::INFINITY)?;
+                mixq::gemm(dev, weight, acts, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `linear` on `input` and leaves its output (`[rows, hidden]`) pending for `x`.
+    fn linear_to_residual(
+        &self,
+        r: &mut Residual,
+        linear: &CudaLinear,
+        input: SubLayerInput,
+        acts: Option<&mut MixqActivations>,
+    ) -> Result<(), CudaModelError> {
+        debug_assert!(r.pending == Pending::Nothing, "a sub-layer output would overwrite one not yet added");
+        let dev = self.device.as_ref();
+        match linear {
+            CudaLinear::Fp16 { weight, n, k } => {
+                let dims = (r.rows, *n, *k);
+                match input {
+                    SubLayerInput::Plain(x) => self.blas.f16_to_f32(x, weight, r.delta, dims)?,
+                    SubLayerInput::SiluMul { gate_up, act } => {
+                        ops::silu_mul(dev, gate_up, (r.rows, *k), act)?;
+                        self.blas.f16_to_f32(act, weight, r.delta, dims)?;
+                    }
+                }
+                r.pending = Pending::F32;
+            }
+            CudaLinear::Mixq(weight) => {
+                let acts = acts.ok_or_else(missing_mixq_buffer)?;
+                let producer = match input {
+                    SubLayerInput::Plain(x) => Producer::Plain { x },
+                    SubLayerInput::SiluMul { gate_up, .. } => Producer::SiluMul { gate_up },
+                };
+                acts.produce(dev, producer, r.rows, f32::INFINITY)?;
+                mixq::gemm(dev, weight, acts, r.delta_half)?;
+                r.pending = Pending::F16;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn missing_mixq_buffer() -> CudaModelError {
+    CudaModelError::Unsupported(
+        "a MixQ layer without its activation buffer: the scratch was made for another model".into(),
+    )
+}
+
+/// The buffers block attention reads and writes.
+struct AttentionIo<'a> {
+    /// The QKV projection `[rows, q_width + 2 · kv_width]`.
+    qkv: &'a CudaSlice<u16>,
+    /// Room for the rotated queries `[rows, q_width]`.
+    q: &'a mut CudaSlice<f16>,
+    /// The attention output `[rows, q_width]`.
+    out: &'a mut CudaSlice<u16>,
+}
+
+/// What the o_proj and down layers read.
+enum SubLayerInput<'a> {
+    /// f16 rows as they are (the attention output).
+    Plain(&'a CudaSlice<u16>),
+    /// SiLU(gate) · up of the gate/up projection's rows `[gate | up]`; FP16 layers compute it into
+    /// `act`, MixQ's producer on the fly.
+    SiluMul { gate_up: &'a CudaSlice<u16>, act: &'a mut CudaSlice<f16> },
+}
+
+/// A sub-layer output not yet added to the residual stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Nothing,
+    /// In `delta` (FP16 layers): the next RMSNorm adds it in its own pass over `x`.
+    F32,
+    /// In `delta_half` (MixQ layers).
+    F16,
+}
+
+/// The residual stream of `rows` tokens and the sub-layer output pending for it.
+struct Residual<'a> {
+    x: &'a mut CudaSlice<f32>,
+    delta: &'a mut CudaSlice<f32>,
+    delta_half: &'a mut CudaSlice<u16>,
+    pending: Pending,
+    rows: usize,
 }
 
 /// Keys and values of every layer for one sequence on the device, `[capacity, kv_heads ·
@@ -353,36 +641,260 @@ impl CudaKvCache {
     }
 }
 
-/// Activations of up to `rows` tokens.
+/// Keys and values of a batch of sequences on the device, each with `capacity` positions of its
+/// own: per layer `[batch][capacity][kv_heads · head_dim]` f16, sequence b's position p at row
+/// `b · capacity + p`. It depends only on the model's shape: models of one shape (FP16 and MixQ)
+/// can share it.
+pub struct CudaBatchCache {
+    keys: Vec<CudaSlice<f16>>,
+    values: Vec<CudaSlice<f16>>,
+    batch: usize,
+    capacity: usize,
+    kv_width: usize,
+}
+
+impl CudaBatchCache {
+    /// Zeroed caches for `batch` sequences of up to `capacity` positions each (at most the model's
+    /// context).
+    pub fn new(
+        device: &CudaDevice,
+        config: &ModelConfig,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self, CudaModelError> {
+        let c = config;
+        if batch == 0 {
+            return Err(CudaModelError::Unsupported("a batch cache needs at least one sequence".into()));
+        }
+        if capacity == 0 || capacity > c.max_position_embeddings {
+            return Err(CudaModelError::Unsupported(format!(
+                "a KV cache of {capacity} positions: the model's context holds 1 to {}",
+                c.max_position_embeddings
+            )));
+        }
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let len = batch * capacity * kv_width;
+        let (keys, values) = (0..c.num_layers)
+            .map(|_| Ok((device.zeros(len)?, device.zeros(len)?)))
+            .collect::<Result<Vec<_>, CudaError>>()?
+            .into_iter()
+            .unzip();
+        Ok(Self { keys, values, batch, capacity, kv_width })
+    }
+
+    /// Device bytes of the caches of `batch` sequences of `capacity` positions.
+    pub fn bytes_for(config: &ModelConfig, batch: usize, capacity: usize) -> usize {
+        config.num_layers * 2 * batch * capacity * config.num_kv_heads * config.head_dim * 2
+    }
+
+    /// Sequences held.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Positions per sequence.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Sets every position of every sequence to uniform random values in `[-scale, scale)`: a
+    /// context without a prefill, for benchmarks.
+    pub fn fill_random(&mut self, device: &CudaDevice, seed: u64, scale: f32) -> Result<(), CudaModelError> {
+        for (i, (keys, values)) in self.keys.iter_mut().zip(&mut self.values).enumerate() {
+            mixq::fill_f16(device, keys, seed.wrapping_add(2 * i as u64), scale)?;
+            mixq::fill_f16(device, values, seed.wrapping_add(2 * i as u64 + 1), scale)?;
+        }
+        Ok(())
+    }
+}
+
+/// One decode step's inputs and activations for up to `max_sequences` sequences: each one's token
+/// and position on the device and, after [`CudaLlama::decode_step`], its logits.
+pub struct CudaDecodeBatch {
+    scratch: Scratch,
+    positions: CudaSlice<u32>,
+    sequences: usize,
+    /// The largest position of the inputs, checked against the cache at each step.
+    max_position: usize,
+    vocab: usize,
+}
+
+impl CudaDecodeBatch {
+    /// Sequences of the current inputs.
+    pub fn sequences(&self) -> usize {
+        self.sequences
+    }
+
+    pub fn max_sequences(&self) -> usize {
+        self.scratch.rows
+    }
+
+    /// The last step's logits `[vocab]` of sequence `b`.
+    pub fn logits(&self, device: &CudaDevice, b: usize) -> Result<Vec<f32>, CudaModelError> {
+        if b >= self.sequences {
+            return Err(CudaModelError::Unsupported(format!("sequence {b} of a batch of {}", self.sequences)));
+        }
+        let row = self.scratch.logits.slice(b * self.vocab..(b + 1) * self.vocab);
+        Ok(device.stream().clone_dtoh(&row).map_err(CudaError::from)?)
+    }
+}
+
+impl CudaLlama {
+    /// Buffers for decode steps of up to `max_sequences` sequences at a time.
+    pub fn new_decode_batch(&self, max_sequences: usize) -> Result<CudaDecodeBatch, CudaModelError> {
+        if max_sequences == 0 {
+            return Err(CudaModelError::Unsupported("a decode batch needs at least one sequence".into()));
+        }
+        Ok(CudaDecodeBatch {
+            scratch: Scratch::new(self, max_sequences, max_sequences)?,
+            positions: self.device.zeros(max_sequences)?,
+            sequences: 0,
+            max_position: 0,
+            vocab: self.config.vocab_size,
+        })
+    }
+
+    /// The next steps' inputs: sequence b (slot b of the cache) decodes `tokens[b]` at
+    /// `positions[b]`, keys `0..positions[b]` of its cache being its context.
+    pub fn set_decode_inputs(
+        &self,
+        batch: &mut CudaDecodeBatch,
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<(), CudaModelError> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ForwardError::Empty.into());
+        }
+        if tokens.len() != positions.len() || tokens.len() > batch.max_sequences() {
+            return Err(CudaModelError::Unsupported(format!(
+                "{} tokens at {} positions for a batch of up to {} sequences",
+                tokens.len(),
+                positions.len(),
+                batch.max_sequences()
+            )));
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(ForwardError::TokenOutOfRange { id, vocab: c.vocab_size }.into());
+        }
+        let max_position = positions.iter().copied().max().unwrap_or(0);
+        if max_position >= c.max_position_embeddings || u32::try_from(max_position).is_err() {
+            return Err(
+                ForwardError::ContextExceeded { needed: max_position + 1, max: c.max_position_embeddings }.into()
+            );
+        }
+        // Every position fits in u32, as the largest does.
+        let positions: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let stream = self.device.stream();
+        stream.memcpy_htod(tokens, &mut batch.scratch.tokens).map_err(CudaError::from)?;
+        stream.memcpy_htod(&positions, &mut batch.positions).map_err(CudaError::from)?;
+        batch.sequences = tokens.len();
+        batch.max_position = max_position;
+        Ok(())
+    }
+
+    /// One decode step: every sequence of `batch` runs its token at its position, writes its key
+    /// and value there in its slot of `cache` (what was there is replaced) and attends to that
+    /// slot's positions up to its own; the logits are then in `batch`.
+    pub fn decode_step(&self, cache: &mut CudaBatchCache, batch: &mut CudaDecodeBatch) -> Result<(), CudaModelError> {
+        let c = &self.config;
+        let dev = self.device.as_ref();
+        let sequences = batch.sequences;
+        if sequences == 0 {
+            return Err(ForwardError::Empty.into());
+        }
+        if cache.keys.len() != c.num_layers || cache.kv_width != c.num_kv_heads * c.head_dim {
+            return Err(CudaError::Shape("the KV cache was made for another model".into()).into());
+        }
+        if sequences > cache.batch {
+            return Err(CudaModelError::Unsupported(format!(
+                "{sequences} sequences in a cache of {} sequences",
+                cache.batch
+            )));
+        }
+        if batch.max_position >= cache.capacity {
+            return Err(ForwardError::ContextExceeded { needed: batch.max_position + 1, max: cache.capacity }.into());
+        }
+        let shape = DecodeShape {
+            sequences,
+            capacity: cache.capacity,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let CudaDecodeBatch { scratch: s, positions, .. } = batch;
+        let h = c.hidden_size;
+        ops::embed(dev, &self.embed, (c.vocab_size, h), &s.tokens, sequences, &mut s.x)?;
+        self.run_blocks(s, sequences, |i, layer, io| {
+            let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
+            let bias = layer.qkv_bias.as_ref();
+            ops::rope_qkv_decode_batched(dev, io.qkv, bias, &self.rope, positions, shape, io.q, keys, values)?;
+            ops::attention_decode_batched(dev, io.q, keys, values, positions, shape, io.out)?;
+            Ok(())
+        })?;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.blas.f16_to_f32(&s.normed, lm_head, &mut s.logits, (sequences, c.vocab_size, h))?;
+        Ok(())
+    }
+}
+
+/// Activations of up to `rows` tokens. The f16 buffers that MixQ's kernels read or write hold the
+/// values as their bits (`u16`, the type `anyq_cuda::mixq` takes); cuBLAS and the model's kernels
+/// take either.
 struct Scratch {
     rows: usize,
     tokens: CudaSlice<u32>,
     /// The residual stream `[rows, hidden]`.
     x: CudaSlice<f32>,
-    /// RMSNorm outputs `[rows, hidden]`: the GEMMs' inputs.
+    /// RMSNorm outputs `[rows, hidden]`: the FP16 GEMMs' inputs.
     normed: CudaSlice<f16>,
     /// `[rows, q_width + 2 · kv_width]`.
-    qkv: CudaSlice<f16>,
+    qkv: CudaSlice<u16>,
     /// Rotated queries `[rows, q_width]`.
     q: CudaSlice<f16>,
     /// Attention output `[rows, q_width]`.
-    attn: CudaSlice<f16>,
-    /// A sub-layer's output `[rows, hidden]`, added to `x`.
+    attn: CudaSlice<u16>,
+    /// An FP16 sub-layer's output `[rows, hidden]`, added to `x`.
     delta: CudaSlice<f32>,
+    /// A MixQ sub-layer's output `[rows, hidden]`, added to `x`.
+    delta_half: CudaSlice<u16>,
     /// `[rows, 2 · ffn]`.
-    gate_up: CudaSlice<f16>,
-    /// silu(gate) · up `[rows, ffn]`.
+    gate_up: CudaSlice<u16>,
+    /// silu(gate) · up `[rows, ffn]`, for FP16 down projections.
     act: CudaSlice<f16>,
-    /// Final hidden states of up to `LOGIT_ROWS` tokens `[LOGIT_ROWS, hidden]`, for the logits GEMM.
+    mixq: MixqInputs,
+    /// Final hidden states of up to `logit_rows` tokens `[logit_rows, hidden]`, for the logits
+    /// GEMM of a prefill.
     logit_input: CudaSlice<f16>,
-    /// `[LOGIT_ROWS, vocab]`.
+    /// `[logit_rows, vocab]`.
     logits: CudaSlice<f32>,
 }
 
+/// MixQ's quantized inputs of the four linear layers of a block, each shared by every layer (they
+/// have the same outlier channels: [`CudaLlama::from_weights`] checks it); `None` where no layer
+/// of that kind is MixQ.
+struct MixqInputs {
+    qkv: Option<MixqActivations>,
+    o_proj: Option<MixqActivations>,
+    gate_up: Option<MixqActivations>,
+    down: Option<MixqActivations>,
+}
+
 impl Scratch {
-    fn new(device: &CudaDevice, c: &ModelConfig, rows: usize) -> Result<Self, CudaError> {
+    fn new(model: &CudaLlama, rows: usize, logit_rows: usize) -> Result<Self, CudaError> {
+        let (device, c) = (model.device.as_ref(), &model.config);
         let (h, ffn) = (c.hidden_size, c.intermediate_size);
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        // The outlier set of the first MixQ layer of a kind.
+        let input = |(_, linear): (&str, BlockLinear)| {
+            model
+                .layers
+                .iter()
+                .find_map(|l| linear(l).outliers())
+                .map(|outliers| MixqActivations::new(device, rows, outliers))
+                .transpose()
+        };
+        let [qkv, o_proj, gate_up, down] = BLOCK_LINEARS;
         Ok(Self {
             rows,
             tokens: device.zeros(rows)?,
@@ -392,10 +904,12 @@ impl Scratch {
             q: device.zeros(rows * q_width)?,
             attn: device.zeros(rows * q_width)?,
             delta: device.zeros(rows * h)?,
+            delta_half: device.zeros(rows * h)?,
             gate_up: device.zeros(rows * 2 * ffn)?,
             act: device.zeros(rows * ffn)?,
-            logit_input: device.zeros(LOGIT_ROWS * h)?,
-            logits: device.zeros(LOGIT_ROWS * c.vocab_size)?,
+            mixq: MixqInputs { qkv: input(qkv)?, o_proj: input(o_proj)?, gate_up: input(gate_up)?, down: input(down)? },
+            logit_input: device.zeros(logit_rows * h)?,
+            logits: device.zeros(logit_rows * c.vocab_size)?,
         })
     }
 }
