@@ -346,15 +346,10 @@ struct TmaArgs {
     int m, n, k_tiles, ko_tiles;
 };
 
-// PINGPONG: each consumer warpgroup takes whole tiles (128 rows: two m64 wgmma's a k step),
-// the two alternating, so that one's epilogue overlaps the other's main loop on the tensor cores;
-// its outlier tiles come twice, once for each 64-row half (the registers hold the integer
-// accumulators of both halves and the FP16 ones of one). Otherwise the two share each tile, 64
-// rows each.
-template <int CLUSTER, int STAGES, bool PINGPONG>
+template <int CLUSTER, int STAGES>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TmaArgs& p) {
-    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2, HALVES = PINGPONG ? 2 : 1;
+    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_ring[];
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
@@ -365,7 +360,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
     const int cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
     const int tiles_m = (p.m + CLUSTER * BM - 1) / (CLUSTER * BM), tiles_n = (p.n + BN - 1) / BN;
-    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + HALVES * p.ko_tiles;
+    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles;
     // Tile index -> (first row of the cluster's rows, first column), in groups of 8 tile rows.
     auto coords = [&](int id, int& m0, int& n0) {
         const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
@@ -376,7 +371,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, (PINGPONG ? 1 : 2) * CLUSTER); // the stage's consumers in each block
+            mbar_init(empty + 8 * s, 2 * CLUSTER); // 2 consumer warpgroups in each block
         }
         mbar_init_fence();
     }
@@ -397,7 +392,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                     mbar_expect_bytes(bar, STAGE_BYTES);
                     // k tiles of int8, then outlier tiles of 64 f16 channels (also 128 bytes a row).
                     const bool bulk = kt < p.k_tiles;
-                    const int x = bulk ? kt * BK : (kt - p.k_tiles) % p.ko_tiles * 64;
+                    const int x = bulk ? kt * BK : (kt - p.k_tiles) * 64;
                     tma_load(a, bulk ? &map_x : &map_xo, x, m0, bar);
                     if (CLUSTER > 1) tma_load_multicast(b, bulk ? &map_w : &map_wo, x, n0 + rank * B_ROWS, bar, (1 << CLUSTER) - 1);
                     else tma_load(b, bulk ? &map_w : &map_wo, x, n0, bar);
@@ -416,24 +411,19 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             else
                 for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
         };
-        int local = 0; // the block's tiles so far: tile `local` starts at ring position local · per_tile
-        for (int tile = cluster; tile < tiles; tile += clusters, ++local) {
-            if (PINGPONG && (local & 1) != cw) continue;
+        int it = 0;
+        for (int tile = cluster; tile < tiles; tile += clusters) {
             int m0, n0;
             coords(tile, m0, n0);
-            int it = local * per_tile;
-            const int first_half = PINGPONG ? 0 : cw; // this warpgroup's first 64-row half
-            int acc[HALVES][ACC];
+            int acc[ACC];
             for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
                 const int s = it % STAGES;
                 mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + first_half * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-#pragma unroll
-                    for (int h = 0; h < HALVES; ++h)
-                        wgmma_s8_n128(acc[h], sw128_desc(a_base + h * 64 * BK + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
+                    wgmma_s8_n128(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
                 wgmma_commit();
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
@@ -441,42 +431,39 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             wgmma_wait<0>();
             release(it - 1);
 
+            // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
+            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x BN block.
+            const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
+            const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
+            float out[ACC];
 #pragma unroll
-            for (int h = 0; h < HALVES; ++h) {
-                // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
-                // 16w + g (+ 8) and columns 8j + 2t (+ 1) of the 64 x BN half.
-                const int row0 = m0 + (first_half + h) * 64 + (warp & 3) * 16 + g;
-                const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-                float out[ACC];
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = n0 + j * 8 + 2 * t;
+                const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
+                out[4 * j + 0] = x0 * w0 * (float)acc[4 * j + 0];
+                out[4 * j + 1] = x0 * w1 * (float)acc[4 * j + 1];
+                out[4 * j + 2] = x1 * w0 * (float)acc[4 * j + 2];
+                out[4 * j + 3] = x1 * w1 * (float)acc[4 * j + 3];
+            }
+            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+                const int s = it % STAGES;
+                mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                wgmma_fence();
 #pragma unroll
-                for (int j = 0; j < BN / 8; ++j) {
-                    const int col = n0 + j * 8 + 2 * t;
-                    const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
-                    out[4 * j + 0] = x0 * w0 * (float)acc[h][4 * j + 0];
-                    out[4 * j + 1] = x0 * w1 * (float)acc[h][4 * j + 1];
-                    out[4 * j + 2] = x1 * w0 * (float)acc[h][4 * j + 2];
-                    out[4 * j + 3] = x1 * w1 * (float)acc[h][4 * j + 3];
-                }
-                for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
-                    const int s = it % STAGES;
-                    mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                    const u32_t a_base = ring + s * STAGE_BYTES + (first_half + h) * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-                    wgmma_fence();
+                for (int step = 0; step < 4; ++step)
+                    wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                wgmma_commit();
+                wgmma_wait<0>();
+                release(it);
+            }
+            GemmArgs q;
+            q.y = p.y, q.m = p.m, q.n = p.n;
 #pragma unroll
-                    for (int step = 0; step < 4; ++step)
-                        wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    release(it);
-                }
-                GemmArgs q;
-                q.y = p.y, q.m = p.m, q.n = p.n;
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j) {
-                    const int col = n0 + j * 8 + 2 * t;
-                    store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
-                    store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
-                }
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = n0 + j * 8 + 2 * t;
+                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
+                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
             }
         }
     }
@@ -486,19 +473,19 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 #endif
 
 // 7 stages of 32 KiB, the deepest ring that fits, to cover the latency of L2 at full rate; up to
-// 128 tokens one block per 128 x 128 tile, above that clusters of two in ping-pong.
+// 128 tokens one block per 128 x 128 tile, above that clusters of two.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                 const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<1, 7, false>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<1, 7>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                      const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 7, true>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<2, 7>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 // ---------------------------------------------------------------------------------------------

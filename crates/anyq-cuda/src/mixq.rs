@@ -443,8 +443,7 @@ pub enum Kernel {
     Mma,
     /// Persistent wgmma fed by the copy engine through a 7-stage ring (Hopper, W8 only).
     Tma,
-    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast, and
-    /// each consumer warpgroup taking whole tiles, alternately (ping-pong).
+    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast.
     TmaPair,
 }
 
