@@ -333,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq
 
 // Hopper kernel for W8 with the copy engine, persistent: each block (or cluster of CLUSTER
 // blocks, which share the weight tile: each fetches 1/CLUSTER of it and the copy engine multicasts
-// it into all of them) walks 128 x 128 output tiles. One producer warpgroup issues the copies of
+// it into all of them) walks 128 x BN output tiles. One producer warpgroup issues the copies of
 // a STAGES-deep ring that runs on across tiles, so the next tile's loads overlap this tile's
 // epilogue; two consumer warpgroups (64 rows each) run the wgmma's. full/empty mbarriers per
 // stage pass the stages around (the empty ones count every block's consumers, since a multicast
@@ -346,10 +346,22 @@ struct TmaArgs {
     int m, n, k_tiles, ko_tiles;
 };
 
-template <int CLUSTER, int STAGES>
+// wgmma over a 64 x BN block (BN 128 or 192).
+template <int BN>
+__device__ __forceinline__ void wgmma_s8(int* d, u64_t a, u64_t b, int accumulate) {
+    if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
+    else wgmma_s8_n128(d, a, b, accumulate);
+}
+template <int BN>
+__device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
+    if (BN == 192) wgmma_f16_n192(d, a, b);
+    else wgmma_f16_n128(d, a, b);
+}
+
+template <int CLUSTER, int STAGES, int BN>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TmaArgs& p) {
-    constexpr int BM = 128, BN = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
+    constexpr int BM = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_ring[];
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
@@ -423,7 +435,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-                    wgmma_s8_n128(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
+                    wgmma_s8<BN>(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
                 wgmma_commit();
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
@@ -452,7 +464,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < 4; ++step)
-                    wgmma_f16_n128(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
                 wgmma_commit();
                 wgmma_wait<0>();
                 release(it);
@@ -472,22 +484,29 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
-// 7 stages of 32 KiB, the deepest ring that fits, to cover the latency of L2 at full rate; up to
-// 128 tokens one block per 128 x 128 tile, above that clusters of two.
+// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB), to cover the latency of L2 at full rate.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                 const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<1, 7>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<1, 7, 128>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                      const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 7>(map_x, map_w, map_xo, map_wo, p);
+    mixq_w8_tma<2, 7, 128>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w8_tma_pair_wide(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+                          const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w8_tma<2, 5, 192>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMV for up to 16 tokens, where reading the weights is the cost. Each lane reads 16 contiguous
 // bytes of its weight row and the matching 16 (W4: 2 x 16) bytes of activations, both straight

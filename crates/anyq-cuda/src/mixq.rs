@@ -568,18 +568,30 @@ struct TmaArgs {
     ko_tiles: i32,
 }
 
-/// A persistent TMA kernel: its name, blocks per cluster and shared memory (7 stages of a 128-row
-/// activation tile and a 128-row weight tile, 128 bytes a row, the 1024-byte alignment of the
-/// swizzle, and two mbarriers a stage).
+/// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
+/// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the 1024-byte alignment
+/// of the swizzle, and two mbarriers a stage).
 struct TmaKernel {
     name: &'static str,
     cluster: usize,
+    bn: usize,
     smem: u32,
 }
 
-const TMA_SMEM: u32 = 7 * (128 + 128) * 128 + 1024 + 7 * 16;
-const TMA_SINGLE: TmaKernel = TmaKernel { name: "mixq_w8_tma", cluster: 1, smem: TMA_SMEM };
-const TMA_PAIR: TmaKernel = TmaKernel { name: "mixq_w8_tma_pair", cluster: 2, smem: TMA_SMEM };
+const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) -> TmaKernel {
+    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 1024 + stages * 16 }
+}
+
+const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
+const TMA_PAIR: TmaKernel = tma_kernel("mixq_w8_tma_pair", 2, 7, 128);
+const TMA_PAIR_WIDE: TmaKernel = tma_kernel("mixq_w8_tma_pair_wide", 2, 5, 192);
+
+/// Of the tiles' waves over the GPU's clusters, the fraction that does work.
+fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
+    let tiles = m.div_ceil(128 * kernel.cluster) * n.div_ceil(kernel.bn);
+    let slots = sm_count / kernel.cluster;
+    tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
+}
 
 fn gemm_tma(
     device: &CudaDevice,
@@ -590,7 +602,14 @@ fn gemm_tma(
 ) -> Result<()> {
     let (m, n, k_pad, ko_pad) = (acts.tokens, weight.n, acts.k_pad, acts.outliers.padded_len());
     let sm_count = device.sm_count() as usize;
-    let kernel = if choice == Kernel::Tma { &TMA_SINGLE } else { &TMA_PAIR };
+    // Wider tiles where they leave fewer clusters idle in the last wave.
+    let kernel = match choice {
+        Kernel::Tma => &TMA_SINGLE,
+        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count) > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 => {
+            &TMA_PAIR_WIDE
+        }
+        _ => &TMA_PAIR,
+    };
     let cluster = kernel.cluster;
     let n_pad = round_up(n, 8);
     let stream = device.stream();
@@ -602,7 +621,7 @@ fn gemm_tma(
     let (wo, _g6) = weight.outlier_weight.device_ptr(stream);
     let (yp, _g7) = y.device_ptr_mut(stream);
     // Each block of a cluster fetches its share of the weight tile's rows.
-    let weight_rows = (128 / cluster) as u32;
+    let weight_rows = (kernel.bn / cluster) as u32;
     let mut map_x = tile_map(xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
     let mut map_w = tile_map(wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
     // Without outliers the kernel never reads these maps.
@@ -624,7 +643,7 @@ fn gemm_tma(
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
     };
     // Persistent: at most one block per SM, each walking its share of the tiles.
-    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(128);
+    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);
     let clusters = tiles.min(sm_count / cluster);
     let function = device.function(&MIXQ, kernel.name, kernel.smem)?;
     let mut params = [
