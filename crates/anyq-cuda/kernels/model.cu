@@ -171,6 +171,7 @@ __device__ __forceinline__ void attend_warp(const f16_t* __restrict__ qh, const 
         if (key < keys) {
             const uint4* k_row = (const uint4*)(kh + (u64_t)key * kv_width);
             float dot = 0.0f;
+#pragma unroll 4
             for (int c = 0; c < head_dim / 8; ++c) {
                 const uint4 kv = k_row[c];
                 const float* qc = qs + c * 8;
@@ -191,6 +192,9 @@ __device__ __forceinline__ void attend_warp(const f16_t* __restrict__ qh, const 
             acc[i][1] *= correction;
         }
         const int visible = min(32, keys - s0);
+        // Unrolled so that several V rows are in flight at once: one at a time, the loop waits
+        // out a cache latency per key.
+#pragma unroll 8
         for (int j = 0; j < visible; ++j) {
             const float w = __shfl_sync(0xffffffffu, weight, j);
             const f16_t* v_row = vh + (u64_t)(s0 + j) * kv_width;
