@@ -41,7 +41,11 @@ fn copies(bytes: usize) -> usize {
 
 /// Median milliseconds per call of `run(i)`, `i` cycling over the operand copies; each sample
 /// times enough back-to-back calls to last about 2 ms.
-fn median_ms(device: &CudaDevice, samples: usize, mut run: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+fn median_ms(
+    device: &CudaDevice,
+    samples: usize,
+    mut run: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     for i in 0..3 {
         run(i)?;
     }
@@ -110,7 +114,12 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_bf16(device: &Arc<CudaDevice>, blas: &BlasGemm, (m, n, k): (usize, usize, usize), samples: usize) -> anyhow::Result<f64> {
+fn measure_bf16(
+    device: &Arc<CudaDevice>,
+    blas: &BlasGemm,
+    (m, n, k): (usize, usize, usize),
+    samples: usize,
+) -> anyhow::Result<f64> {
     let count = copies(n * k * 2);
     let mut x = device.zeros::<half::bf16>(m * k)?;
     mixq::fill_bf16(device, &mut x, 1, 1.0)?;

@@ -140,8 +140,9 @@ impl Int8Gemm {
         }
         let err = |what: &'static str| move |e| blas_error(what, e);
         let handle = lt::create_handle().map_err(err("cublasLtCreate"))?;
-        let desc = lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, lt_sys::cudaDataType::CUDA_R_32I)
-            .map_err(err("cublasLtMatmulDescCreate"))?;
+        let desc =
+            lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, lt_sys::cudaDataType::CUDA_R_32I)
+                .map_err(err("cublasLtMatmulDescCreate"))?;
         let transpose = cublas_sys::cublasOperation_t::CUBLAS_OP_T;
         unsafe {
             lt::set_matmul_desc_attribute(
@@ -168,7 +169,8 @@ impl Int8Gemm {
                 std::mem::size_of::<usize>(),
             )
             .map_err(err("setting the workspace size"))?;
-            let found = lt::get_matmul_algo_heuristic(handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref);
+            let found =
+                lt::get_matmul_algo_heuristic(handle, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref);
             let _ = lt::destroy_matmul_pref(pref);
             found.map_err(err("cublasLtMatmulAlgoGetHeuristic (no INT8 algorithm for this shape)"))?
         };

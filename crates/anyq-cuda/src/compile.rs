@@ -38,7 +38,8 @@ pub(crate) fn cubin(source: &KernelSource, arch: (i32, i32)) -> Result<Vec<u8>> 
         return Err(CudaError::NoNvrtc);
     }
     let target = target(arch);
-    let options = vec![format!("--gpu-architecture={target}"), "--std=c++17".to_string(), "-default-device".to_string()];
+    let options =
+        vec![format!("--gpu-architecture={target}"), "--std=c++17".to_string(), "-default-device".to_string()];
     let version = nvrtc_version();
     let key = fnv1a(&[source.code.as_bytes(), options.join(" ").as_bytes(), version.as_bytes()]);
     let cached = cache_dir().map(|dir| dir.join(format!("{}-{target}-{key:016x}.cubin", source.name)));

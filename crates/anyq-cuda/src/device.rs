@@ -15,6 +15,7 @@ pub struct CudaDevice {
     sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    resident: Mutex<HashMap<(String, u32), u32>>,
 }
 
 impl CudaDevice {
@@ -38,7 +39,16 @@ impl CudaDevice {
         // One stream: cudarc's per-allocation event tracking only costs time here.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        Ok(Arc::new(Self { ctx, stream, name, arch, sm_count, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            name,
+            arch,
+            sm_count,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            resident: Mutex::new(HashMap::new()),
+        }))
     }
 
     /// Whether a CUDA driver and at least one GPU are present, without opening anything.
@@ -91,6 +101,19 @@ impl CudaDevice {
         }
         functions.insert(function.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// Blocks of 256 threads of kernel `function` (with `dynamic_smem` bytes) that fit on one SM
+    /// at once, asked of the driver once per kernel and size.
+    pub(crate) fn resident_blocks(&self, function: &str, kernel: &CudaFunction, dynamic_smem: u32) -> Result<u32> {
+        let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (function.to_string(), dynamic_smem);
+        if let Some(&blocks) = resident.get(&key) {
+            return Ok(blocks);
+        }
+        let blocks = kernel.occupancy_max_active_blocks_per_multiprocessor(256, dynamic_smem as usize, None)?.max(1);
+        resident.insert(key, blocks);
+        Ok(blocks)
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {

@@ -12,6 +12,6 @@ pub mod ops;
 mod tma;
 
 pub use blas::{BlasGemm, Int8Gemm};
+pub use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 pub use device::{CudaDevice, Timer};
 pub use error::{CudaError, Result};
-pub use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};

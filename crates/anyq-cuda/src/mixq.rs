@@ -41,13 +41,16 @@ impl OutlierSet {
         let mut slot = vec![-1i32; k];
         for (i, pair) in channels.windows(2).enumerate() {
             if pair[0] >= pair[1] {
-                return Err(CudaError::Shape(format!("outlier channels must increase: {} then {} at {i}", pair[0], pair[1])));
+                return Err(CudaError::Shape(format!(
+                    "outlier channels must increase: {} then {} at {i}",
+                    pair[0], pair[1]
+                )));
             }
         }
         for (i, &c) in channels.iter().enumerate() {
-            let entry = slot.get_mut(c as usize).ok_or_else(|| {
-                CudaError::Shape(format!("outlier channel {c} is outside the input's {k} channels"))
-            })?;
+            let entry = slot
+                .get_mut(c as usize)
+                .ok_or_else(|| CudaError::Shape(format!("outlier channel {c} is outside the input's {k} channels")))?;
             *entry = i as i32;
         }
         Ok(Arc::new(Self { channels: channels.to_vec(), slot: device.upload(&slot)?, k }))
@@ -153,7 +156,7 @@ impl MixqWeight {
         outliers: &Arc<OutlierSet>,
         outlier_weight: &[f16],
     ) -> Result<Self> {
-        if group == 0 || group % K_TILE != 0 {
+        if group == 0 || !group.is_multiple_of(K_TILE) {
             return Err(CudaError::Shape(format!("GPU W4 groups must be a multiple of {K_TILE} k, not {group}")));
         }
         let groups = k.div_ceil(group);
@@ -171,7 +174,17 @@ impl MixqWeight {
                 padded_zeros[g * n_pad + row] = zeros[row * groups + g];
             }
         }
-        Self::assemble(device, 4, (n, k), group / K_TILE, packed, &padded_scales, &padded_zeros, outliers, outlier_weight)
+        Self::assemble(
+            device,
+            4,
+            (n, k),
+            group / K_TILE,
+            packed,
+            &padded_scales,
+            &padded_zeros,
+            outliers,
+            outlier_weight,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -486,9 +499,6 @@ pub fn gemm_with(
         }
         chosen => chosen,
     };
-    if let Kernel::Tma | Kernel::TmaPair = kernel {
-        return gemm_tma(device, weight, acts, y, kernel);
-    }
     let stream = device.stream();
     let (xq, _g1) = acts.xq.device_ptr(stream);
     let (sx, _g2) = acts.sx.device_ptr(stream);
@@ -513,6 +523,9 @@ pub fn gemm_with(
         ko_pad: acts.outliers.padded_len() as i32,
         group_tiles: weight.group_tiles as i32,
     };
+    if let Kernel::Tma | Kernel::TmaPair = kernel {
+        return gemm_tma(device, &args, kernel);
+    }
     if kernel == Kernel::Gemv {
         let name = match (w4, m) {
             (true, ..=DP4A_MAX_TOKENS) => "mixq_w4_gemv_dp4a",
@@ -529,7 +542,7 @@ pub fn gemm_with(
         let smem = if m <= DP4A_MAX_TOKENS && w4 { (m * acts.outliers.padded_len() * 2) as u32 } else { 0 };
         // A persistent grid of as many blocks as fit on the GPU at once.
         let function = device.function(&MIXQ, name, 0)?;
-        let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(256, smem as usize, None)?.max(1) as usize;
+        let per_sm = device.resident_blocks(name, &function, smem)? as usize;
         let groups = tiles.div_ceil(8 / split as usize);
         let config = LaunchConfig {
             grid_dim: (groups.min(per_sm * device.sm_count() as usize) as u32, 1, 1),
@@ -593,52 +606,40 @@ fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) 
     tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
 }
 
-fn gemm_tma(
-    device: &CudaDevice,
-    weight: &MixqWeight,
-    acts: &MixqActivations,
-    y: &mut CudaSlice<u16>,
-    choice: Kernel,
-) -> Result<()> {
-    let (m, n, k_pad, ko_pad) = (acts.tokens, weight.n, acts.k_pad, acts.outliers.padded_len());
+fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> {
+    let (m, n, k_pad, ko_pad) = (args.m as usize, args.n as usize, args.k_pad as usize, args.ko_pad as usize);
     let sm_count = device.sm_count() as usize;
     // Wider tiles where they leave fewer clusters idle in the last wave.
     let kernel = match choice {
         Kernel::Tma => &TMA_SINGLE,
-        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count) > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 => {
+        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count)
+            > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 =>
+        {
             &TMA_PAIR_WIDE
         }
         _ => &TMA_PAIR,
     };
     let cluster = kernel.cluster;
     let n_pad = round_up(n, 8);
-    let stream = device.stream();
-    let (xq, _g1) = acts.xq.device_ptr(stream);
-    let (sx, _g2) = acts.sx.device_ptr(stream);
-    let (xo, _g3) = acts.xo.device_ptr(stream);
-    let (wq, _g4) = weight.qweight.device_ptr(stream);
-    let (sw, _g5) = weight.scales.device_ptr(stream);
-    let (wo, _g6) = weight.outlier_weight.device_ptr(stream);
-    let (yp, _g7) = y.device_ptr_mut(stream);
     // Each block of a cluster fetches its share of the weight tile's rows.
     let weight_rows = (kernel.bn / cluster) as u32;
-    let mut map_x = tile_map(xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
-    let mut map_w = tile_map(wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
+    let mut map_x = tile_map(args.xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
+    let mut map_w = tile_map(args.wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
     // Without outliers the kernel never reads these maps.
     let (mut map_xo, mut map_wo) = if ko_pad > 0 {
         (
-            tile_map(xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64))?,
-            tile_map(wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64))?,
+            tile_map(args.xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64))?,
+            tile_map(args.wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64))?,
         )
     } else {
         (map_x, map_w)
     };
-    let mut args = TmaArgs {
-        sx,
-        sw,
-        y: yp,
-        m: m as i32,
-        n: n as i32,
+    let mut tma_args = TmaArgs {
+        sx: args.sx,
+        sw: args.sw,
+        y: args.y,
+        m: args.m,
+        n: args.n,
         k_tiles: (k_pad / K_TILE) as i32,
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
     };
@@ -651,7 +652,7 @@ fn gemm_tma(
         &mut map_w as *mut TensorMap as *mut c_void,
         &mut map_xo as *mut TensorMap as *mut c_void,
         &mut map_wo as *mut TensorMap as *mut c_void,
-        &mut args as *mut TmaArgs as *mut c_void,
+        &mut tma_args as *mut TmaArgs as *mut c_void,
     ];
     launch_clustered(device, &function, ((cluster * clusters) as u32, 384, cluster as u32), kernel.smem, &mut params)
 }
@@ -724,8 +725,11 @@ mod tests {
             assert!(image.starts_with(b"\x7fELF"), "{}: not a cubin", source.name);
         }
         let broken = KernelSource { name: "broken", code: "extern \"C\" __global__ void f() { undeclared(); }" };
-        let err = crate::compile::cubin(&broken, (9, 0)).err().expect("a broken kernel must not compile");
-        assert!(matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"), "{err}");
+        let err = crate::compile::cubin(&broken, (9, 0)).expect_err("a broken kernel must not compile");
+        assert!(
+            matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"),
+            "{err}"
+        );
     }
 
     #[test]

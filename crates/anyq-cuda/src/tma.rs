@@ -36,7 +36,12 @@ pub(crate) fn tile_map(
         Element::U8 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 1),
         Element::F16 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2),
     };
-    if box_cols as usize * size != 128 || base % 16 != 0 || row_bytes % 16 != 0 || rows == 0 || cols == 0 {
+    if box_cols as usize * size != 128
+        || !base.is_multiple_of(16)
+        || !row_bytes.is_multiple_of(16)
+        || rows == 0
+        || cols == 0
+    {
         return Err(CudaError::Shape(format!(
             "no tensor map for a {rows} x {cols} matrix ({row_bytes}-byte rows) in {box_rows} x {box_cols} boxes"
         )));
@@ -91,6 +96,8 @@ pub(crate) fn launch_clustered(
         numAttrs: 1,
     };
     device.bind()?;
-    unsafe { sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()? };
+    unsafe {
+        sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()?
+    };
     Ok(())
 }

@@ -38,7 +38,11 @@ fn to_f64(bits: &[u16]) -> Vec<f64> {
 
 /// `count` channels spread evenly over `k`, in increasing order.
 fn spread_channels(k: usize, count: usize) -> Vec<u32> {
-    (0..count).map(|i| ((i * k) / count.max(1) + 3) as u32 % k as u32).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+    (0..count)
+        .map(|i| ((i * k) / count.max(1) + 3) as u32 % k as u32)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 struct Case {
@@ -162,7 +166,8 @@ fn check_producer(mode: &str) {
         let gamma: Vec<f32> = (0..k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
         let up: Vec<f32> = (0..m * k).map(|_| 1.0 + 0.5 * rng.uniform()).collect();
         let xh = to_f16(&x);
-        let gate_up: Vec<u16> = (0..m).flat_map(|t| xh[t * k..][..k].iter().copied().chain(to_f16(&up[t * k..][..k]))).collect();
+        let gate_up: Vec<u16> =
+            (0..m).flat_map(|t| xh[t * k..][..k].iter().copied().chain(to_f16(&up[t * k..][..k]))).collect();
         let eps = 1e-5;
         let y: Vec<f64> = (0..m * k)
             .map(|i| match mode {
@@ -205,13 +210,20 @@ fn check_producer(mode: &str) {
                 if c >= k || channels.contains(&(c as u32)) {
                     assert_eq!(q, 0.0, "{mode} token {t} channel {c} must be zero");
                 } else {
-                    assert!((q - row[c] / scale).abs() <= 1.0, "{mode} token {t} channel {c}: {q} vs {}", row[c] / scale);
+                    assert!(
+                        (q - row[c] / scale).abs() <= 1.0,
+                        "{mode} token {t} channel {c}: {q} vs {}",
+                        row[c] / scale
+                    );
                 }
             }
             for o in 0..ko_pad {
                 let got = f16::from_bits(xo[t * ko_pad + o]).to_f64();
                 let want = if o < ko { row[channels[o] as usize] } else { 0.0 };
-                assert!((got - want).abs() <= 1e-3 * want.abs() + 1e-6, "{mode} token {t} outlier {o}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-3 * want.abs() + 1e-6,
+                    "{mode} token {t} outlier {o}: {got} vs {want}"
+                );
             }
         }
         assert_eq!(acts.over_threshold(&device).unwrap(), over, "{mode}: tokens over the threshold");
@@ -256,8 +268,7 @@ fn cublas_peers_compute_the_product() {
     let mut yb = device.zeros::<half::bf16>(m * n).unwrap();
     blas.bf16(&device.upload(&xf).unwrap(), &device.upload(&wf).unwrap(), &mut yb, (m, n, k)).unwrap();
     let got: Vec<f64> = device.download(&yb).unwrap().iter().map(|v| v.to_f64()).collect();
-    let want: Vec<f64> = (0..m * n)
-        .map(|i| (0..k).map(|c| xf[i / n * k + c].to_f64() * wf[i % n * k + c].to_f64()).sum())
-        .collect();
+    let want: Vec<f64> =
+        (0..m * n).map(|i| (0..k).map(|c| xf[i / n * k + c].to_f64() * wf[i % n * k + c].to_f64()).sum()).collect();
     assert!(relative_error(&got, &want) < 1e-2);
 }
