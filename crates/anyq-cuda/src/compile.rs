@@ -115,6 +115,26 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{mixq, ops};
+
+    /// Where NVRTC is installed (with or without a GPU), every kernel source compiles for Hopper,
+    /// and a broken one fails with its name and NVRTC's log.
+    #[test]
+    fn kernels_compile_for_hopper() {
+        if !crate::testing::nvrtc_or_skip() {
+            return;
+        }
+        for source in [&mixq::MIXQ, &mixq::FILL, &ops::MODEL] {
+            let image = cubin(source, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(image.starts_with(b"\x7fELF"), "{}: not a cubin", source.name);
+        }
+        let broken = KernelSource { name: "broken", code: "extern \"C\" __global__ void f() { undeclared(); }" };
+        let err = cubin(&broken, (9, 0)).expect_err("a broken kernel must not compile");
+        assert!(
+            matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn hopper_gets_the_arch_specific_target() {

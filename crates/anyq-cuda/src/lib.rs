@@ -9,6 +9,7 @@ mod device;
 mod error;
 pub mod mixq;
 pub mod ops;
+pub mod testing;
 mod tma;
 
 pub use blas::{BlasGemm, Int8Gemm};

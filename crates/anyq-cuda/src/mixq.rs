@@ -12,8 +12,8 @@ use crate::compile::{kernel_source, KernelSource};
 use crate::tma::{launch_clustered, tile_map, Element, TensorMap};
 use crate::{CudaDevice, CudaError, Result};
 
-const MIXQ: KernelSource = kernel_source!("mixq");
-const FILL: KernelSource = kernel_source!("fill");
+pub(crate) const MIXQ: KernelSource = kernel_source!("mixq");
+pub(crate) const FILL: KernelSource = kernel_source!("fill");
 
 /// k per pipeline stage of the GEMM: activation rows and weight columns are padded to it.
 pub const K_TILE: usize = 128;
@@ -711,26 +711,6 @@ mod tests {
     //! registers from the packed bytes as the kernels do and must reproduce a plain matmul.
     use super::*;
     use anyq_core::testing::XorShift;
-
-    /// Where NVRTC is installed (with or without a GPU), every kernel compiles for Hopper.
-    #[test]
-    fn kernels_compile_for_hopper() {
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but NVRTC is missing");
-            eprintln!("no NVRTC: skipped");
-            return;
-        }
-        for source in [&MIXQ, &FILL] {
-            let image = crate::compile::cubin(source, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
-            assert!(image.starts_with(b"\x7fELF"), "{}: not a cubin", source.name);
-        }
-        let broken = KernelSource { name: "broken", code: "extern \"C\" __global__ void f() { undeclared(); }" };
-        let err = crate::compile::cubin(&broken, (9, 0)).expect_err("a broken kernel must not compile");
-        assert!(
-            matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn w8_rows_are_padded_with_zeros() {

@@ -19,7 +19,7 @@ use half::f16;
 use crate::compile::{kernel_source, KernelSource};
 use crate::{CudaDevice, CudaError, Result};
 
-const MODEL: KernelSource = kernel_source!("model");
+pub(crate) const MODEL: KernelSource = kernel_source!("model");
 
 /// Threads of the row kernels (embedding, norms, RoPE).
 const ROW_THREADS: u32 = 256;
@@ -505,18 +505,6 @@ pub fn attention_decode_batched(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Where NVRTC is installed (with or without a GPU), the model's kernels compile for Hopper.
-    #[test]
-    fn model_kernels_compile_for_hopper() {
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but NVRTC is missing");
-            eprintln!("no NVRTC: skipped");
-            return;
-        }
-        let image = crate::compile::cubin(&MODEL, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(image.starts_with(b"\x7fELF"), "model: not a cubin");
-    }
 
     #[test]
     fn shapes_the_kernels_cannot_take_are_errors() {

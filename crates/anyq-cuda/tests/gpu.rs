@@ -2,21 +2,11 @@
 //! GPU each test says so and returns, unless ANYQ_REQUIRE_GPU is set (scripts/gpu-check sets it),
 //! which turns a missing GPU into a failure.
 
-use std::sync::Arc;
-
 use anyq_core::testing::XorShift;
 use anyq_cuda::mixq::{gemm_with, Kernel, MixqActivations, MixqWeight, OutlierSet, Producer, GEMV_MAX_TOKENS};
+use anyq_cuda::testing::gpu_or_skip as device;
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError, Int8Gemm};
 use half::f16;
-
-fn device() -> Option<Arc<CudaDevice>> {
-    if CudaDevice::available() {
-        return Some(CudaDevice::open(0).expect("a GPU is present but cannot be opened"));
-    }
-    assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but no GPU is usable");
-    eprintln!("no CUDA GPU: skipped");
-    None
-}
 
 #[test]
 fn opening_a_missing_gpu_is_an_error_not_a_panic() {

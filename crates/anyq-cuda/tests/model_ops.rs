@@ -3,22 +3,12 @@
 //! write fails the comparison. On a machine without a GPU each test says so and returns, unless
 //! ANYQ_REQUIRE_GPU is set, which turns a missing GPU into a failure.
 
-use std::sync::Arc;
-
 use anyq_core::cpu::{causal_attention_reference, AttentionShape, Rope, RopeStyle};
 use anyq_core::testing::XorShift;
 use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
+use anyq_cuda::testing::gpu_or_skip as device;
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError};
 use half::f16;
-
-fn device() -> Option<Arc<CudaDevice>> {
-    if CudaDevice::available() {
-        return Some(CudaDevice::open(0).expect("a GPU is present but cannot be opened"));
-    }
-    assert!(std::env::var_os("ANYQ_REQUIRE_GPU").is_none(), "ANYQ_REQUIRE_GPU is set but no GPU is usable");
-    eprintln!("no CUDA GPU: skipped");
-    None
-}
 
 const F16_POISON: u16 = 0x7e00; // a quiet NaN
 const F32_POISON: f32 = f32::NAN;

@@ -15,6 +15,7 @@ use anyq_core::cpu::RopeStyle;
 use anyq_core::testing::XorShift;
 use anyq_core::{DenseLinear, Linear, Tensor};
 use anyq_cuda::mixq::{MixqWeight, OutlierSet};
+use anyq_cuda::testing::{gpu_or_skip as device, gpu_required as require_gpu};
 use anyq_cuda::CudaDevice;
 use anyq_models::cuda::{CudaBatchCache, CudaLayer, CudaLinear, CudaLlama, CudaModelError, CudaWeights, PREFILL_CHUNK};
 use anyq_models::cuda_bench::{self, DecodeBenchSettings, LinearKind};
@@ -23,19 +24,6 @@ use anyq_models::{
     load_model, Architecture, CpuDecoder, Decoder, ForwardError, LlamaModel, LoadError, LoadedModel, ModelConfig,
 };
 use half::f16;
-
-fn require_gpu() -> bool {
-    std::env::var_os("ANYQ_REQUIRE_GPU").is_some()
-}
-
-fn device() -> Option<Arc<CudaDevice>> {
-    if CudaDevice::available() {
-        return Some(CudaDevice::open(0).expect("a GPU is present but cannot be opened"));
-    }
-    assert!(!require_gpu(), "ANYQ_REQUIRE_GPU is set but no GPU is usable");
-    eprintln!("no CUDA GPU: skipped");
-    None
-}
 
 /// ‖got − want‖ / ‖want‖.
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
