@@ -26,9 +26,12 @@ pub struct GemmBenchArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
-    /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma or tma-pair.
+    /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma, tma-pair-128, tma-pair-192 or tma-pair-256.
     #[arg(long, default_value = "auto")]
     kernel: String,
+    /// MixQ W4A8 kernel up to 16 tokens: auto, gemv or stream.
+    #[arg(long, default_value = "auto")]
+    gemv_kernel: String,
 }
 
 /// Enough copies of each operand that one pass over them exceeds the L2 cache several times:
@@ -73,8 +76,16 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
         "auto" => Kernel::Auto,
         "mma" => Kernel::Mma,
         "tma" => Kernel::Tma,
-        "tma-pair" => Kernel::TmaPair,
-        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma or tma-pair"),
+        "tma-pair-128" => Kernel::TmaPair128,
+        "tma-pair-192" => Kernel::TmaPair192,
+        "tma-pair-256" => Kernel::TmaPair256,
+        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma or tma-pair-{{128,192,256}}"),
+    };
+    let w4_gemv_kernel = match args.gemv_kernel.as_str() {
+        "auto" => Kernel::Auto,
+        "gemv" => Kernel::Gemv,
+        "stream" => Kernel::Stream,
+        other => anyhow::bail!("unknown --gemv-kernel {other:?}: expected auto, gemv or stream"),
     };
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;
@@ -82,7 +93,10 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     println!("GPU: {} (sm_{major}{minor}, {} SMs)", device.name(), device.sm_count());
     println!("TOP/s count 2·m·n·k for every product (the outlier channels' extra work is not credited).");
     println!("MixQ: INT8 MMA + FP16 outlier MMA, dequantized in the epilogue, f16 out; W4A8 in groups of 128.");
-    println!("W8A8 kernel above {GEMV_MAX_TOKENS} tokens: {}.\n", args.kernel);
+    println!(
+        "W8A8 kernel above {GEMV_MAX_TOKENS} tokens: {}; W4A8 kernel up to {GEMV_MAX_TOKENS}: {}.\n",
+        args.kernel, args.gemv_kernel
+    );
     println!("| K×N | M | outliers | cuBLAS BF16 TFLOP/s | cuBLASLt INT8 TOP/s | MixQ W8A8 TOP/s | W8A8 / BF16 | W8A8 / INT8 | MixQ W4A8 TOP/s | W4A8 / BF16 |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &(k, n) in &shapes {
@@ -97,7 +111,8 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
                 let set = OutlierSet::new(&device, k, &channels)?;
                 let w8_kernel = if m > GEMV_MAX_TOKENS { w8_kernel } else { Kernel::Auto };
                 let w8 = measure_mixq(&device, 8, w8_kernel, &set, (m, n, k), args.samples)?;
-                let w4 = measure_mixq(&device, 4, Kernel::Auto, &set, (m, n, k), args.samples)?;
+                let w4_kernel = if m > GEMV_MAX_TOKENS { Kernel::Auto } else { w4_gemv_kernel };
+                let w4 = measure_mixq(&device, 4, w4_kernel, &set, (m, n, k), args.samples)?;
                 println!(
                     "| {k}×{n} | {m} | {percent}% | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} |",
                     rate(bf16),

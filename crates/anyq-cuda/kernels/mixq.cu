@@ -346,15 +346,17 @@ struct TmaArgs {
     int m, n, k_tiles, ko_tiles;
 };
 
-// wgmma over a 64 x BN block (BN 128 or 192).
+// wgmma over a 64 x BN block (BN 128, 192 or 256).
 template <int BN>
 __device__ __forceinline__ void wgmma_s8(int* d, u64_t a, u64_t b, int accumulate) {
-    if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
+    if (BN == 256) wgmma_s8_n256(d, a, b, accumulate);
+    else if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
     else wgmma_s8_n128(d, a, b, accumulate);
 }
 template <int BN>
 __device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
-    if (BN == 192) wgmma_f16_n192(d, a, b);
+    if (BN == 256) wgmma_f16_n256(d, a, b);
+    else if (BN == 192) wgmma_f16_n192(d, a, b);
     else wgmma_f16_n128(d, a, b);
 }
 
@@ -427,7 +429,11 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         for (int tile = cluster; tile < tiles; tile += clusters) {
             int m0, n0;
             coords(tile, m0, n0);
+            // Zeroed although the first wgmma overwrites it: otherwise the previous tile's
+            // values count as read by it and stay live through the epilogue beside `out`.
             int acc[ACC];
+#pragma unroll
+            for (int i = 0; i < ACC; ++i) acc[i] = 0;
             for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
                 const int s = it % STAGES;
                 mbar_wait(full + 8 * s, (it / STAGES) & 1);
@@ -484,7 +490,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
-// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB), to cover the latency of L2 at full rate.
+// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB, 4 x 48 KiB), to cover the latency of L2 at full rate.
 extern "C" __global__ void __launch_bounds__(384, 1)
     mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                 const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
@@ -493,17 +499,24 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+    mixq_w8_tma_pair_128(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                      const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
     mixq_w8_tma<2, 7, 128>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair_wide(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+    mixq_w8_tma_pair_192(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
                           const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
     mixq_w8_tma<2, 5, 192>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w8_tma_pair_256(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
+                         const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w8_tma<2, 4, 256>(map_x, map_w, map_xo, map_wo, p);
 #endif
 }
 
@@ -754,3 +767,210 @@ __device__ __forceinline__ void mixq_w4_gemv_dp4a(const GemmArgs& p, int split) 
 }
 
 extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, int split) { mixq_w4_gemv_dp4a<4>(p, split); }
+
+// ---------------------------------------------------------------------------------------------
+// W4A8 GEMV for up to 16 tokens on Hopper, its weights streamed into shared memory by the copy
+// engine: bytes in flight cost no registers, so one block per SM keeps a 64 KiB ring in flight
+// (HBM's loaded latency x bandwidth, ~1 us x 3 TB/s, is ~23 KiB per SM; the register-fed GEMVs
+// above reach ~16 KiB at most).
+//
+// A block walks batches of T consecutive 8-row tiles (T = 1, 2, 4 or 8, chosen by the host so
+// that batches spread evenly over the SMs). Each ring stage holds 16 / T slices (128 k) of every
+// tile of the batch (one bulk copy per tile) and, beside them, the scales and zero points of the
+// groups those slices fall in (cp.async by the producer warp's lanes, completing on the same
+// barrier): nothing a consumer waits for comes from device memory at the moment it needs it.
+// The 8 consumer warps split the batch: warp w takes tile w / P and every P-th slice of it
+// (P = 8 / T warps per tile), two slices of every stage, with the mma's of the register-fed GEMV;
+// the P partial sums of a tile meet in shared memory at the end of the batch. The activations
+// (shared by every tile) come through L1, a stage ahead.
+constexpr int STREAM_STAGES = 8;
+constexpr int STREAM_STAGE_SLICES = 16; // 512-byte slices: 8 KiB a stage
+constexpr int STREAM_STAGE_BYTES = STREAM_STAGE_SLICES * 512;
+// Per stage: up to 32 (tile, group) pairs of 8 rows, f32 scales then u8 zero points.
+constexpr int STREAM_SIDE_GROUPS = 32;
+constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_GROUPS * 8 * 5;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Contiguous global -> shared copy by the copy engine, completing on `bar`.
+__device__ __forceinline__ void bulk_load(u32_t dst, const void* src, u32_t bytes, u32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+template <int BYTES>
+__device__ __forceinline__ void cp_async_ca(u32_t dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
+}
+// `bar` counts one arrival of this thread once its earlier cp.async's have landed.
+__device__ __forceinline__ void cp_async_arrive(u32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+#endif
+
+template <bool ROWS16>
+__device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p, int tiles_per_batch) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(128) u8_t ring[];
+    __shared__ float partial[2][8][32][4];
+    u8_t* side_base = ring + STREAM_STAGES * STREAM_STAGE_BYTES;
+    const u32_t full = smem_addr(side_base + STREAM_STAGES * STREAM_SIDE_BYTES), empty = full + 8 * STREAM_STAGES;
+    const int T = tiles_per_batch, P = 8 / T, S = STREAM_STAGE_SLICES / T;
+    const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128, gt = p.group_tiles;
+    const int chunks = (slices + S - 1) / S, batches = (n_tiles + T - 1) / T;
+    // Groups one stage's slices can touch (a stage need not start on a group boundary).
+    const int side_groups = (S - 1) / gt + 2;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STREAM_STAGES; ++s) {
+            mbar_init(full + 8 * s, 33); // the bulk copies' expect_tx, then each producer lane's cp.async's
+            mbar_init(empty + 8 * s, 8); // one arrival per consumer warp
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warp == 8) {
+        int it = 0;
+        for (int b = blockIdx.x; b < batches; b += gridDim.x) {
+            const int first = b * T, count = min(T, n_tiles - first);
+            for (int c = 0; c < chunks; ++c, ++it) {
+                const int s = it % STREAM_STAGES, n = min(S, slices - c * S);
+                const int g0 = c * S / gt, groups = (c * S + n - 1) / gt - g0 + 1;
+                mbar_wait(empty + 8 * s, ((it / STREAM_STAGES) & 1) ^ 1);
+                if (lane == 0) {
+                    mbar_expect_bytes(full + 8 * s, count * n * 512);
+                    for (int i = 0; i < count; ++i) {
+                        const u8_t* src = p.wq + ((u64_t)(first + i) * slices + c * S) * 512;
+                        bulk_load(smem_addr(ring + s * STREAM_STAGE_BYTES + i * S * 512), src, n * 512, full + 8 * s);
+                    }
+                }
+                // Side entry e = tile i x group j: 8 scales (two 16-byte copies), 8 zero points.
+                const u32_t side = smem_addr(side_base + s * STREAM_SIDE_BYTES);
+                for (int e = lane; e < count * side_groups; e += 32) {
+                    const int i = e / side_groups, j = e % side_groups;
+                    if (j >= groups) continue;
+                    const u64_t at = (u64_t)(g0 + j) * n_pad + (first + i) * 8;
+                    cp_async_ca<16>(side + e * 32, p.sw + at);
+                    cp_async_ca<16>(side + e * 32 + 16, p.sw + at + 4);
+                    cp_async_ca<8>(side + STREAM_SIDE_GROUPS * 32 + e * 8, p.wz + at);
+                }
+                cp_async_arrive(full + 8 * s);
+            }
+        }
+        return;
+    }
+
+    const int g = lane >> 2, t = lane & 3, mine = warp / P, part = warp % P;
+    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)min(g, p.m - 1) * p.k_pad + 32 * t;
+    const u8_t* x1 = (const u8_t*)p.xq + (u64_t)min(g + 8, p.m - 1) * p.k_pad + 32 * t;
+    const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)min(g, p.m - 1) * p.ko_pad) + 16 * t;
+    const u8_t* o1 = (const u8_t*)(p.xo + (u64_t)min(g + 8, p.m - 1) * p.ko_pad) + 16 * t;
+    const float xs0 = g < p.m ? p.sx[g] : 0.0f, xs1 = ROWS16 && g + 8 < p.m ? p.sx[g + 8] : 0.0f;
+    const int ko_slices = p.ko_pad / 32;
+    // This warp's activations of slice part + i·P of chunk c: rows g (a, b: k + 0..15, + 16..31)
+    // and g + 8.
+    uint4 a0[2], b0[2], a1[2], b1[2];
+    auto load_x = [&](int c) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int j = part + i * P;
+            if (j >= min(S, slices - c * S)) break;
+            const int kb = (c * S + j) * 128;
+            a0[i] = __ldg((const uint4*)(x0 + kb));
+            b0[i] = __ldg((const uint4*)(x0 + kb + 16));
+            if (ROWS16) {
+                a1[i] = __ldg((const uint4*)(x1 + kb));
+                b1[i] = __ldg((const uint4*)(x1 + kb + 16));
+            }
+        }
+    };
+    int it = 0, round = 0;
+    for (int b = blockIdx.x; b < batches; b += gridDim.x, ++round) {
+        const int tile = b * T + mine, row = tile * 8 + g, col = tile * 8 + 2 * t;
+        const bool live = tile < n_tiles;
+        // The first outlier weights (lane t: channels 8t .. 8t + 7 of a 32-channel slice), fetched
+        // now so that their latency hides behind the stream.
+        const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
+        const bool outliers = live && part < ko_slices;
+        uint4 wo_next = outliers ? __ldg((const uint4*)(wo + part * 64)) : make_uint4(0, 0, 0, 0);
+        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (live) load_x(0);
+        for (int c = 0; c < chunks; ++c, ++it) {
+            const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = c * S / gt;
+            const u8_t* stage = ring + s * STREAM_STAGE_BYTES + mine * S * 512 + 16 * lane;
+            const u8_t* side = side_base + s * STREAM_SIDE_BYTES;
+            mbar_wait(full + 8 * s, (it / STREAM_STAGES) & 1);
+            uint4 w[2];
+            u32_t zeros[2];
+            float2 scale[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int j = part + i * P;
+                if (j >= n) break;
+                w[i] = *(const uint4*)(stage + j * 512);
+                const int e = mine * side_groups + (c * S + j) / gt - g0;
+                scale[i] = *(const float2*)(side + e * 32 + 8 * t);
+                zeros[i] = *(const unsigned short*)(side + STREAM_SIDE_GROUPS * 32 + e * 8 + 2 * t);
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * s);
+            if (!live) continue;
+            uint4 xa0[2] = {a0[0], a0[1]}, xb0[2] = {b0[0], b0[1]}, xa1[2] = {a1[0], a1[1]}, xb1[2] = {b1[0], b1[1]};
+            if (c + 1 < chunks) load_x(c + 1);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                if (part + i * P >= n) break;
+                const uint4 l1 = ROWS16 ? xa1[i] : xa0[i], h1 = ROWS16 ? xb1[i] : xb0[i];
+                const u32_t wk[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
+                const u32_t l0[4] = {xa0[i].x, xa0[i].y, xa0[i].z, xa0[i].w}, h0[4] = {xb0[i].x, xb0[i].y, xb0[i].z, xb0[i].w};
+                const u32_t lo1[4] = {l1.x, l1.y, l1.z, l1.w}, hi1[4] = {h1.x, h1.y, h1.z, h1.w};
+                int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const u32_t a[4] = {l0[q], lo1[q], h0[q], hi1[q]};
+                    mma_s8(acc, a, wk[q] & 0x0f0f0f0fu, (wk[q] >> 4) & 0x0f0f0f0fu);
+                    mma_s8(sum, a, 0x01010101u, 0x01010101u);
+                }
+                const int z0 = zeros[i] & 0xff, z1 = zeros[i] >> 8;
+                out[0] += scale[i].x * (float)(acc[0] - z0 * sum[0]);
+                out[1] += scale[i].y * (float)(acc[1] - z1 * sum[1]);
+                out[2] += scale[i].x * (float)(acc[2] - z0 * sum[2]);
+                out[3] += scale[i].y * (float)(acc[3] - z1 * sum[3]);
+            }
+        }
+        out[0] *= xs0;
+        out[1] *= xs0;
+        out[2] *= xs1;
+        out[3] *= xs1;
+        for (int c = part; outliers && c < ko_slices; c += P) {
+            const uint4 wv = wo_next;
+            if (c + P < ko_slices) wo_next = __ldg((const uint4*)(wo + (c + P) * 64));
+            const uint4 oa = __ldg((const uint4*)(o0 + c * 64));
+            const uint4 ob = ROWS16 ? __ldg((const uint4*)(o1 + c * 64)) : oa;
+            const u32_t s0[4] = {oa.x, ob.x, oa.y, ob.y}, s1[4] = {oa.z, ob.z, oa.w, ob.w};
+            mma_f16(out, s0, wv.x, wv.y);
+            mma_f16(out, s1, wv.z, wv.w);
+        }
+        // The tile's P warps add up (two buffers: the next batch writes the other one).
+#pragma unroll
+        for (int r = 0; r < 4; ++r) partial[round & 1][warp][lane][r] = out[r];
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        if (part == 0 && live) {
+            float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int w2 = warp; w2 < warp + P; ++w2)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) total[r] += partial[round & 1][w2][lane][r];
+            store_pair(p, g, col, total[0], total[1]);
+            store_pair(p, g + 8, col, total[2], total[3]);
+        }
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p, int tiles_per_batch) {
+    mixq_w4_stream<false>(p, tiles_per_batch);
+}
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream16(GemmArgs p, int tiles_per_batch) {
+    mixq_w4_stream<true>(p, tiles_per_batch);
+}

@@ -452,12 +452,26 @@ pub enum Kernel {
     Auto,
     /// Weight-streaming GEMV (up to [`GEMV_MAX_TOKENS`] tokens).
     Gemv,
+    /// W4 GEMV (up to [`GEMV_MAX_TOKENS`] tokens) whose weights the copy engine streams through
+    /// shared memory (Hopper).
+    Stream,
     /// Tiled mma.sync (any sm_80+ GPU).
     Mma,
     /// Persistent wgmma fed by the copy engine through a 7-stage ring (Hopper, W8 only).
     Tma,
-    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast.
-    TmaPair,
+    /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast, 128 x
+    /// 128 output tiles.
+    TmaPair128,
+    /// [`Kernel::TmaPair128`] with 128 x 192 tiles.
+    TmaPair192,
+    /// [`Kernel::TmaPair128`] with 128 x 256 tiles.
+    TmaPair256,
+}
+
+impl Kernel {
+    fn is_tma(self) -> bool {
+        matches!(self, Kernel::Tma | Kernel::TmaPair128 | Kernel::TmaPair192 | Kernel::TmaPair256)
+    }
 }
 
 /// `y[tokens][n] (f16 bits) = acts · weightᵀ`, dequantized, outliers included.
@@ -489,12 +503,15 @@ pub fn gemm_with(
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
         Kernel::Auto if hopper && !w4 && m <= 128 => Kernel::Tma,
-        Kernel::Auto if hopper && !w4 => Kernel::TmaPair,
+        Kernel::Auto if hopper && !w4 => widest_pair((m, n), device.sm_count() as usize),
         Kernel::Auto => Kernel::Mma,
-        Kernel::Gemv if m > GEMV_MAX_TOKENS => {
-            return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
+        Kernel::Gemv | Kernel::Stream if m > GEMV_MAX_TOKENS => {
+            return Err(CudaError::Shape(format!("the GEMV kernels take up to {GEMV_MAX_TOKENS} tokens, not {m}")))
         }
-        Kernel::Tma | Kernel::TmaPair if w4 || !hopper => {
+        Kernel::Stream if !w4 || !hopper => {
+            return Err(CudaError::Shape("the Stream kernel runs W4 weights on Hopper (sm_90) only".into()))
+        }
+        chosen if chosen.is_tma() && (w4 || !hopper) => {
             return Err(CudaError::Shape(format!("the {kernel:?} kernel runs W8 weights on Hopper (sm_90) only")))
         }
         chosen => chosen,
@@ -523,8 +540,11 @@ pub fn gemm_with(
         ko_pad: acts.outliers.padded_len() as i32,
         group_tiles: weight.group_tiles as i32,
     };
-    if let Kernel::Tma | Kernel::TmaPair = kernel {
+    if kernel.is_tma() {
         return gemm_tma(device, &args, kernel);
+    }
+    if kernel == Kernel::Stream {
+        return gemv_stream(device, &args);
     }
     if kernel == Kernel::Gemv {
         let name = match (w4, m) {
@@ -569,6 +589,36 @@ pub fn gemm_with(
     Ok(())
 }
 
+/// Shared memory of `mixq_w4_stream*`: 8 stages of 8 KiB weights, 1,280 bytes of scales and zero
+/// points and two mbarriers.
+const STREAM_SMEM: u32 = 8 * (8192 + 1280 + 16);
+
+/// The W4 GEMV streaming its weights through shared memory: one block per SM, each walking
+/// batches of 1-8 weight tiles (8 rows). More tiles a batch share each stage's activations; fewer
+/// spread the work more evenly over the SMs: the largest batch within 2% of the best spread wins.
+fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
+    let sm_count = device.sm_count() as usize;
+    let tiles = (args.n as usize).div_ceil(8);
+    let spread = |per_batch: usize| {
+        let batches = tiles.div_ceil(per_batch);
+        batches as f64 / (batches.div_ceil(sm_count) * sm_count) as f64
+    };
+    let best = [1, 2, 4, 8].map(spread).into_iter().fold(0.0, f64::max);
+    let per_batch = [8, 4, 2, 1].into_iter().find(|&t| spread(t) >= best - 0.02).unwrap_or(1);
+    let name = if args.m > 8 { "mixq_w4_stream16" } else { "mixq_w4_stream8" };
+    let function = device.function(&MIXQ, name, STREAM_SMEM)?;
+    let config = LaunchConfig {
+        grid_dim: (tiles.div_ceil(per_batch).min(sm_count) as u32, 1, 1),
+        block_dim: (288, 1, 1),
+        shared_mem_bytes: STREAM_SMEM,
+    };
+    let per_batch = per_batch as i32;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(args).arg(&per_batch);
+    unsafe { launch.launch(config) }?;
+    Ok(())
+}
+
 /// Scalar arguments of `mixq_w8_tma` (`TmaArgs` in mixq.cu).
 #[repr(C)]
 struct TmaArgs {
@@ -596,8 +646,9 @@ const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) 
 }
 
 const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
-const TMA_PAIR: TmaKernel = tma_kernel("mixq_w8_tma_pair", 2, 7, 128);
-const TMA_PAIR_WIDE: TmaKernel = tma_kernel("mixq_w8_tma_pair_wide", 2, 5, 192);
+const TMA_PAIR_128: TmaKernel = tma_kernel("mixq_w8_tma_pair_128", 2, 7, 128);
+const TMA_PAIR_192: TmaKernel = tma_kernel("mixq_w8_tma_pair_192", 2, 5, 192);
+const TMA_PAIR_256: TmaKernel = tma_kernel("mixq_w8_tma_pair_256", 2, 4, 256);
 
 /// Of the tiles' waves over the GPU's clusters, the fraction that does work.
 fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
@@ -606,18 +657,25 @@ fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) 
     tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
 }
 
+/// The pair kernel for `m` x `n`: the 256-column tiles (each loaded row feeds the most products)
+/// unless narrower ones leave fewer clusters idle in the last wave; 128 before 192.
+fn widest_pair((m, n): (usize, usize), sm_count: usize) -> Kernel {
+    let choices =
+        [(Kernel::TmaPair256, &TMA_PAIR_256), (Kernel::TmaPair128, &TMA_PAIR_128), (Kernel::TmaPair192, &TMA_PAIR_192)];
+    let efficiency = choices.map(|(_, k)| wave_efficiency(k, (m, n), sm_count));
+    let best = efficiency.iter().copied().fold(0.0, f64::max);
+    let at = efficiency.iter().position(|&e| e >= best - 0.02).unwrap_or(0);
+    choices[at].0
+}
+
 fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> {
     let (m, n, k_pad, ko_pad) = (args.m as usize, args.n as usize, args.k_pad as usize, args.ko_pad as usize);
     let sm_count = device.sm_count() as usize;
-    // Wider tiles where they leave fewer clusters idle in the last wave.
     let kernel = match choice {
-        Kernel::Tma => &TMA_SINGLE,
-        _ if wave_efficiency(&TMA_PAIR_WIDE, (m, n), sm_count)
-            > wave_efficiency(&TMA_PAIR, (m, n), sm_count) + 0.05 =>
-        {
-            &TMA_PAIR_WIDE
-        }
-        _ => &TMA_PAIR,
+        Kernel::TmaPair128 => &TMA_PAIR_128,
+        Kernel::TmaPair192 => &TMA_PAIR_192,
+        Kernel::TmaPair256 => &TMA_PAIR_256,
+        _ => &TMA_SINGLE,
     };
     let cluster = kernel.cluster;
     let n_pad = round_up(n, 8);

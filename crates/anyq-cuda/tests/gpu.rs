@@ -53,6 +53,9 @@ const CASES: &[Case] = &[
     Case { m: 2100, n: 8200, k: 128, outliers: 100 },
     Case { m: 500, n: 6100, k: 256, outliers: 30 },
     Case { m: 9, n: 1000, k: 1024, outliers: 12 },
+    // Enough 8-row tiles for the streaming GEMV to batch 4 and 8 of them, with a short last stage.
+    Case { m: 5, n: 4100, k: 1500, outliers: 33 },
+    Case { m: 7, n: 8448, k: 640, outliers: 20 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
@@ -112,9 +115,12 @@ fn check_gemm(bits: u32, group: usize) {
         let mut kernels = vec![Kernel::Mma];
         if m <= GEMV_MAX_TOKENS {
             kernels.push(Kernel::Gemv);
+            if bits == 4 && device.compute_capability() == (9, 0) {
+                kernels.push(Kernel::Stream);
+            }
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
-            kernels.extend([Kernel::Tma, Kernel::TmaPair]);
+            kernels.extend([Kernel::Tma, Kernel::TmaPair128, Kernel::TmaPair192, Kernel::TmaPair256]);
         }
         for kernel in kernels {
             // Poison: every output element must be written.
