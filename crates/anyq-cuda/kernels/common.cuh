@@ -52,6 +52,20 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
     return MAX ? warp_max(v) : warp_sum(v);
 }
 
+// Programmatic dependent launch (sm_90; no-ops before): the kernel launched after this one with
+// early start may begin once every block has called launch_dependents, and grid_dependency_wait
+// returns once the kernels before this one have finished and their writes are visible.
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32_t smem_addr(const void* p) { return (u32_t)__cvta_generic_to_shared(p); }
 
 // 16-byte global -> shared copy that fills zeros when `valid` is false (rows past the matrix).

@@ -41,6 +41,7 @@ __device__ void mixq_produce(const void* __restrict__ x, const float* __restrict
                              float* __restrict__ sx, f16_t* __restrict__ xo, float threshold,
                              u32_t* __restrict__ over_threshold) {
     __shared__ float scratch[32];
+    launch_dependents(); // the GEMM after this may start streaming its weights
     const int row = blockIdx.x;
     const void* in = MODE == PRODUCE_RMSNORM ? (const void*)((const float*)x + (u64_t)row * k_len)
                                              : (const void*)((const f16_t*)x + (u64_t)row * k_len * (MODE == PRODUCE_SILU_MUL ? 2 : 1));
@@ -770,25 +771,31 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 
 // ---------------------------------------------------------------------------------------------
 // W4A8 GEMV for up to 16 tokens on Hopper, its weights streamed into shared memory by the copy
-// engine: bytes in flight cost no registers, so one block per SM keeps a 64 KiB ring in flight
+// engine: bytes in flight cost no registers, so one block per SM keeps a 128 KiB ring in flight
 // (HBM's loaded latency x bandwidth, ~1 us x 3 TB/s, is ~23 KiB per SM; the register-fed GEMVs
-// above reach ~16 KiB at most).
+// above reach ~16 KiB at most). Launched with early start: the weights' stream begins while the
+// kernel before (the producer of the activations) finishes.
 //
-// A block walks batches of T consecutive 8-row tiles (T = 1, 2, 4 or 8, chosen by the host so
-// that batches spread evenly over the SMs). Each ring stage holds 16 / T slices (128 k) of every
-// tile of the batch (one bulk copy per tile) and, beside them, the scales and zero points of the
-// groups those slices fall in (cp.async by the producer warp's lanes, completing on the same
-// barrier): nothing a consumer waits for comes from device memory at the moment it needs it.
-// The 8 consumer warps split the batch: warp w takes tile w / P and every P-th slice of it
-// (P = 8 / T warps per tile), two slices of every stage, with the mma's of the register-fed GEMV;
-// the P partial sums of a tile meet in shared memory at the end of the batch. The activations
-// (shared by every tile) come through L1, a stage ahead.
+// The unit is a pair of 8-row tiles: 16 weight rows are an m16n8k32 mma's A operand and the
+// tokens its B (8 at a time), so that no mma row is padding. Blocks walk the pairs; each 16 KiB
+// ring stage holds 16 slices (128 k) of both tiles (one bulk copy per tile) and, beside them,
+// the scales and zero points of the groups those slices fall in (cp.async by the producer warp's
+// lanes, completing on the same barrier): nothing a consumer waits for comes from device memory
+// when it needs it. Consumer warp w computes slices w and w + 8 of every stage; the 8 partial
+// sums of a pair meet in shared memory at its end. The activations come through L1, a stage
+// ahead.
+//
+// Lane (g, t) holds row g of both tiles' 32-k block t of a slice (16 bytes each, as packed):
+// byte 4s + i is k = 32t + 4s + i (low nibble) and + 16 (high), so word s of the first tile's
+// low and high nibbles are A's a0 and a2 and the second tile's a1 and a3, against token g's
+// bytes 32t + 4s .. + 3 and 32t + 16 + 4s .. + 3 (b0, b1): the k of an mma slot only has to
+// agree between the operands. Zero points: Σ (q − z)·x = Σ q·x − z·Σx, Σx from an mma of ones.
 constexpr int STREAM_STAGES = 8;
-constexpr int STREAM_STAGE_SLICES = 16; // 512-byte slices: 8 KiB a stage
-constexpr int STREAM_STAGE_BYTES = STREAM_STAGE_SLICES * 512;
-// Per stage: up to 32 (tile, group) pairs of 8 rows, f32 scales then u8 zero points.
-constexpr int STREAM_SIDE_GROUPS = 32;
-constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_GROUPS * 8 * 5;
+constexpr int STREAM_SLICES = 16; // of each tile a stage: 16 KiB
+constexpr int STREAM_STAGE_BYTES = 2 * STREAM_SLICES * 512;
+// Per stage: up to 34 (tile, group) entries of 8 rows, f32 scales then u8 zero points.
+constexpr int STREAM_SIDE_ENTRIES = 2 * (STREAM_SLICES + 1);
+constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_ENTRIES * 8 * 5;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Contiguous global -> shared copy by the copy engine, completing on `bar`.
@@ -807,20 +814,22 @@ __device__ __forceinline__ void cp_async_arrive(u32_t bar) {
 }
 #endif
 
-template <bool ROWS16>
-__device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p, int tiles_per_batch) {
+template <int GROUPS> // of 8 tokens
+__device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int S = STREAM_SLICES;
     extern __shared__ __align__(128) u8_t ring[];
-    __shared__ float partial[2][8][32][4];
+    __shared__ float partial[2][8][32][4 * GROUPS];
     u8_t* side_base = ring + STREAM_STAGES * STREAM_STAGE_BYTES;
     const u32_t full = smem_addr(side_base + STREAM_STAGES * STREAM_SIDE_BYTES), empty = full + 8 * STREAM_STAGES;
-    const int T = tiles_per_batch, P = 8 / T, S = STREAM_STAGE_SLICES / T;
-    const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128, gt = p.group_tiles;
-    const int chunks = (slices + S - 1) / S, batches = (n_tiles + T - 1) / T;
-    // Groups one stage's slices can touch (a stage need not start on a group boundary).
-    const int side_groups = (S - 1) / gt + 2;
+    const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128;
+    const int chunks = (slices + S - 1) / S, pairs = (n_tiles + 1) / 2;
+    // Group tiles are a power of two here (the host checks): a shift, not a division. A stage
+    // need not start on a group boundary: it can touch one group more than its slices fill.
+    const int group_shift = __ffs(p.group_tiles) - 1, side_groups = ((S - 1) >> group_shift) + 2;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
+    launch_dependents();
     if (threadIdx.x == 0) {
         for (int s = 0; s < STREAM_STAGES; ++s) {
             mbar_init(full + 8 * s, 33); // the bulk copies' expect_tx, then each producer lane's cp.async's
@@ -832,11 +841,11 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p, int tiles_per_
 
     if (warp == 8) {
         int it = 0;
-        for (int b = blockIdx.x; b < batches; b += gridDim.x) {
-            const int first = b * T, count = min(T, n_tiles - first);
+        for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x) {
+            const int first = 2 * pair, count = min(2, n_tiles - first); // tiles
             for (int c = 0; c < chunks; ++c, ++it) {
                 const int s = it % STREAM_STAGES, n = min(S, slices - c * S);
-                const int g0 = c * S / gt, groups = (c * S + n - 1) / gt - g0 + 1;
+                const int g0 = (c * S) >> group_shift, groups = ((c * S + n - 1) >> group_shift) - g0 + 1;
                 mbar_wait(empty + 8 * s, ((it / STREAM_STAGES) & 1) ^ 1);
                 if (lane == 0) {
                     mbar_expect_bytes(full + 8 * s, count * n * 512);
@@ -853,7 +862,7 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p, int tiles_per_
                     const u64_t at = (u64_t)(g0 + j) * n_pad + (first + i) * 8;
                     cp_async_ca<16>(side + e * 32, p.sw + at);
                     cp_async_ca<16>(side + e * 32 + 16, p.sw + at + 4);
-                    cp_async_ca<8>(side + STREAM_SIDE_GROUPS * 32 + e * 8, p.wz + at);
+                    cp_async_ca<8>(side + STREAM_SIDE_ENTRIES * 32 + e * 8, p.wz + at);
                 }
                 cp_async_arrive(full + 8 * s);
             }
@@ -861,116 +870,161 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p, int tiles_per_
         return;
     }
 
-    const int g = lane >> 2, t = lane & 3, mine = warp / P, part = warp % P;
-    const u8_t* x0 = (const u8_t*)p.xq + (u64_t)min(g, p.m - 1) * p.k_pad + 32 * t;
-    const u8_t* x1 = (const u8_t*)p.xq + (u64_t)min(g + 8, p.m - 1) * p.k_pad + 32 * t;
-    const u8_t* o0 = (const u8_t*)(p.xo + (u64_t)min(g, p.m - 1) * p.ko_pad) + 16 * t;
-    const u8_t* o1 = (const u8_t*)(p.xo + (u64_t)min(g + 8, p.m - 1) * p.ko_pad) + 16 * t;
-    const float xs0 = g < p.m ? p.sx[g] : 0.0f, xs1 = ROWS16 && g + 8 < p.m ? p.sx[g + 8] : 0.0f;
+    // What the previous kernel wrote (the activations) is read from here on; the weights'
+    // stream above needs nothing of it.
+    grid_dependency_wait();
+    const int g = lane >> 2, t = lane & 3;
+    // Token rows g (+ 8): activations of this lane's 32-k block, outlier activations.
+    const u8_t* x[GROUPS];
+    const u8_t* xo[GROUPS];
+#pragma unroll
+    for (int h = 0; h < GROUPS; ++h) {
+        const int token = min(g + 8 * h, p.m - 1);
+        x[h] = (const u8_t*)p.xq + (u64_t)token * p.k_pad + 32 * t;
+        xo[h] = (const u8_t*)(p.xo + (u64_t)token * p.ko_pad) + 16 * t;
+    }
     const int ko_slices = p.ko_pad / 32;
-    // This warp's activations of slice part + i·P of chunk c: rows g (a, b: k + 0..15, + 16..31)
-    // and g + 8.
-    uint4 a0[2], b0[2], a1[2], b1[2];
+    // The tokens' outlier activations of this warp's first 32-channel slice (all of them at 1%
+    // outliers of up to 8192 channels), the same for every pair: read once.
+    uint4 xo_first[GROUPS];
+#pragma unroll
+    for (int h = 0; h < GROUPS; ++h) xo_first[h] = warp < ko_slices ? __ldg((const uint4*)(xo[h] + warp * 64)) : make_uint4(0, 0, 0, 0);
+    // Slices w and w + 8 of a stage; past a short last stage, slice 0 again, scaled by zero:
+    // straight-line code lets the two slices' mma chains interleave.
+    auto slice_of = [&](int c, int i) {
+        const int j = warp + 8 * i;
+        return j < min(S, slices - c * S) ? j : 0;
+    };
+    uint4 xl[2][GROUPS], xh[2][GROUPS];
     auto load_x = [&](int c) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const int j = part + i * P;
-            if (j >= min(S, slices - c * S)) break;
-            const int kb = (c * S + j) * 128;
-            a0[i] = __ldg((const uint4*)(x0 + kb));
-            b0[i] = __ldg((const uint4*)(x0 + kb + 16));
-            if (ROWS16) {
-                a1[i] = __ldg((const uint4*)(x1 + kb));
-                b1[i] = __ldg((const uint4*)(x1 + kb + 16));
+            const int kb = (c * S + slice_of(c, i)) * 128;
+#pragma unroll
+            for (int h = 0; h < GROUPS; ++h) {
+                xl[i][h] = __ldg((const uint4*)(x[h] + kb));
+                xh[i][h] = __ldg((const uint4*)(x[h] + kb + 16));
             }
         }
     };
     int it = 0, round = 0;
-    for (int b = blockIdx.x; b < batches; b += gridDim.x, ++round) {
-        const int tile = b * T + mine, row = tile * 8 + g, col = tile * 8 + 2 * t;
-        const bool live = tile < n_tiles;
-        // The first outlier weights (lane t: channels 8t .. 8t + 7 of a 32-channel slice), fetched
-        // now so that their latency hides behind the stream.
-        const u8_t* wo = (const u8_t*)(p.wo + (u64_t)row * p.ko_pad) + 16 * t;
-        const bool outliers = live && part < ko_slices;
-        uint4 wo_next = outliers ? __ldg((const uint4*)(wo + part * 64)) : make_uint4(0, 0, 0, 0);
-        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (live) load_x(0);
+    for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x, ++round) {
+        const int tile = 2 * pair;
+        const bool second = tile + 1 < n_tiles;
+        // Outlier weights of rows g of both tiles (lane t: channels 8t .. 8t + 7 of a
+        // 32-channel slice), the first fetched now so that its latency hides behind the stream.
+        const u8_t* wo0 = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
+        const u8_t* wo1 = (const u8_t*)(p.wo + (u64_t)((second ? tile + 1 : tile) * 8 + g) * p.ko_pad) + 16 * t;
+        const bool outliers = warp < ko_slices;
+        uint4 wa = outliers ? __ldg((const uint4*)(wo0 + warp * 64)) : make_uint4(0, 0, 0, 0);
+        uint4 wb = outliers ? __ldg((const uint4*)(wo1 + warp * 64)) : make_uint4(0, 0, 0, 0);
+        // out[4h + r]: rows g (r = 0, 1) and g + 8 (r = 2, 3), tokens 8h + 2t (+ 1).
+        float out[4 * GROUPS];
+#pragma unroll
+        for (int r = 0; r < 4 * GROUPS; ++r) out[r] = 0.0f;
+        load_x(0);
         for (int c = 0; c < chunks; ++c, ++it) {
-            const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = c * S / gt;
-            const u8_t* stage = ring + s * STREAM_STAGE_BYTES + mine * S * 512 + 16 * lane;
+            const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = (c * S) >> group_shift;
+            const u8_t* stage = ring + s * STREAM_STAGE_BYTES + 16 * lane;
             const u8_t* side = side_base + s * STREAM_SIDE_BYTES;
             mbar_wait(full + 8 * s, (it / STREAM_STAGES) & 1);
-            uint4 w[2];
-            u32_t zeros[2];
-            float2 scale[2];
+            uint4 w0[2], w1[2];
+            float scale[2][2];
+            int zero[2][2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const int j = part + i * P;
-                if (j >= n) break;
-                w[i] = *(const uint4*)(stage + j * 512);
-                const int e = mine * side_groups + (c * S + j) / gt - g0;
-                scale[i] = *(const float2*)(side + e * 32 + 8 * t);
-                zeros[i] = *(const unsigned short*)(side + STREAM_SIDE_GROUPS * 32 + e * 8 + 2 * t);
+                const int j = slice_of(c, i);
+                w0[i] = *(const uint4*)(stage + j * 512);
+                w1[i] = *(const uint4*)(stage + (S + j) * 512);
+                const int e = ((c * S + j) >> group_shift) - g0;
+                const float keep = warp + 8 * i < n ? 1.0f : 0.0f;
+                scale[i][0] = keep * *(const float*)(side + e * 32 + 4 * g);
+                scale[i][1] = keep * *(const float*)(side + (e + side_groups) * 32 + 4 * g);
+                zero[i][0] = side[STREAM_SIDE_ENTRIES * 32 + e * 8 + g];
+                zero[i][1] = side[STREAM_SIDE_ENTRIES * 32 + (e + side_groups) * 8 + g];
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + 8 * s);
-            if (!live) continue;
-            uint4 xa0[2] = {a0[0], a0[1]}, xb0[2] = {b0[0], b0[1]}, xa1[2] = {a1[0], a1[1]}, xb1[2] = {b1[0], b1[1]};
+            uint4 cl[2][GROUPS], ch[2][GROUPS];
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int h = 0; h < GROUPS; ++h) cl[i][h] = xl[i][h], ch[i][h] = xh[i][h];
             if (c + 1 < chunks) load_x(c + 1);
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                if (part + i * P >= n) break;
-                const uint4 l1 = ROWS16 ? xa1[i] : xa0[i], h1 = ROWS16 ? xb1[i] : xb0[i];
-                const u32_t wk[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
-                const u32_t l0[4] = {xa0[i].x, xa0[i].y, xa0[i].z, xa0[i].w}, h0[4] = {xb0[i].x, xb0[i].y, xb0[i].z, xb0[i].w};
-                const u32_t lo1[4] = {l1.x, l1.y, l1.z, l1.w}, hi1[4] = {h1.x, h1.y, h1.z, h1.w};
-                int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
+                const u32_t ka[4] = {w0[i].x, w0[i].y, w0[i].z, w0[i].w}, kb[4] = {w1[i].x, w1[i].y, w1[i].z, w1[i].w};
+                u32_t a[4][4];
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    const u32_t a[4] = {l0[q], lo1[q], h0[q], hi1[q]};
-                    mma_s8(acc, a, wk[q] & 0x0f0f0f0fu, (wk[q] >> 4) & 0x0f0f0f0fu);
-                    mma_s8(sum, a, 0x01010101u, 0x01010101u);
+                    a[q][0] = ka[q] & 0x0f0f0f0fu;
+                    a[q][1] = kb[q] & 0x0f0f0f0fu;
+                    a[q][2] = (ka[q] >> 4) & 0x0f0f0f0fu;
+                    a[q][3] = (kb[q] >> 4) & 0x0f0f0f0fu;
                 }
-                const int z0 = zeros[i] & 0xff, z1 = zeros[i] >> 8;
-                out[0] += scale[i].x * (float)(acc[0] - z0 * sum[0]);
-                out[1] += scale[i].y * (float)(acc[1] - z1 * sum[1]);
-                out[2] += scale[i].x * (float)(acc[2] - z0 * sum[2]);
-                out[3] += scale[i].y * (float)(acc[3] - z1 * sum[3]);
+                const u32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
+#pragma unroll
+                for (int h = 0; h < GROUPS; ++h) {
+                    const u32_t lo[4] = {cl[i][h].x, cl[i][h].y, cl[i][h].z, cl[i][h].w};
+                    const u32_t hi[4] = {ch[i][h].x, ch[i][h].y, ch[i][h].z, ch[i][h].w};
+                    int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        mma_s8(acc, a[q], lo[q], hi[q]);
+                        mma_s8(sum, ones, lo[q], hi[q]);
+                    }
+                    out[4 * h + 0] += scale[i][0] * (float)(acc[0] - zero[i][0] * sum[0]);
+                    out[4 * h + 1] += scale[i][0] * (float)(acc[1] - zero[i][0] * sum[1]);
+                    out[4 * h + 2] += scale[i][1] * (float)(acc[2] - zero[i][1] * sum[2]);
+                    out[4 * h + 3] += scale[i][1] * (float)(acc[3] - zero[i][1] * sum[3]);
+                }
             }
         }
-        out[0] *= xs0;
-        out[1] *= xs0;
-        out[2] *= xs1;
-        out[3] *= xs1;
-        for (int c = part; outliers && c < ko_slices; c += P) {
-            const uint4 wv = wo_next;
-            if (c + P < ko_slices) wo_next = __ldg((const uint4*)(wo + (c + P) * 64));
-            const uint4 oa = __ldg((const uint4*)(o0 + c * 64));
-            const uint4 ob = ROWS16 ? __ldg((const uint4*)(o1 + c * 64)) : oa;
-            const u32_t s0[4] = {oa.x, ob.x, oa.y, ob.y}, s1[4] = {oa.z, ob.z, oa.w, ob.w};
-            mma_f16(out, s0, wv.x, wv.y);
-            mma_f16(out, s1, wv.z, wv.w);
+#pragma unroll
+        for (int h = 0; h < GROUPS; ++h) {
+            const int t0 = 8 * h + 2 * t;
+            const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
+            out[4 * h + 0] *= s0;
+            out[4 * h + 1] *= s1;
+            out[4 * h + 2] *= s0;
+            out[4 * h + 3] *= s1;
         }
-        // The tile's P warps add up (two buffers: the next batch writes the other one).
+        for (int c = warp; outliers && c < ko_slices; c += 8) {
+            const uint4 va = wa, vb = wb;
+            if (c + 8 < ko_slices) {
+                wa = __ldg((const uint4*)(wo0 + (c + 8) * 64));
+                wb = __ldg((const uint4*)(wo1 + (c + 8) * 64));
+            }
+            const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
 #pragma unroll
-        for (int r = 0; r < 4; ++r) partial[round & 1][warp][lane][r] = out[r];
+            for (int h = 0; h < GROUPS; ++h) {
+                const uint4 xv = c == warp ? xo_first[h] : __ldg((const uint4*)(xo[h] + c * 64));
+                mma_f16(&out[4 * h], a0, xv.x, xv.y);
+                mma_f16(&out[4 * h], a1, xv.z, xv.w);
+            }
+        }
+        // The 8 warps add up (two buffers: the next pair writes the other one).
+#pragma unroll
+        for (int r = 0; r < 4 * GROUPS; ++r) partial[round & 1][warp][lane][r] = out[r];
         asm volatile("bar.sync 1, 256;\n" ::: "memory");
-        if (part == 0 && live) {
-            float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int w2 = warp; w2 < warp + P; ++w2)
+        if (warp == 0) {
+            float total[4 * GROUPS];
 #pragma unroll
-                for (int r = 0; r < 4; ++r) total[r] += partial[round & 1][w2][lane][r];
-            store_pair(p, g, col, total[0], total[1]);
-            store_pair(p, g + 8, col, total[2], total[3]);
+            for (int r = 0; r < 4 * GROUPS; ++r) total[r] = 0.0f;
+            for (int w2 = 0; w2 < 8; ++w2)
+#pragma unroll
+                for (int r = 0; r < 4 * GROUPS; ++r) total[r] += partial[round & 1][w2][lane][r];
+#pragma unroll
+            for (int h = 0; h < GROUPS; ++h)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int token = 8 * h + 2 * t + (r & 1), row = tile * 8 + g + (r >> 1) * 8;
+                    if (token < p.m && row < p.n) p.y[(u64_t)token * p.n + row] = f32_to_f16(total[4 * h + r]);
+                }
         }
     }
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p, int tiles_per_batch) {
-    mixq_w4_stream<false>(p, tiles_per_batch);
-}
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream16(GemmArgs p, int tiles_per_batch) {
-    mixq_w4_stream<true>(p, tiles_per_batch);
-}
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<1>(p); }
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<2>(p); }

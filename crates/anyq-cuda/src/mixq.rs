@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfi
 use half::f16;
 
 use crate::compile::{kernel_source, KernelSource};
-use crate::tma::{launch_clustered, tile_map, Element, TensorMap};
+use crate::tma::{launch_ex, tile_map, Element, LaunchOptions, TensorMap};
 use crate::{CudaDevice, CudaError, Result};
 
 pub(crate) const MIXQ: KernelSource = kernel_source!("mixq");
@@ -414,6 +414,7 @@ fn check_at_least(name: &str, got: usize, want: usize) -> Result<()> {
 
 /// The kernels' argument block (`GemmArgs` in mixq.cu).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct GemmArgs {
     xq: u64,
     sx: u64,
@@ -499,7 +500,9 @@ pub fn gemm_with(
     }
     let w4 = weight.bits == 4;
     let hopper = device.compute_capability() == (9, 0);
+    let stream = w4 && hopper && weight.group_tiles.is_power_of_two();
     let kernel = match kernel {
+        Kernel::Auto if m <= GEMV_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
         Kernel::Auto if hopper && !w4 && m <= 128 => Kernel::Tma,
@@ -508,8 +511,10 @@ pub fn gemm_with(
         Kernel::Gemv | Kernel::Stream if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernels take up to {GEMV_MAX_TOKENS} tokens, not {m}")))
         }
-        Kernel::Stream if !w4 || !hopper => {
-            return Err(CudaError::Shape("the Stream kernel runs W4 weights on Hopper (sm_90) only".into()))
+        Kernel::Stream if !stream => {
+            return Err(CudaError::Shape(
+                "the Stream kernel runs W4 weights with groups of 128 x a power of two k on Hopper (sm_90) only".into(),
+            ))
         }
         chosen if chosen.is_tma() && (w4 || !hopper) => {
             return Err(CudaError::Shape(format!("the {kernel:?} kernel runs W8 weights on Hopper (sm_90) only")))
@@ -589,34 +594,21 @@ pub fn gemm_with(
     Ok(())
 }
 
-/// Shared memory of `mixq_w4_stream*`: 8 stages of 8 KiB weights, 1,280 bytes of scales and zero
-/// points and two mbarriers.
-const STREAM_SMEM: u32 = 8 * (8192 + 1280 + 16);
+/// Shared memory of `mixq_w4_stream*`: 8 stages of 16 KiB weights, 1,360 bytes of scales and
+/// zero points and two mbarriers.
+const STREAM_SMEM: u32 = 8 * (16384 + 1360 + 16);
 
-/// The W4 GEMV streaming its weights through shared memory: one block per SM, each walking
-/// batches of 1-8 weight tiles (8 rows). More tiles a batch share each stage's activations; fewer
-/// spread the work more evenly over the SMs: the largest batch within 2% of the best spread wins.
+/// The W4 GEMV streaming its weights through shared memory: a block per SM walking pairs of
+/// weight tiles (16 rows), launched to start while the kernel before it finishes.
 fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
-    let sm_count = device.sm_count() as usize;
-    let tiles = (args.n as usize).div_ceil(8);
-    let spread = |per_batch: usize| {
-        let batches = tiles.div_ceil(per_batch);
-        batches as f64 / (batches.div_ceil(sm_count) * sm_count) as f64
-    };
-    let best = [1, 2, 4, 8].map(spread).into_iter().fold(0.0, f64::max);
-    let per_batch = [8, 4, 2, 1].into_iter().find(|&t| spread(t) >= best - 0.02).unwrap_or(1);
+    let pairs = (args.n as usize).div_ceil(16);
     let name = if args.m > 8 { "mixq_w4_stream16" } else { "mixq_w4_stream8" };
     let function = device.function(&MIXQ, name, STREAM_SMEM)?;
-    let config = LaunchConfig {
-        grid_dim: (tiles.div_ceil(per_batch).min(sm_count) as u32, 1, 1),
-        block_dim: (288, 1, 1),
-        shared_mem_bytes: STREAM_SMEM,
-    };
-    let per_batch = per_batch as i32;
-    let mut launch = device.stream().launch_builder(&function);
-    launch.arg(args).arg(&per_batch);
-    unsafe { launch.launch(config) }?;
-    Ok(())
+    let blocks = pairs.min(device.sm_count() as usize) as u32;
+    let mut args = *args;
+    let mut params = [&mut args as *mut GemmArgs as *mut c_void];
+    let options = LaunchOptions { cluster: 1, early_start: true };
+    launch_ex(device, &function, (blocks, 288), STREAM_SMEM, options, &mut params)
 }
 
 /// Scalar arguments of `mixq_w8_tma` (`TmaArgs` in mixq.cu).
@@ -712,7 +704,8 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> 
         &mut map_wo as *mut TensorMap as *mut c_void,
         &mut tma_args as *mut TmaArgs as *mut c_void,
     ];
-    launch_clustered(device, &function, ((cluster * clusters) as u32, 384, cluster as u32), kernel.smem, &mut params)
+    let options = LaunchOptions { cluster: cluster as u32, early_start: false };
+    launch_ex(device, &function, ((cluster * clusters) as u32, 384), kernel.smem, options, &mut params)
 }
 
 fn launch_fill(device: &CudaDevice, name: &str, len: usize) -> Result<(cudarc::driver::CudaFunction, LaunchConfig)> {

@@ -71,18 +71,39 @@ pub(crate) fn tile_map(
     Ok(TensorMap(map.opaque))
 }
 
-/// Launches `function` on the device's stream with clusters of `cluster` blocks along x;
-/// `params` point at each kernel argument in order.
-pub(crate) fn launch_clustered(
+/// What a [`launch_ex`] asks of the driver beyond a plain launch.
+#[derive(Clone, Copy)]
+pub(crate) struct LaunchOptions {
+    /// Blocks per cluster along x (1: no clusters).
+    pub cluster: u32,
+    /// Programmatic dependent launch: the kernel may start while the previous kernel on the
+    /// stream finishes, and waits (`griddepcontrol.wait`) before it reads what that kernel wrote.
+    pub early_start: bool,
+}
+
+/// Launches `function` on the device's stream with `options`; `params` point at each kernel
+/// argument in order.
+pub(crate) fn launch_ex(
     device: &CudaDevice,
     function: &CudaFunction,
-    (blocks, threads, cluster): (u32, u32, u32),
+    (blocks, threads): (u32, u32),
     shared_bytes: u32,
+    options: LaunchOptions,
     params: &mut [*mut c_void],
 ) -> Result<()> {
-    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attribute.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cluster, y: 1, z: 1 };
+    let mut attributes: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut count = 0;
+    if options.cluster > 1 {
+        attributes[count].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attributes[count].value.clusterDim =
+            sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: options.cluster, y: 1, z: 1 };
+        count += 1;
+    }
+    if options.early_start {
+        attributes[count].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attributes[count].value.programmaticStreamSerializationAllowed = 1;
+        count += 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: blocks,
         gridDimY: 1,
@@ -92,8 +113,8 @@ pub(crate) fn launch_clustered(
         blockDimZ: 1,
         sharedMemBytes: shared_bytes,
         hStream: device.stream().cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: 1,
+        attrs: attributes.as_mut_ptr(),
+        numAttrs: count as u32,
     };
     device.bind()?;
     unsafe {

@@ -53,9 +53,10 @@ const CASES: &[Case] = &[
     Case { m: 2100, n: 8200, k: 128, outliers: 100 },
     Case { m: 500, n: 6100, k: 256, outliers: 30 },
     Case { m: 9, n: 1000, k: 1024, outliers: 12 },
-    // Enough 8-row tiles for the streaming GEMV to batch 4 and 8 of them, with a short last stage.
-    Case { m: 5, n: 4100, k: 1500, outliers: 33 },
-    Case { m: 7, n: 8448, k: 640, outliers: 20 },
+    // Enough 16-row tile pairs for the streaming GEMV to batch 2 and 8 of them, a lone tile in
+    // the last pair and a short last stage.
+    Case { m: 12, n: 4100, k: 1500, outliers: 33 },
+    Case { m: 7, n: 16888, k: 640, outliers: 20 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
