@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use anyq_cuda::CudaDevice;
 use anyq_engine::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use anyq_engine::{generate as run_generation, generate_with, outlier_report, Sampler, SamplingParams, TextStream};
-use anyq_models::cuda::CudaLlama;
+use anyq_models::cuda::{CudaLlama, MixqCounts};
+use anyq_models::cuda_mixq::check_gpu_method;
 use anyq_models::{LoadedModel, TokenizerBundle};
 use anyq_quant::methods::method_by_name;
 
@@ -122,29 +123,31 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GPU 0 when `device` is CUDA. Quantizing in memory is refused first: the GPU runs FP16 only.
+/// GPU 0 when `device` is CUDA. Quantizing in memory with a method whose layers the GPU cannot
+/// run is refused first, before minutes of calibration.
 fn open_gpu(device: DeviceKind, quantize: &QuantizeArgs) -> anyhow::Result<Option<std::sync::Arc<CudaDevice>>> {
     if device == DeviceKind::Cpu {
         return Ok(None);
     }
     if let Some(method) = &quantize.quantize {
-        bail!("--quantize {method}: only FP16 models run on the GPU so far; use --device cpu");
+        method_by_name(method)?;
+        if let Err(e) = check_gpu_method(method) {
+            bail!("--quantize {e}; use --device cpu");
+        }
     }
     let device = CudaDevice::open(0)?;
     eprintln!("GPU: {} (compute capability {:?})", device.name(), device.compute_capability());
     Ok(Some(device))
 }
 
-/// The loaded model converted to FP16 on `device`; quantized checkpoints are refused.
+/// The loaded model on `device`: float layers in FP16, MixQ layers (quantized in memory or in a
+/// checkpoint) on MixQ's kernels; other quantized layers are refused.
 fn gpu_model(device: &std::sync::Arc<CudaDevice>, loaded: &LoadedModel) -> anyhow::Result<CudaLlama> {
-    if let Some(q) = &loaded.quantization {
-        bail!(
-            "{} is a {} checkpoint: only FP16 models run on the GPU so far; use --device cpu",
-            loaded.source.display(),
-            q.method
-        );
+    let gpu = CudaLlama::new(device, &loaded.model);
+    match &loaded.quantization {
+        Some(q) => gpu.with_context(|| format!("{} is a {} checkpoint", loaded.source.display(), q.method)),
+        None => Ok(gpu?),
     }
-    Ok(CudaLlama::new(device, &loaded.model)?)
 }
 
 pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
@@ -153,11 +156,18 @@ pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
     let loaded = load_quantized(&args.model, &args.quantize)?;
     let bundle = tokenizer_of(loaded.tokenizer.as_ref(), &args.model)?;
     let ids = bundle.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-    let (report, rate) = match device {
-        None => perplexity_with_progress(&loaded.model, &ids, args.ctx, args.max_windows)?,
+    // MixQ's threshold counts on the GPU; `None` on the CPU (MixQ layers count there themselves)
+    // and for models without MixQ layers.
+    let (report, rate, gpu_counts) = match device {
+        None => {
+            let (report, rate) = perplexity_with_progress(&loaded.model, &ids, args.ctx, args.max_windows)?;
+            (report, rate, None)
+        }
         Some(device) => {
             let gpu = gpu_model(&device, &loaded)?;
-            perplexity_on_with_progress(&mut gpu.decoder(args.ctx)?, &ids, args.ctx, args.max_windows)?
+            let mut decoder = gpu.decoder(args.ctx)?;
+            let (report, rate) = perplexity_on_with_progress(&mut decoder, &ids, args.ctx, args.max_windows)?;
+            (report, rate, decoder.mixq_counts()?)
         }
     };
     println!("text: {} ({} tokens)", args.text.display(), ids.len());
@@ -168,8 +178,21 @@ pub fn perplexity(args: PplArgs) -> anyhow::Result<()> {
         report.tokens_predicted
     );
     println!("ppl: {:.4}", report.ppl);
-    print_outliers(&loaded.model);
+    match gpu_counts {
+        Some(counts) => print_gpu_outliers(counts),
+        None => print_outliers(&loaded.model),
+    }
     Ok(())
+}
+
+/// How often the GPU's fixed outlier sets met a new outlier (the CPU's sets would have grown).
+fn print_gpu_outliers(counts: MixqCounts) {
+    let rate = 100.0 * counts.over_threshold as f64 / counts.rows.max(1) as f64;
+    println!(
+        "\nMixQ on the GPU: {} of {} token rows of the layers' inputs ({rate:.2}%) had an activation above the \
+         layer's threshold outside its outlier channels (quantized with the rest: the GPU's sets do not grow)",
+        counts.over_threshold, counts.rows
+    );
 }
 
 /// MixQ's outlier statistics after a run, per module summed over layers: how many channels the

@@ -71,7 +71,8 @@ struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Where the model runs: `cuda` converts it to FP16 on the first NVIDIA GPU.
+    /// Where the model runs: `cuda` runs it on the first NVIDIA GPU (float layers in FP16, MixQ
+    /// layers on MixQ's kernels).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
     #[command(flatten)]
@@ -82,7 +83,7 @@ struct GenerateArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceKind {
     Cpu,
-    /// FP16 on the first NVIDIA GPU.
+    /// The first NVIDIA GPU: FP16 and MixQ models.
     Cuda,
 }
 
@@ -140,7 +141,8 @@ struct PplArgs {
     /// Evaluate only the first N windows.
     #[arg(long)]
     max_windows: Option<usize>,
-    /// Where the model runs: `cuda` converts it to FP16 on the first NVIDIA GPU.
+    /// Where the model runs: `cuda` runs it on the first NVIDIA GPU (float layers in FP16, MixQ
+    /// layers on MixQ's kernels).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
     #[command(flatten)]

@@ -268,6 +268,22 @@ fn report_rejects_bad_input_before_any_work() {
 }
 
 #[test]
+fn the_gpu_refuses_methods_it_cannot_run_before_any_work() {
+    let model = model();
+    let cases = [
+        ("rtn-w8a8", "--quantize rtn-w8a8: only FP16 and MixQ models run on the GPU so far; use --device cpu"),
+        ("mixq-w4a8-g64", "groups of 64: the GPU needs groups of a multiple of 128"),
+    ];
+    for (method, expected) in cases {
+        let args = ["generate", model.to_str().unwrap(), "-p", "Hi", "--device", "cuda", "--quantize", method];
+        let out = anyq(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("GPU:"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn quantize_writes_a_checkpoint_that_generate_and_eval_load() {
     let model = model();
     let model = model.to_str().unwrap();
@@ -300,6 +316,27 @@ fn quantize_writes_a_checkpoint_that_generate_and_eval_load() {
     let out =
         anyq(&["eval", "ppl", checkpoint, "--text", persuasion.to_str().unwrap(), "--ctx", "64", "--max-windows", "2"]);
     assert!(out.status.success() && text(&out.stdout).contains("ppl: "), "{}", text(&out.stderr));
+    if anyq_cuda::CudaDevice::available() {
+        // The checkpoint's MixQ layers on the GPU's MixQ kernels.
+        let out = anyq(&[
+            "generate",
+            checkpoint,
+            "--chat",
+            "-p",
+            "What is the capital of France?",
+            "-n",
+            "24",
+            "--device",
+            "cuda",
+        ]);
+        assert!(out.status.success() && text(&out.stdout).contains("Paris"), "{}", text(&out.stderr));
+        let text_path = persuasion.to_str().unwrap();
+        let args =
+            ["eval", "ppl", checkpoint, "--text", text_path, "--ctx", "64", "--max-windows", "2", "--device", "cuda"];
+        let out = anyq(&args);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success() && stdout.contains("ppl: ") && stdout.contains("MixQ on the GPU"), "{stdout}");
+    }
 
     // Quantizing again, or into a folder that is not empty, fails before any work.
     let again = dir.path().join("again");

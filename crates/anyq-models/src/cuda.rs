@@ -8,7 +8,8 @@
 //! → o_proj GEMM (f32 out) → `x += ·`, RMSNorm → gate/up GEMM (stacked) → SiLU·up → down GEMM
 //! (f32 out) → `x += ·`, the next RMSNorm.
 //!
-//! The same blocks run with MixQ linear layers ([`CudaLinear::Mixq`], built through
+//! The same blocks run with MixQ linear layers ([`CudaLinear::Mixq`]: a CPU model's MixQ layers,
+//! which [`CudaLlama::new`] converts through `crate::cuda_mixq`, or weights made on the device, for
 //! [`CudaLlama::from_weights`]): MixQ's producers normalize (RMSNorm of `x`, SiLU·up of the gate/up
 //! output, or nothing for the attention output) and quantize each input in one pass, and its GEMMs
 //! write f16, added to `x` before the next producer reads it. Besides one sequence's prefill and
@@ -23,9 +24,11 @@ use anyq_cuda::mixq::{self, MixqActivations, MixqWeight, OutlierSet, Producer};
 use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError, CudaSlice};
 use anyq_quant::ggml_linear::GgmlLinear;
+use anyq_quant::methods::mixq::MixQLinear;
 use half::f16;
 
 use crate::config::ModelConfig;
+use crate::cuda_mixq::stack_mixq;
 use crate::decoder::{Decoder, LOGIT_ROWS};
 use crate::llama::{ForwardError, LlamaModel, LINEAR_MODULES};
 
@@ -46,8 +49,10 @@ pub enum CudaModelError {
 pub enum CudaLinear {
     /// f16 weights `[n][k]`, row-major: a cuBLAS GEMM.
     Fp16 { weight: CudaSlice<f16>, n: usize, k: usize },
-    /// MixQ: integer weights with f16 outlier columns, the input quantized by MixQ's producer.
-    Mixq(MixqWeight),
+    /// MixQ: integer weights with f16 outlier columns, the input quantized by MixQ's producer,
+    /// which counts the tokens with an activation above `threshold` outside the outlier channels
+    /// (infinite: none is counted).
+    Mixq { weight: MixqWeight, threshold: f32 },
 }
 
 impl CudaLinear {
@@ -55,14 +60,14 @@ impl CudaLinear {
     pub fn shape(&self) -> (usize, usize) {
         match self {
             Self::Fp16 { n, k, .. } => (*n, *k),
-            Self::Mixq(weight) => weight.shape(),
+            Self::Mixq { weight, .. } => weight.shape(),
         }
     }
 
     fn outliers(&self) -> Option<&Arc<OutlierSet>> {
         match self {
             Self::Fp16 { .. } => None,
-            Self::Mixq(weight) => Some(weight.outliers()),
+            Self::Mixq { weight, .. } => Some(weight.outliers()),
         }
     }
 }
@@ -137,8 +142,8 @@ fn check_heads(c: &ModelConfig) -> Result<(), CudaModelError> {
     Ok(())
 }
 
-/// f32 weights as f16 on the device; a value beyond f16's range is an error, not an infinity.
-fn upload_f16(device: &CudaDevice, name: &str, values: &[f32]) -> Result<CudaSlice<f16>, CudaModelError> {
+/// f32 weights as f16; a value beyond f16's range is an error, not an infinity.
+pub(crate) fn to_f16(name: &str, values: &[f32]) -> Result<Vec<f16>, CudaModelError> {
     let converted: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
     if let Some(i) = converted.iter().zip(values).position(|(h, v)| h.is_infinite() && v.is_finite()) {
         return Err(CudaModelError::Unsupported(format!(
@@ -146,24 +151,60 @@ fn upload_f16(device: &CudaDevice, name: &str, values: &[f32]) -> Result<CudaSli
             values[i]
         )));
     }
-    Ok(device.upload(&converted)?)
+    Ok(converted)
 }
 
+/// f32 weights as f16 on the device.
+fn upload_f16(device: &CudaDevice, name: &str, values: &[f32]) -> Result<CudaSlice<f16>, CudaModelError> {
+    Ok(device.upload(&to_f16(name, values)?)?)
+}
+
+/// What the GPU model runs, for the errors that refuse the rest.
+pub(crate) const GPU_MODELS: &str = "only FP16 and MixQ models run on the GPU so far";
+
 /// The dense f32 weight of a float layer (f32, or GGML blocks that anyq computes dequantized);
-/// quantized methods' layers compute something else (integer activations, ...) and are refused.
+/// other quantized methods' layers compute something else (integer activations, ...) and are
+/// refused.
 fn float_weight(linear: &dyn Linear, name: &str) -> Result<Vec<f32>, CudaModelError> {
     let any = linear.as_any();
     if !(any.is::<DenseLinear>() || any.is::<GgmlLinear>()) {
         return Err(CudaModelError::Unsupported(format!(
-            "{name} is quantized: only FP16 models run on the GPU so far (run it with --device cpu)"
+            "{name} is quantized: {GPU_MODELS} (run it with --device cpu)"
         )));
     }
     Ok(linear.dense_weight())
 }
 
+/// The GPU layer of `parts`, the named modules that read one input (rows stacked in order):
+/// MixQ when all of them are MixQ layers, FP16 when all are float layers; `name` is the stacked
+/// layer's in errors.
+fn block_linear(
+    device: &CudaDevice,
+    name: &str,
+    parts: &[(String, &dyn Linear)],
+) -> Result<CudaLinear, CudaModelError> {
+    let mixq: Vec<(&str, &MixQLinear)> =
+        parts.iter().filter_map(|(n, l)| Some((n.as_str(), l.as_any().downcast_ref::<MixQLinear>()?))).collect();
+    if mixq.len() == parts.len() {
+        return stack_mixq(&mixq)?.upload(device);
+    }
+    if let (Some((mixq_name, _)), Some((other, _))) =
+        (mixq.first(), parts.iter().find(|(_, l)| !l.as_any().is::<MixQLinear>()))
+    {
+        return Err(CudaModelError::Unsupported(format!(
+            "{name}: {mixq_name} is MixQ but {other} is not: the GPU runs them as one layer"
+        )));
+    }
+    let weights = parts.iter().map(|(n, l)| float_weight(*l, n)).collect::<Result<Vec<_>, _>>()?.concat();
+    let n = parts.iter().map(|(_, l)| l.out_features()).sum();
+    let k = parts.first().map_or(0, |(_, l)| l.in_features());
+    Ok(CudaLinear::Fp16 { weight: upload_f16(device, name, &weights)?, n, k })
+}
+
 impl CudaLlama {
-    /// Uploads `model`'s weights as f16. Refuses quantized layers and shapes the GPU kernels do
-    /// not take.
+    /// Uploads `model`'s weights: float layers as f16, MixQ layers as MixQ's (each block's q/k/v
+    /// and gate/up with the union of their outlier channels: see `crate::cuda_mixq`). Refuses
+    /// other quantized layers and shapes the GPU kernels do not take.
     pub fn new(device: &Arc<CudaDevice>, model: &LlamaModel) -> Result<Self, CudaModelError> {
         let c = model.config.clone();
         let (h, q_width, kv_width) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -173,8 +214,7 @@ impl CudaLlama {
         let ffn = c.intermediate_size;
         let shapes = [(q_width, h), (kv_width, h), (kv_width, h), (h, q_width), (ffn, h), (ffn, h), (h, ffn)];
         for i in 0..c.num_layers {
-            let mut linears: Vec<&dyn Linear> = Vec::with_capacity(LINEAR_MODULES.len());
-            let mut weights = Vec::with_capacity(LINEAR_MODULES.len());
+            let mut linears: Vec<(String, &dyn Linear)> = Vec::with_capacity(LINEAR_MODULES.len());
             for (m, (module, (n, k))) in LINEAR_MODULES.iter().zip(shapes).enumerate() {
                 let name = format!("layer {i} {module}");
                 let linear =
@@ -193,34 +233,29 @@ impl CudaLlama {
                     }
                     _ => {}
                 }
-                weights.push(float_weight(linear, &name)?);
-                linears.push(linear);
+                linears.push((name, linear));
             }
-            let [q, k, v, o, gate, up, down]: [Vec<f32>; 7] =
-                weights.try_into().expect("one weight per module of LINEAR_MODULES");
-            let qkv_bias = match linears[..3].iter().all(|l| l.bias().is_none()) {
+            let qkv_bias = match linears[..3].iter().all(|(_, l)| l.bias().is_none()) {
                 true => None,
                 false => {
                     let bias: Vec<f32> = linears[..3]
                         .iter()
                         .zip(&shapes)
-                        .flat_map(|(l, &(n, _))| l.bias().map_or_else(|| vec![0.0; n], <[f32]>::to_vec))
+                        .flat_map(|((_, l), &(n, _))| l.bias().map_or_else(|| vec![0.0; n], <[f32]>::to_vec))
                         .collect();
                     Some(device.upload(&bias)?)
                 }
             };
             let (attn_norm, mlp_norm) = model.block_norms(i).expect("layer i < num_layers");
-            let fp16 = |name: &str, weight: &[f32], (n, k): (usize, usize)| -> Result<CudaLinear, CudaModelError> {
-                Ok(CudaLinear::Fp16 { weight: upload_f16(device, &format!("layer {i} {name}"), weight)?, n, k })
-            };
+            let stacked = |name: &str, parts| block_linear(device, &format!("layer {i} {name}"), parts);
             layers.push(CudaLayer {
                 attn_norm: device.upload(attn_norm)?,
                 mlp_norm: device.upload(mlp_norm)?,
-                qkv: fp16("q/k/v_proj", &[q, k, v].concat(), (q_width + 2 * kv_width, h))?,
+                qkv: stacked("q/k/v_proj", &linears[..3])?,
                 qkv_bias,
-                o_proj: fp16("o_proj", &o, (h, q_width))?,
-                gate_up: fp16("gate/up_proj", &[gate, up].concat(), (2 * ffn, h))?,
-                down: fp16("down_proj", &down, (h, ffn))?,
+                o_proj: stacked("o_proj", &linears[3..4])?,
+                gate_up: stacked("gate/up_proj", &linears[4..6])?,
+                down: stacked("down_proj", &linears[6..])?,
             });
         }
         let embed = upload_f16(device, "embed_tokens", &float_weight(model.embed_tokens(), "embed_tokens")?)?;
@@ -233,9 +268,9 @@ impl CudaLlama {
     }
 
     /// A model from weights already on the device (FP16 or MixQ linear layers, in any mix), checked
-    /// against `config`'s shapes. The MixQ layers that take the same input in every block (q/k/v,
-    /// o_proj, gate/up or down) must share its outlier channels: a forward pass quantizes that
-    /// input into one buffer for all of them.
+    /// against `config`'s shapes. MixQ layers may have outlier channels of their own: a forward
+    /// pass quantizes each input into a buffer for its set, which layers with the same channels
+    /// share.
     pub fn from_weights(
         device: &Arc<CudaDevice>,
         config: ModelConfig,
@@ -287,15 +322,6 @@ impl CudaLlama {
                 let (got_n, got_k) = linear(layer).shape();
                 if (got_n, got_k) != (n, k) {
                     return wrong(format!("layer {i} {name}: expected [{n}, {k}], got [{got_n}, {got_k}]"));
-                }
-                let first = weights.layers.iter().find_map(|l| linear(l).outliers());
-                if let (Some(first), Some(own)) = (first, linear(layer).outliers()) {
-                    if first.channels() != own.channels() {
-                        return wrong(format!(
-                            "layer {i} {name}: MixQ outlier channels differ from an earlier layer's; the GPU model \
-                             quantizes this input of every layer into one buffer"
-                        ));
-                    }
                 }
             }
         }
@@ -349,6 +375,12 @@ impl CudaLlama {
     /// A decoder over a new cache of `capacity` positions.
     pub fn decoder(&self, capacity: usize) -> Result<CudaDecoder<'_>, CudaModelError> {
         Ok(CudaDecoder { model: self, cache: self.new_cache(capacity)? })
+    }
+
+    /// MixQ's threshold counts over the forward passes that `cache` has run since it was made;
+    /// `None` for a model without MixQ layers.
+    pub fn mixq_counts(&self, cache: &CudaKvCache) -> Result<Option<MixqCounts>, CudaModelError> {
+        Ok(cache.scratch.mixq.counts(&self.device)?)
     }
 
     /// Runs `tokens` at the positions after those in `cache`, appends their keys and values to
@@ -458,12 +490,15 @@ impl CudaLlama {
         let Scratch { x, normed, qkv, q, attn, delta, delta_half, gate_up, act, mixq, .. } = s;
         let mut r = Residual { x, delta, delta_half, pending: Pending::Nothing, rows };
         for (i, layer) in self.layers.iter().enumerate() {
-            self.linear_of_norm(&mut r, &layer.attn_norm, &layer.qkv, normed, mixq.qkv.as_mut(), qkv)?;
+            let inputs = mixq.of_block[i];
+            mixq.rows += (rows * inputs.iter().flatten().count()) as u64;
+            let [qkv_in, o_proj_in, gate_up_in, down_in] = inputs;
+            self.linear_of_norm(&mut r, &layer.attn_norm, &layer.qkv, normed, mixq.buffer(qkv_in), qkv)?;
             attention(i, layer, AttentionIo { qkv, q, out: attn })?;
-            self.linear_to_residual(&mut r, &layer.o_proj, SubLayerInput::Plain(attn), mixq.o_proj.as_mut())?;
-            self.linear_of_norm(&mut r, &layer.mlp_norm, &layer.gate_up, normed, mixq.gate_up.as_mut(), gate_up)?;
+            self.linear_to_residual(&mut r, &layer.o_proj, SubLayerInput::Plain(attn), mixq.buffer(o_proj_in))?;
+            self.linear_of_norm(&mut r, &layer.mlp_norm, &layer.gate_up, normed, mixq.buffer(gate_up_in), gate_up)?;
             let input = SubLayerInput::SiluMul { gate_up, act };
-            self.linear_to_residual(&mut r, &layer.down, input, mixq.down.as_mut())?;
+            self.linear_to_residual(&mut r, &layer.down, input, mixq.buffer(down_in))?;
         }
         self.norm(&mut r, &self.final_norm, normed)
     }
@@ -518,11 +553,11 @@ impl CudaLlama {
                 self.norm(r, gamma, normed)?;
                 self.blas.f16(normed, weight, out, (r.rows, *n, *k))?;
             }
-            CudaLinear::Mixq(weight) => {
+            CudaLinear::Mixq { weight, threshold } => {
                 self.settle(r)?;
                 let acts = acts.ok_or_else(missing_mixq_buffer)?;
                 let producer = Producer::RmsNorm { x: r.x, gamma, eps: self.config.rms_norm_eps };
-                acts.produce(dev, producer, r.rows, f32::INFINITY)?;
+                acts.produce(dev, producer, r.rows, *threshold)?;
                 mixq::gemm(dev, weight, acts, out)?;
             }
         }
@@ -551,13 +586,13 @@ impl CudaLlama {
                 }
                 r.pending = Pending::F32;
             }
-            CudaLinear::Mixq(weight) => {
+            CudaLinear::Mixq { weight, threshold } => {
                 let acts = acts.ok_or_else(missing_mixq_buffer)?;
                 let producer = match input {
                     SubLayerInput::Plain(x) => Producer::Plain { x },
                     SubLayerInput::SiluMul { gate_up, .. } => Producer::SiluMul { gate_up },
                 };
-                acts.produce(dev, producer, r.rows, f32::INFINITY)?;
+                acts.produce(dev, producer, r.rows, *threshold)?;
                 mixq::gemm(dev, weight, acts, r.delta_half)?;
                 r.pending = Pending::F16;
             }
@@ -870,14 +905,69 @@ struct Scratch {
     logits: CudaSlice<f32>,
 }
 
-/// MixQ's quantized inputs of the four linear layers of a block, each shared by every layer (they
-/// have the same outlier channels: [`CudaLlama::from_weights`] checks it); `None` where no layer
-/// of that kind is MixQ.
+/// MixQ's quantized inputs: a buffer per distinct outlier set, which each MixQ layer with that set
+/// fills just before its GEMM reads it. Models whose layers share sets (the benchmark's random
+/// ones) have a few; calibrated checkpoints, whose sets differ from block to block, one per
+/// layer input.
 struct MixqInputs {
-    qkv: Option<MixqActivations>,
-    o_proj: Option<MixqActivations>,
-    gate_up: Option<MixqActivations>,
-    down: Option<MixqActivations>,
+    buffers: Vec<MixqActivations>,
+    /// Per block, the buffer of each of its linear layers (in `BLOCK_LINEARS`' order) that is MixQ.
+    of_block: Vec<[Option<usize>; 4]>,
+    /// Token rows quantized, once per MixQ layer input they passed through.
+    rows: u64,
+}
+
+impl MixqInputs {
+    fn new(device: &CudaDevice, layers: &[CudaLayer], rows: usize) -> Result<Self, CudaError> {
+        // (k, set) of each buffer: sets of the same width and channels quantize alike.
+        let mut sets: Vec<(usize, &Arc<OutlierSet>)> = Vec::new();
+        let mut buffers = Vec::new();
+        let mut of_block = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let mut of = [None; 4];
+            for (slot, (_, linear)) in of.iter_mut().zip(BLOCK_LINEARS) {
+                let Some(set) = linear(layer).outliers() else { continue };
+                let k = linear(layer).shape().1;
+                let same = |&(k_b, b): &(usize, &Arc<OutlierSet>)| k_b == k && b.channels() == set.channels();
+                *slot = Some(match sets.iter().position(same) {
+                    Some(b) => b,
+                    None => {
+                        sets.push((k, set));
+                        buffers.push(MixqActivations::new(device, rows, set)?);
+                        buffers.len() - 1
+                    }
+                });
+            }
+            of_block.push(of);
+        }
+        Ok(Self { buffers, of_block, rows: 0 })
+    }
+
+    fn buffer(&mut self, index: Option<usize>) -> Option<&mut MixqActivations> {
+        index.map(|b| &mut self.buffers[b])
+    }
+
+    fn counts(&self, device: &CudaDevice) -> Result<Option<MixqCounts>, CudaError> {
+        if self.buffers.is_empty() {
+            return Ok(None);
+        }
+        let mut over_threshold = 0;
+        for buffer in &self.buffers {
+            over_threshold += u64::from(buffer.over_threshold(device)?);
+        }
+        Ok(Some(MixqCounts { rows: self.rows, over_threshold }))
+    }
+}
+
+/// How often MixQ's inputs held an activation above their layer's calibration threshold outside
+/// its outlier channels: where a CPU MixQ layer adds the channel to its set, the GPU's sets stay
+/// as converted and the channel is quantized with the rest (a coarser int8 scale for that token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixqCounts {
+    /// Token rows quantized, once per MixQ layer input they passed through.
+    pub rows: u64,
+    /// Of those, the rows over the threshold.
+    pub over_threshold: u64,
 }
 
 impl Scratch {
@@ -885,16 +975,6 @@ impl Scratch {
         let (device, c) = (model.device.as_ref(), &model.config);
         let (h, ffn) = (c.hidden_size, c.intermediate_size);
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        // The outlier set of the first MixQ layer of a kind.
-        let input = |(_, linear): (&str, BlockLinear)| {
-            model
-                .layers
-                .iter()
-                .find_map(|l| linear(l).outliers())
-                .map(|outliers| MixqActivations::new(device, rows, outliers))
-                .transpose()
-        };
-        let [qkv, o_proj, gate_up, down] = BLOCK_LINEARS;
         Ok(Self {
             rows,
             tokens: device.zeros(rows)?,
@@ -907,7 +987,7 @@ impl Scratch {
             delta_half: device.zeros(rows * h)?,
             gate_up: device.zeros(rows * 2 * ffn)?,
             act: device.zeros(rows * ffn)?,
-            mixq: MixqInputs { qkv: input(qkv)?, o_proj: input(o_proj)?, gate_up: input(gate_up)?, down: input(down)? },
+            mixq: MixqInputs::new(device, &model.layers, rows)?,
             logit_input: device.zeros(logit_rows * h)?,
             logits: device.zeros(logit_rows * c.vocab_size)?,
         })
@@ -918,6 +998,13 @@ impl Scratch {
 pub struct CudaDecoder<'a> {
     model: &'a CudaLlama,
     cache: CudaKvCache,
+}
+
+impl CudaDecoder<'_> {
+    /// [`CudaLlama::mixq_counts`] of the decoder's cache.
+    pub fn mixq_counts(&self) -> Result<Option<MixqCounts>, CudaModelError> {
+        self.model.mixq_counts(&self.cache)
+    }
 }
 
 impl Decoder for CudaDecoder<'_> {

@@ -136,7 +136,11 @@ pub fn random_model(
     let linear = |(n, k): (usize, usize), set: &Arc<OutlierSet>, seed: u64| -> Result<CudaLinear, CudaModelError> {
         Ok(match kind.mixq_bits() {
             None => CudaLinear::Fp16 { weight: random_f16(device, n * k, seed, (3.0 / k as f32).sqrt())?, n, k },
-            Some(bits) => CudaLinear::Mixq(MixqWeight::random(device, bits, (n, k), set, seed)?),
+            // Random weights have no calibration threshold: nothing is counted.
+            Some(bits) => CudaLinear::Mixq {
+                weight: MixqWeight::random(device, bits, (n, k), set, seed)?,
+                threshold: f32::INFINITY,
+            },
         })
     };
     let mut layers = Vec::with_capacity(c.num_layers);

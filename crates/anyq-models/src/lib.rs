@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cuda;
 pub mod cuda_bench;
+pub mod cuda_mixq;
 pub mod decoder;
 pub mod error;
 pub mod llama;

@@ -422,6 +422,12 @@ impl MixQLinear {
         Ok(Self::from_parts(weight, set, threshold, bias, n, k))
     }
 
+    /// The integer weight `[n, k]` of every column: the outlier channels' int8 activations are 0,
+    /// so their integer columns add nothing.
+    pub fn int_weight(&self) -> &IntWeight {
+        &self.weight
+    }
+
     /// A copy of the current outlier set.
     pub fn outlier_set(&self) -> OutlierSet {
         self.read_set().clone()
