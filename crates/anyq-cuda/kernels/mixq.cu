@@ -781,9 +781,9 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 // ring stage holds 16 slices (128 k) of both tiles (one bulk copy per tile) and, beside them,
 // the scales and zero points of the groups those slices fall in (cp.async by the producer warp's
 // lanes, completing on the same barrier): nothing a consumer waits for comes from device memory
-// when it needs it. Consumer warp w computes slices w and w + 8 of every stage; the 8 partial
-// sums of a pair meet in shared memory at its end. The activations come through L1, a stage
-// ahead.
+// when it needs it. Each consumer warp computes two slices of every stage for 8 tokens (8 warps
+// up to 8 tokens, 16 up to 16); the 8 partial sums of a pair and 8 tokens meet in shared memory
+// at its end. The activations come through L1, a stage ahead.
 //
 // Lane (g, t) holds row g of both tiles' 32-k block t of a slice (16 bytes each, as packed):
 // byte 4s + i is k = 32t + 4s + i (low nibble) and + 16 (high), so word s of the first tile's
@@ -814,12 +814,12 @@ __device__ __forceinline__ void cp_async_arrive(u32_t bar) {
 }
 #endif
 
-template <int GROUPS> // of 8 tokens
+template <int CW> // consumer warps: 8 per 8 tokens
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int S = STREAM_SLICES;
     extern __shared__ __align__(128) u8_t ring[];
-    __shared__ float partial[2][8][32][4 * GROUPS];
+    __shared__ float partial[2][CW][32][4];
     u8_t* side_base = ring + STREAM_STAGES * STREAM_STAGE_BYTES;
     const u32_t full = smem_addr(side_base + STREAM_STAGES * STREAM_SIDE_BYTES), empty = full + 8 * STREAM_STAGES;
     const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128;
@@ -833,13 +833,13 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     if (threadIdx.x == 0) {
         for (int s = 0; s < STREAM_STAGES; ++s) {
             mbar_init(full + 8 * s, 33); // the bulk copies' expect_tx, then each producer lane's cp.async's
-            mbar_init(empty + 8 * s, 8); // one arrival per consumer warp
+            mbar_init(empty + 8 * s, CW); // one arrival per consumer warp
         }
         mbar_init_fence();
     }
     __syncthreads();
 
-    if (warp == 8) {
+    if (warp == CW) {
         int it = 0;
         for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x) {
             const int first = 2 * pair, count = min(2, n_tiles - first); // tiles
@@ -873,38 +873,29 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     // What the previous kernel wrote (the activations) is read from here on; the weights'
     // stream above needs nothing of it.
     grid_dependency_wait();
-    const int g = lane >> 2, t = lane & 3;
-    // Token rows g (+ 8): activations of this lane's 32-k block, outlier activations.
-    const u8_t* x[GROUPS];
-    const u8_t* xo[GROUPS];
-#pragma unroll
-    for (int h = 0; h < GROUPS; ++h) {
-        const int token = min(g + 8 * h, p.m - 1);
-        x[h] = (const u8_t*)p.xq + (u64_t)token * p.k_pad + 32 * t;
-        xo[h] = (const u8_t*)(p.xo + (u64_t)token * p.ko_pad) + 16 * t;
-    }
+    // Warp w computes slices w % 8 and w % 8 + 8 of every stage for tokens 8h .. 8h + 7, h = w / 8.
+    const int g = lane >> 2, t = lane & 3, part = warp & 7, h = warp >> 3;
+    // Token row 8h + g: activations of this lane's 32-k block, outlier activations.
+    const int token = min(8 * h + g, p.m - 1);
+    const u8_t* x = (const u8_t*)p.xq + (u64_t)token * p.k_pad + 32 * t;
+    const u8_t* xo = (const u8_t*)(p.xo + (u64_t)token * p.ko_pad) + 16 * t;
     const int ko_slices = p.ko_pad / 32;
-    // The tokens' outlier activations of this warp's first 32-channel slice (all of them at 1%
-    // outliers of up to 8192 channels), the same for every pair: read once.
-    uint4 xo_first[GROUPS];
-#pragma unroll
-    for (int h = 0; h < GROUPS; ++h) xo_first[h] = warp < ko_slices ? __ldg((const uint4*)(xo[h] + warp * 64)) : make_uint4(0, 0, 0, 0);
-    // Slices w and w + 8 of a stage; past a short last stage, slice 0 again, scaled by zero:
-    // straight-line code lets the two slices' mma chains interleave.
+    // The outlier activations of this warp's first 32-channel slice (all of them at 1% outliers
+    // of up to 8192 channels), the same for every pair: read once.
+    const uint4 xo_first = part < ko_slices ? __ldg((const uint4*)(xo + part * 64)) : make_uint4(0, 0, 0, 0);
+    // Slices part and part + 8 of a stage; past a short last stage, slice 0 again, scaled by
+    // zero: straight-line code lets the two slices' mma chains interleave.
     auto slice_of = [&](int c, int i) {
-        const int j = warp + 8 * i;
+        const int j = part + 8 * i;
         return j < min(S, slices - c * S) ? j : 0;
     };
-    uint4 xl[2][GROUPS], xh[2][GROUPS];
+    uint4 xl[2], xh[2];
     auto load_x = [&](int c) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int kb = (c * S + slice_of(c, i)) * 128;
-#pragma unroll
-            for (int h = 0; h < GROUPS; ++h) {
-                xl[i][h] = __ldg((const uint4*)(x[h] + kb));
-                xh[i][h] = __ldg((const uint4*)(x[h] + kb + 16));
-            }
+            xl[i] = __ldg((const uint4*)(x + kb));
+            xh[i] = __ldg((const uint4*)(x + kb + 16));
         }
     };
     int it = 0, round = 0;
@@ -915,13 +906,11 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
         // 32-channel slice), the first fetched now so that its latency hides behind the stream.
         const u8_t* wo0 = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
         const u8_t* wo1 = (const u8_t*)(p.wo + (u64_t)((second ? tile + 1 : tile) * 8 + g) * p.ko_pad) + 16 * t;
-        const bool outliers = warp < ko_slices;
-        uint4 wa = outliers ? __ldg((const uint4*)(wo0 + warp * 64)) : make_uint4(0, 0, 0, 0);
-        uint4 wb = outliers ? __ldg((const uint4*)(wo1 + warp * 64)) : make_uint4(0, 0, 0, 0);
-        // out[4h + r]: rows g (r = 0, 1) and g + 8 (r = 2, 3), tokens 8h + 2t (+ 1).
-        float out[4 * GROUPS];
-#pragma unroll
-        for (int r = 0; r < 4 * GROUPS; ++r) out[r] = 0.0f;
+        const bool outliers = part < ko_slices;
+        uint4 wa = outliers ? __ldg((const uint4*)(wo0 + part * 64)) : make_uint4(0, 0, 0, 0);
+        uint4 wb = outliers ? __ldg((const uint4*)(wo1 + part * 64)) : make_uint4(0, 0, 0, 0);
+        // Rows g (out 0, 1) and g + 8 (out 2, 3), tokens 8h + 2t (+ 1).
+        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         load_x(0);
         for (int c = 0; c < chunks; ++c, ++it) {
             const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = (c * S) >> group_shift;
@@ -937,7 +926,7 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
                 w0[i] = *(const uint4*)(stage + j * 512);
                 w1[i] = *(const uint4*)(stage + (S + j) * 512);
                 const int e = ((c * S + j) >> group_shift) - g0;
-                const float keep = warp + 8 * i < n ? 1.0f : 0.0f;
+                const float keep = part + 8 * i < n ? 1.0f : 0.0f;
                 scale[i][0] = keep * *(const float*)(side + e * 32 + 4 * g);
                 scale[i][1] = keep * *(const float*)(side + (e + side_groups) * 32 + 4 * g);
                 zero[i][0] = side[STREAM_SIDE_ENTRIES * 32 + e * 8 + g];
@@ -945,86 +934,62 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + 8 * s);
-            uint4 cl[2][GROUPS], ch[2][GROUPS];
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int h = 0; h < GROUPS; ++h) cl[i][h] = xl[i][h], ch[i][h] = xh[i][h];
+            const uint4 cl[2] = {xl[0], xl[1]}, ch[2] = {xh[0], xh[1]};
             if (c + 1 < chunks) load_x(c + 1);
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const u32_t ka[4] = {w0[i].x, w0[i].y, w0[i].z, w0[i].w}, kb[4] = {w1[i].x, w1[i].y, w1[i].z, w1[i].w};
-                u32_t a[4][4];
+                const u32_t lo[4] = {cl[i].x, cl[i].y, cl[i].z, cl[i].w}, hi[4] = {ch[i].x, ch[i].y, ch[i].z, ch[i].w};
+                const u32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
+                int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    a[q][0] = ka[q] & 0x0f0f0f0fu;
-                    a[q][1] = kb[q] & 0x0f0f0f0fu;
-                    a[q][2] = (ka[q] >> 4) & 0x0f0f0f0fu;
-                    a[q][3] = (kb[q] >> 4) & 0x0f0f0f0fu;
+                    const u32_t a[4] = {ka[q] & 0x0f0f0f0fu, kb[q] & 0x0f0f0f0fu, (ka[q] >> 4) & 0x0f0f0f0fu,
+                                        (kb[q] >> 4) & 0x0f0f0f0fu};
+                    mma_s8(acc, a, lo[q], hi[q]);
+                    mma_s8(sum, ones, lo[q], hi[q]);
                 }
-                const u32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
-#pragma unroll
-                for (int h = 0; h < GROUPS; ++h) {
-                    const u32_t lo[4] = {cl[i][h].x, cl[i][h].y, cl[i][h].z, cl[i][h].w};
-                    const u32_t hi[4] = {ch[i][h].x, ch[i][h].y, ch[i][h].z, ch[i][h].w};
-                    int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        mma_s8(acc, a[q], lo[q], hi[q]);
-                        mma_s8(sum, ones, lo[q], hi[q]);
-                    }
-                    out[4 * h + 0] += scale[i][0] * (float)(acc[0] - zero[i][0] * sum[0]);
-                    out[4 * h + 1] += scale[i][0] * (float)(acc[1] - zero[i][0] * sum[1]);
-                    out[4 * h + 2] += scale[i][1] * (float)(acc[2] - zero[i][1] * sum[2]);
-                    out[4 * h + 3] += scale[i][1] * (float)(acc[3] - zero[i][1] * sum[3]);
-                }
+                out[0] += scale[i][0] * (float)(acc[0] - zero[i][0] * sum[0]);
+                out[1] += scale[i][0] * (float)(acc[1] - zero[i][0] * sum[1]);
+                out[2] += scale[i][1] * (float)(acc[2] - zero[i][1] * sum[2]);
+                out[3] += scale[i][1] * (float)(acc[3] - zero[i][1] * sum[3]);
             }
         }
-#pragma unroll
-        for (int h = 0; h < GROUPS; ++h) {
-            const int t0 = 8 * h + 2 * t;
-            const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
-            out[4 * h + 0] *= s0;
-            out[4 * h + 1] *= s1;
-            out[4 * h + 2] *= s0;
-            out[4 * h + 3] *= s1;
-        }
-        for (int c = warp; outliers && c < ko_slices; c += 8) {
+        const int t0 = 8 * h + 2 * t;
+        const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
+        out[0] *= s0;
+        out[1] *= s1;
+        out[2] *= s0;
+        out[3] *= s1;
+        for (int c = part; outliers && c < ko_slices; c += 8) {
             const uint4 va = wa, vb = wb;
             if (c + 8 < ko_slices) {
                 wa = __ldg((const uint4*)(wo0 + (c + 8) * 64));
                 wb = __ldg((const uint4*)(wo1 + (c + 8) * 64));
             }
             const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
-#pragma unroll
-            for (int h = 0; h < GROUPS; ++h) {
-                const uint4 xv = c == warp ? xo_first[h] : __ldg((const uint4*)(xo[h] + c * 64));
-                mma_f16(&out[4 * h], a0, xv.x, xv.y);
-                mma_f16(&out[4 * h], a1, xv.z, xv.w);
-            }
+            const uint4 xv = c == part ? xo_first : __ldg((const uint4*)(xo + c * 64));
+            mma_f16(out, a0, xv.x, xv.y);
+            mma_f16(out, a1, xv.z, xv.w);
         }
-        // The 8 warps add up (two buffers: the next pair writes the other one).
+        // The 8 warps of each token group add up (two buffers: the next pair writes the other).
 #pragma unroll
-        for (int r = 0; r < 4 * GROUPS; ++r) partial[round & 1][warp][lane][r] = out[r];
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
-        if (warp == 0) {
-            float total[4 * GROUPS];
+        for (int r = 0; r < 4; ++r) partial[round & 1][warp][lane][r] = out[r];
+        asm volatile("bar.sync 1, %0;\n" ::"n"(CW * 32) : "memory");
+        if (part == 0) {
+            float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int w2 = warp; w2 < warp + 8; ++w2)
 #pragma unroll
-            for (int r = 0; r < 4 * GROUPS; ++r) total[r] = 0.0f;
-            for (int w2 = 0; w2 < 8; ++w2)
+                for (int r = 0; r < 4; ++r) total[r] += partial[round & 1][w2][lane][r];
 #pragma unroll
-                for (int r = 0; r < 4 * GROUPS; ++r) total[r] += partial[round & 1][w2][lane][r];
-#pragma unroll
-            for (int h = 0; h < GROUPS; ++h)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int token = 8 * h + 2 * t + (r & 1), row = tile * 8 + g + (r >> 1) * 8;
-                    if (token < p.m && row < p.n) p.y[(u64_t)token * p.n + row] = f32_to_f16(total[4 * h + r]);
-                }
+            for (int r = 0; r < 4; ++r) {
+                const int tk = t0 + (r & 1), row = tile * 8 + g + (r >> 1) * 8;
+                if (tk < p.m && row < p.n) p.y[(u64_t)tk * p.n + row] = f32_to_f16(total[r]);
+            }
         }
     }
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<1>(p); }
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<2>(p); }
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<8>(p); }
+extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<16>(p); }

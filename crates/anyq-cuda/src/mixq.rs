@@ -602,13 +602,14 @@ const STREAM_SMEM: u32 = 8 * (16384 + 1360 + 16);
 /// weight tiles (16 rows), launched to start while the kernel before it finishes.
 fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
     let pairs = (args.n as usize).div_ceil(16);
-    let name = if args.m > 8 { "mixq_w4_stream16" } else { "mixq_w4_stream8" };
+    // 8 consumer warps per 8 tokens and the producer warp.
+    let (name, threads) = if args.m > 8 { ("mixq_w4_stream16", 544) } else { ("mixq_w4_stream8", 288) };
     let function = device.function(&MIXQ, name, STREAM_SMEM)?;
     let blocks = pairs.min(device.sm_count() as usize) as u32;
     let mut args = *args;
     let mut params = [&mut args as *mut GemmArgs as *mut c_void];
     let options = LaunchOptions { cluster: 1, early_start: true };
-    launch_ex(device, &function, (blocks, 288), STREAM_SMEM, options, &mut params)
+    launch_ex(device, &function, (blocks, threads), STREAM_SMEM, options, &mut params)
 }
 
 /// Scalar arguments of `mixq_w8_tma` (`TmaArgs` in mixq.cu).
