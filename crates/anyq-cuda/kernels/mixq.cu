@@ -20,7 +20,8 @@
 
 // ---------------------------------------------------------------------------------------------
 // Producer: normalise (or SiLU-gate) a row, find its amax over the non-outlier channels,
-// quantize those to int8 and gather the outliers into xo, in one kernel. One block per row.
+// quantize those to int8 and gather the outliers into xo, in one kernel. One block per row, of
+// as many threads as hold the row in registers (up to 1024).
 
 // The inputs are the model's own buffers: PLAIN reads f16 rows (the attention output),
 // RMSNORM the f32 residual stream with an f32 weight, SILU_MUL f16 rows holding the gate then the
@@ -35,6 +36,11 @@ __device__ __forceinline__ float produced(const void* row, const void* gamma, in
     return x;
 }
 
+// Values a thread holds in registers: rows of up to 1024 x PRODUCE_PER values are read from
+// memory once, all loads of a thread in flight together (at one row per block, a decode step's
+// row, a loop of dependent loads would wait out a memory latency per element). Longer rows loop.
+constexpr int PRODUCE_PER = 16;
+
 template <int MODE>
 __device__ void mixq_produce(const void* __restrict__ x, const float* __restrict__ gamma, int k_len, float eps,
                              const int* __restrict__ slot, int ko, int k_pad, int ko_pad, i8_t* __restrict__ xq,
@@ -42,21 +48,52 @@ __device__ void mixq_produce(const void* __restrict__ x, const float* __restrict
                              u32_t* __restrict__ over_threshold) {
     __shared__ float scratch[32];
     launch_dependents(); // the GEMM after this may start streaming its weights
-    const int row = blockIdx.x;
+    const int row = blockIdx.x, threads = blockDim.x;
     const void* in = MODE == PRODUCE_RMSNORM ? (const void*)((const float*)x + (u64_t)row * k_len)
                                              : (const void*)((const f16_t*)x + (u64_t)row * k_len * (MODE == PRODUCE_SILU_MUL ? 2 : 1));
-    float rinv = 1.0f;
-    if (MODE == PRODUCE_RMSNORM) {
+    i8_t* q = xq + (u64_t)row * k_pad;
+    f16_t* o = xo + (u64_t)row * ko_pad;
+    const bool in_registers = k_len <= threads * PRODUCE_PER;
+    // In registers: value i of the thread is channel threadIdx.x + i · threads; bit i of
+    // `outlier` marks the channels of the outlier set.
+    float v[PRODUCE_PER];
+    u32_t outlier = 0;
+    float rinv = 1.0f, amax = 0.0f;
+    if (in_registers) {
         float sumsq = 0.0f;
-        for (int k = threadIdx.x; k < k_len; k += blockDim.x) {
-            const float v = ((const float*)in)[k];
-            sumsq += v * v;
+#pragma unroll
+        for (int i = 0; i < PRODUCE_PER; ++i) {
+            const int k = threadIdx.x + i * threads;
+            v[i] = 0.0f;
+            if (k < k_len) {
+                v[i] = MODE == PRODUCE_RMSNORM ? ((const float*)in)[k] : produced<MODE>(in, gamma, k, k_len, 1.0f);
+                outlier |= (u32_t)(slot[k] >= 0) << i;
+                sumsq += v[i] * v[i];
+            }
         }
-        rinv = rsqrtf(block_reduce<false>(sumsq, scratch) / k_len + eps);
+        if (MODE == PRODUCE_RMSNORM) {
+            rinv = rsqrtf(block_reduce<false>(sumsq, scratch) / k_len + eps);
+#pragma unroll
+            for (int i = 0; i < PRODUCE_PER; ++i) {
+                const int k = threadIdx.x + i * threads;
+                if (k < k_len) v[i] *= rinv * gamma[k];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PRODUCE_PER; ++i)
+            if (!(outlier >> i & 1)) amax = fmaxf(amax, fabsf(v[i]));
+    } else {
+        if (MODE == PRODUCE_RMSNORM) {
+            float sumsq = 0.0f;
+            for (int k = threadIdx.x; k < k_len; k += threads) {
+                const float value = ((const float*)in)[k];
+                sumsq += value * value;
+            }
+            rinv = rsqrtf(block_reduce<false>(sumsq, scratch) / k_len + eps);
+        }
+        for (int k = threadIdx.x; k < k_len; k += threads)
+            if (slot[k] < 0) amax = fmaxf(amax, fabsf(produced<MODE>(in, gamma, k, k_len, rinv)));
     }
-    float amax = 0.0f;
-    for (int k = threadIdx.x; k < k_len; k += blockDim.x)
-        if (slot[k] < 0) amax = fmaxf(amax, fabsf(produced<MODE>(in, gamma, k, k_len, rinv)));
     amax = block_reduce<true>(amax, scratch);
     const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
     const float inv = 1.0f / scale;
@@ -64,19 +101,22 @@ __device__ void mixq_produce(const void* __restrict__ x, const float* __restrict
         sx[row] = scale;
         if (amax > threshold) atomicAdd(over_threshold, 1u);
     }
-    i8_t* q = xq + (u64_t)row * k_pad;
-    f16_t* o = xo + (u64_t)row * ko_pad;
-    for (int k = threadIdx.x; k < k_pad; k += blockDim.x) {
-        int value = 0;
-        if (k < k_len) {
-            const float y = produced<MODE>(in, gamma, k, k_len, rinv);
-            const int s = slot[k];
-            if (s >= 0) o[s] = f32_to_f16(y);
-            else value = max(-127, min(127, __float2int_rn(y * inv)));
+    // Channel k's int8 (0 at outlier channels and the padding), its f16 at its outlier slot.
+    auto store = [&](int k, float y, bool is_outlier) {
+        if (is_outlier) o[slot[k]] = f32_to_f16(y);
+        q[k] = is_outlier ? 0 : (i8_t)max(-127, min(127, __float2int_rn(y * inv)));
+    };
+    if (in_registers) {
+#pragma unroll
+        for (int i = 0; i < PRODUCE_PER; ++i) {
+            const int k = threadIdx.x + i * threads;
+            if (k < k_len) store(k, v[i], outlier >> i & 1);
         }
-        q[k] = (i8_t)value;
+    } else {
+        for (int k = threadIdx.x; k < k_len; k += threads) store(k, produced<MODE>(in, gamma, k, k_len, rinv), slot[k] >= 0);
     }
-    for (int j = ko + threadIdx.x; j < ko_pad; j += blockDim.x) o[j] = 0;
+    for (int k = k_len + threadIdx.x; k < k_pad; k += threads) q[k] = 0;
+    for (int j = ko + threadIdx.x; j < ko_pad; j += threads) o[j] = 0;
 }
 
 #define PRODUCE_ARGS                                                                                           \
@@ -84,9 +124,9 @@ __device__ void mixq_produce(const void* __restrict__ x, const float* __restrict
         i8_t *xq, float *sx, f16_t *xo, float threshold, u32_t *over_threshold
 #define PRODUCE_PASS x, gamma, k_len, eps, slot, ko, k_pad, ko_pad, xq, sx, xo, threshold, over_threshold
 
-extern "C" __global__ void mixq_produce_plain(PRODUCE_ARGS) { mixq_produce<PRODUCE_PLAIN>(PRODUCE_PASS); }
-extern "C" __global__ void mixq_produce_rmsnorm(PRODUCE_ARGS) { mixq_produce<PRODUCE_RMSNORM>(PRODUCE_PASS); }
-extern "C" __global__ void mixq_produce_silu_mul(PRODUCE_ARGS) { mixq_produce<PRODUCE_SILU_MUL>(PRODUCE_PASS); }
+extern "C" __global__ void __launch_bounds__(1024) mixq_produce_plain(PRODUCE_ARGS) { mixq_produce<PRODUCE_PLAIN>(PRODUCE_PASS); }
+extern "C" __global__ void __launch_bounds__(1024) mixq_produce_rmsnorm(PRODUCE_ARGS) { mixq_produce<PRODUCE_RMSNORM>(PRODUCE_PASS); }
+extern "C" __global__ void __launch_bounds__(1024) mixq_produce_silu_mul(PRODUCE_ARGS) { mixq_produce<PRODUCE_SILU_MUL>(PRODUCE_PASS); }
 
 // ---------------------------------------------------------------------------------------------
 // GEMM for many tokens: y[m][n] = sx[m] · (W8: sw[n] · Σ xq·wq | W4: Σ_groups sw · Σ xq·(q − z))

@@ -368,7 +368,9 @@ impl MixqActivations {
         let function = device.function(&MIXQ, name, 0)?;
         let (k_i, ko, k_pad, ko_pad) =
             (k as i32, self.outliers.channels.len() as i32, self.k_pad as i32, self.outliers.padded_len() as i32);
-        let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Threads enough for PRODUCE_PER (mixq.cu) values each, in whole warps.
+        let threads = k.div_ceil(16).next_multiple_of(32).clamp(128, 1024) as u32;
+        let config = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let mut launch = stream.launch_builder(&function);
         launch
             .arg(&x)

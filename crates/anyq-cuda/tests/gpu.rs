@@ -152,7 +152,8 @@ fn w4a8_gemm_with_outliers_matches_the_host() {
 fn check_producer(mode: &str) {
     let Some(device) = device() else { return };
     let mut rng = XorShift::new(11);
-    for &(m, k, outliers) in &[(1usize, 64usize, 0usize), (5, 333, 7), (33, 4100, 41)] {
+    // The last row is longer than the kernel keeps in registers: the looping path.
+    for &(m, k, outliers) in &[(1usize, 64usize, 0usize), (5, 333, 7), (33, 4100, 41), (2, 16500, 120)] {
         let channels = spread_channels(k, outliers);
         let ko = channels.len();
         let set = OutlierSet::new(&device, k, &channels).unwrap();
