@@ -817,13 +817,14 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 // kernel before (the producer of the activations) finishes.
 //
 // The unit is a pair of 8-row tiles: 16 weight rows are an m16n8k32 mma's A operand and the
-// tokens its B (8 at a time), so that no mma row is padding. Blocks walk the pairs; each 16 KiB
-// ring stage holds 16 slices (128 k) of both tiles (one bulk copy per tile) and, beside them,
-// the scales and zero points of the groups those slices fall in (cp.async by the producer warp's
-// lanes, completing on the same barrier): nothing a consumer waits for comes from device memory
-// when it needs it. Each consumer warp computes two slices of every stage for 8 tokens (8 warps
-// up to 8 tokens, 16 up to 16); the 8 partial sums of a pair and 8 tokens meet in shared memory
-// at its end. The activations come through L1, a stage ahead.
+// tokens its B (8 at a time), so that no mma row is padding. Blocks walk batches of T pairs
+// (1, or 2 above 8 tokens); each 16 KiB ring stage holds 16 / T slices (128 k) of every tile of
+// the batch (one bulk copy per tile) and, beside them, the scales and zero points of the groups
+// those slices fall in (cp.async by the producer warp's lanes, completing on the same barrier):
+// nothing a consumer waits for comes from device memory when it needs it. Each consumer warp
+// computes two (pair, slice) units of every stage for 8 tokens (8 warps up to 8 tokens, 16 up
+// to 16); the 8 partial sums of a pair and 8 tokens meet in shared memory at the batch's end.
+// The activations come through L1, a stage ahead.
 //
 // Lane (g, t) holds row g of both tiles' 32-k block t of a slice (16 bytes each, as packed):
 // byte 4s + i is k = 32t + 4s + i (low nibble) and + 16 (high), so word s of the first tile's
@@ -833,8 +834,9 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 constexpr int STREAM_STAGES = 8;
 constexpr int STREAM_SLICES = 16; // of each tile a stage: 16 KiB
 constexpr int STREAM_STAGE_BYTES = 2 * STREAM_SLICES * 512;
-// Per stage: up to 34 (tile, group) entries of 8 rows, f32 scales then u8 zero points.
-constexpr int STREAM_SIDE_ENTRIES = 2 * (STREAM_SLICES + 1);
+// Per stage: up to 36 (tile, group) entries of 8 rows (2 tiles x 17 groups, or 4 x 9), f32
+// scales then u8 zero points.
+constexpr int STREAM_SIDE_ENTRIES = 36;
 constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_ENTRIES * 8 * 5;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -854,16 +856,16 @@ __device__ __forceinline__ void cp_async_arrive(u32_t bar) {
 }
 #endif
 
-template <int CW> // consumer warps: 8 per 8 tokens
+template <int CW, int T> // consumer warps (8 per 8 tokens), tile pairs per batch
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int S = STREAM_SLICES;
+    constexpr int S = STREAM_SLICES / T; // slices of each tile a stage
     extern __shared__ __align__(128) u8_t ring[];
-    __shared__ float partial[2][CW][32][4];
+    __shared__ float partial[2][CW][32][4 * T];
     u8_t* side_base = ring + STREAM_STAGES * STREAM_STAGE_BYTES;
     const u32_t full = smem_addr(side_base + STREAM_STAGES * STREAM_SIDE_BYTES), empty = full + 8 * STREAM_STAGES;
     const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128;
-    const int chunks = (slices + S - 1) / S, pairs = (n_tiles + 1) / 2;
+    const int chunks = (slices + S - 1) / S, batches = (n_tiles + 2 * T - 1) / (2 * T);
     // Group tiles are a power of two here (the host checks): a shift, not a division. A stage
     // need not start on a group boundary: it can touch one group more than its slices fill.
     const int group_shift = __ffs(p.group_tiles) - 1, side_groups = ((S - 1) >> group_shift) + 2;
@@ -881,8 +883,8 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 
     if (warp == CW) {
         int it = 0;
-        for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x) {
-            const int first = 2 * pair, count = min(2, n_tiles - first); // tiles
+        for (int b = blockIdx.x; b < batches; b += gridDim.x) {
+            const int first = 2 * T * b, count = min(2 * T, n_tiles - first); // tiles
             for (int c = 0; c < chunks; ++c, ++it) {
                 const int s = it % STREAM_STAGES, n = min(S, slices - c * S);
                 const int g0 = (c * S) >> group_shift, groups = ((c * S + n - 1) >> group_shift) - g0 + 1;
@@ -913,7 +915,9 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     // What the previous kernel wrote (the activations) is read from here on; the weights'
     // stream above needs nothing of it.
     grid_dependency_wait();
-    // Warp w computes slices w % 8 and w % 8 + 8 of every stage for tokens 8h .. 8h + 7, h = w / 8.
+    // Warp w computes, for tokens 8h .. 8h + 7 (h = w / 8), two units of every stage: slices
+    // w % 8 and w % 8 + 8 of the batch's pair (T = 1), or slice w % 8 of both pairs (T = 2, one
+    // load of the activations for both).
     const int g = lane >> 2, t = lane & 3, part = warp & 7, h = warp >> 3;
     // Token row 8h + g: activations of this lane's 32-k block, outlier activations.
     const int token = min(8 * h + g, p.m - 1);
@@ -923,62 +927,74 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     // The outlier activations of this warp's first 32-channel slice (all of them at 1% outliers
     // of up to 8192 channels), the same for every pair: read once.
     const uint4 xo_first = part < ko_slices ? __ldg((const uint4*)(xo + part * 64)) : make_uint4(0, 0, 0, 0);
-    // Slices part and part + 8 of a stage; past a short last stage, slice 0 again, scaled by
-    // zero: straight-line code lets the two slices' mma chains interleave.
+    constexpr int LOADS = 3 - T; // distinct slices a warp reads per stage
+    // Slice of load i; past a short last stage, slice 0 again, scaled by zero: straight-line
+    // code lets the units' mma chains interleave.
     auto slice_of = [&](int c, int i) {
         const int j = part + 8 * i;
         return j < min(S, slices - c * S) ? j : 0;
     };
-    uint4 xl[2], xh[2];
+    uint4 xl[LOADS], xh[LOADS];
     auto load_x = [&](int c) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < LOADS; ++i) {
             const int kb = (c * S + slice_of(c, i)) * 128;
             xl[i] = __ldg((const uint4*)(x + kb));
             xh[i] = __ldg((const uint4*)(x + kb + 16));
         }
     };
+    const int t0 = 8 * h + 2 * t;
+    const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
     int it = 0, round = 0;
-    for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x, ++round) {
-        const int tile = 2 * pair;
-        const bool second = tile + 1 < n_tiles;
-        // Outlier weights of rows g of both tiles (lane t: channels 8t .. 8t + 7 of a
+    for (int b = blockIdx.x; b < batches; b += gridDim.x, ++round) {
+        // Outlier weights of rows g of the pairs' tiles (lane t: channels 8t .. 8t + 7 of a
         // 32-channel slice), the first fetched now so that its latency hides behind the stream.
-        const u8_t* wo0 = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
-        const u8_t* wo1 = (const u8_t*)(p.wo + (u64_t)((second ? tile + 1 : tile) * 8 + g) * p.ko_pad) + 16 * t;
         const bool outliers = part < ko_slices;
-        uint4 wa = outliers ? __ldg((const uint4*)(wo0 + part * 64)) : make_uint4(0, 0, 0, 0);
-        uint4 wb = outliers ? __ldg((const uint4*)(wo1 + part * 64)) : make_uint4(0, 0, 0, 0);
-        // Rows g (out 0, 1) and g + 8 (out 2, 3), tokens 8h + 2t (+ 1).
-        float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const u8_t* wo[2 * T];
+        uint4 wv[2 * T];
+#pragma unroll
+        for (int i = 0; i < 2 * T; ++i) {
+            const int tile = min(2 * T * b + i, n_tiles - 1);
+            wo[i] = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
+            wv[i] = outliers ? __ldg((const uint4*)(wo[i] + part * 64)) : make_uint4(0, 0, 0, 0);
+        }
+        // out[4u + r]: pair u's rows g (r = 0, 1) and g + 8 (r = 2, 3), tokens 8h + 2t (+ 1).
+        float out[4 * T];
+#pragma unroll
+        for (int r = 0; r < 4 * T; ++r) out[r] = 0.0f;
         load_x(0);
         for (int c = 0; c < chunks; ++c, ++it) {
             const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = (c * S) >> group_shift;
             const u8_t* stage = ring + s * STREAM_STAGE_BYTES + 16 * lane;
             const u8_t* side = side_base + s * STREAM_SIDE_BYTES;
             mbar_wait(full + 8 * s, (it / STREAM_STAGES) & 1);
+            // Unit u: tiles 2·pair and 2·pair + 1 at slice j.
             uint4 w0[2], w1[2];
             float scale[2][2];
             int zero[2][2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int j = slice_of(c, i);
-                w0[i] = *(const uint4*)(stage + j * 512);
-                w1[i] = *(const uint4*)(stage + (S + j) * 512);
-                const int e = ((c * S + j) >> group_shift) - g0;
-                const float keep = part + 8 * i < n ? 1.0f : 0.0f;
-                scale[i][0] = keep * *(const float*)(side + e * 32 + 4 * g);
-                scale[i][1] = keep * *(const float*)(side + (e + side_groups) * 32 + 4 * g);
-                zero[i][0] = side[STREAM_SIDE_ENTRIES * 32 + e * 8 + g];
-                zero[i][1] = side[STREAM_SIDE_ENTRIES * 32 + (e + side_groups) * 8 + g];
+            for (int u = 0; u < 2; ++u) {
+                const int pair = T == 2 ? u : 0, j = slice_of(c, T == 2 ? 0 : u);
+                const int tile0 = 2 * pair;
+                w0[u] = *(const uint4*)(stage + (tile0 * S + j) * 512);
+                w1[u] = *(const uint4*)(stage + ((tile0 + 1) * S + j) * 512);
+                const int e = tile0 * side_groups + ((c * S + j) >> group_shift) - g0;
+                const float keep = part + (T == 2 ? 0 : 8 * u) < n ? 1.0f : 0.0f;
+                scale[u][0] = keep * *(const float*)(side + e * 32 + 4 * g);
+                scale[u][1] = keep * *(const float*)(side + (e + side_groups) * 32 + 4 * g);
+                zero[u][0] = side[STREAM_SIDE_ENTRIES * 32 + e * 8 + g];
+                zero[u][1] = side[STREAM_SIDE_ENTRIES * 32 + (e + side_groups) * 8 + g];
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + 8 * s);
-            const uint4 cl[2] = {xl[0], xl[1]}, ch[2] = {xh[0], xh[1]};
+            uint4 cl[LOADS], ch[LOADS];
+#pragma unroll
+            for (int i = 0; i < LOADS; ++i) cl[i] = xl[i], ch[i] = xh[i];
             if (c + 1 < chunks) load_x(c + 1);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const u32_t ka[4] = {w0[i].x, w0[i].y, w0[i].z, w0[i].w}, kb[4] = {w1[i].x, w1[i].y, w1[i].z, w1[i].w};
+            for (int u = 0; u < 2; ++u) {
+                const int i = T == 2 ? 0 : u, o = T == 2 ? 4 * u : 0;
+                const u32_t ka[4] = {w0[u].x, w0[u].y, w0[u].z, w0[u].w}, kb[4] = {w1[u].x, w1[u].y, w1[u].z, w1[u].w};
                 const u32_t lo[4] = {cl[i].x, cl[i].y, cl[i].z, cl[i].w}, hi[4] = {ch[i].x, ch[i].y, ch[i].z, ch[i].w};
                 const u32_t ones[4] = {0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u};
                 int acc[4] = {0, 0, 0, 0}, sum[4] = {0, 0, 0, 0};
@@ -989,41 +1005,49 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
                     mma_s8(acc, a, lo[q], hi[q]);
                     mma_s8(sum, ones, lo[q], hi[q]);
                 }
-                out[0] += scale[i][0] * (float)(acc[0] - zero[i][0] * sum[0]);
-                out[1] += scale[i][0] * (float)(acc[1] - zero[i][0] * sum[1]);
-                out[2] += scale[i][1] * (float)(acc[2] - zero[i][1] * sum[2]);
-                out[3] += scale[i][1] * (float)(acc[3] - zero[i][1] * sum[3]);
+                out[o + 0] += scale[u][0] * (float)(acc[0] - zero[u][0] * sum[0]);
+                out[o + 1] += scale[u][0] * (float)(acc[1] - zero[u][0] * sum[1]);
+                out[o + 2] += scale[u][1] * (float)(acc[2] - zero[u][1] * sum[2]);
+                out[o + 3] += scale[u][1] * (float)(acc[3] - zero[u][1] * sum[3]);
             }
         }
-        const int t0 = 8 * h + 2 * t;
-        const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
-        out[0] *= s0;
-        out[1] *= s1;
-        out[2] *= s0;
-        out[3] *= s1;
-        for (int c = part; outliers && c < ko_slices; c += 8) {
-            const uint4 va = wa, vb = wb;
-            if (c + 8 < ko_slices) {
-                wa = __ldg((const uint4*)(wo0 + (c + 8) * 64));
-                wb = __ldg((const uint4*)(wo1 + (c + 8) * 64));
-            }
-            const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
-            const uint4 xv = c == part ? xo_first : __ldg((const uint4*)(xo + c * 64));
-            mma_f16(out, a0, xv.x, xv.y);
-            mma_f16(out, a1, xv.z, xv.w);
-        }
-        // The 8 warps of each token group add up (two buffers: the next pair writes the other).
 #pragma unroll
-        for (int r = 0; r < 4; ++r) partial[round & 1][warp][lane][r] = out[r];
+        for (int u = 0; u < T; ++u) {
+            out[4 * u + 0] *= s0;
+            out[4 * u + 1] *= s1;
+            out[4 * u + 2] *= s0;
+            out[4 * u + 3] *= s1;
+        }
+        for (int c = part; outliers && c < ko_slices; c += 8) {
+            uint4 cur[2 * T];
+#pragma unroll
+            for (int i = 0; i < 2 * T; ++i) {
+                cur[i] = wv[i];
+                if (c + 8 < ko_slices) wv[i] = __ldg((const uint4*)(wo[i] + (c + 8) * 64));
+            }
+            const uint4 xv = c == part ? xo_first : __ldg((const uint4*)(xo + c * 64));
+#pragma unroll
+            for (int u = 0; u < T; ++u) {
+                const uint4 va = cur[2 * u], vb = cur[2 * u + 1];
+                const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
+                mma_f16(&out[4 * u], a0, xv.x, xv.y);
+                mma_f16(&out[4 * u], a1, xv.z, xv.w);
+            }
+        }
+        // The 8 warps of each token group add up (two buffers: the next batch writes the other).
+#pragma unroll
+        for (int r = 0; r < 4 * T; ++r) partial[round & 1][warp][lane][r] = out[r];
         asm volatile("bar.sync 1, %0;\n" ::"n"(CW * 32) : "memory");
         if (part == 0) {
-            float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float total[4 * T];
+#pragma unroll
+            for (int r = 0; r < 4 * T; ++r) total[r] = 0.0f;
             for (int w2 = warp; w2 < warp + 8; ++w2)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) total[r] += partial[round & 1][w2][lane][r];
+                for (int r = 0; r < 4 * T; ++r) total[r] += partial[round & 1][w2][lane][r];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int tk = t0 + (r & 1), row = tile * 8 + g + (r >> 1) * 8;
+            for (int r = 0; r < 4 * T; ++r) {
+                const int tk = t0 + (r & 1), row = (2 * T * b + 2 * (r >> 2)) * 8 + g + ((r >> 1) & 1) * 8;
                 if (tk < p.m && row < p.n) p.y[(u64_t)tk * p.n + row] = f32_to_f16(total[r]);
             }
         }
@@ -1031,5 +1055,6 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<8>(p); }
-extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<16>(p); }
+// Up to 8 tokens one pair a batch; up to 16, two (sharing the activations' loads).
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<8, 1>(p); }
+extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<16, 2>(p); }

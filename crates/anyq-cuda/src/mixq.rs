@@ -596,18 +596,21 @@ pub fn gemm_with(
     Ok(())
 }
 
-/// Shared memory of `mixq_w4_stream*`: 8 stages of 16 KiB weights, 1,360 bytes of scales and
+/// Shared memory of `mixq_w4_stream*`: 8 stages of 16 KiB weights, 1,440 bytes of scales and
 /// zero points and two mbarriers.
-const STREAM_SMEM: u32 = 8 * (16384 + 1360 + 16);
+const STREAM_SMEM: u32 = 8 * (16384 + 1440 + 16);
 
-/// The W4 GEMV streaming its weights through shared memory: a block per SM walking pairs of
-/// weight tiles (16 rows), launched to start while the kernel before it finishes.
+/// The W4 GEMV streaming its weights through shared memory: a block per SM walking batches of
+/// pairs of weight tiles (16 rows each), launched to start while the kernel before it finishes.
+/// Above 8 tokens a batch holds two pairs, which share each load of the activations (M = 16:
+/// ~1.2x faster on 4096 x 28672).
 fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
     let pairs = (args.n as usize).div_ceil(16);
     // 8 consumer warps per 8 tokens and the producer warp.
-    let (name, threads) = if args.m > 8 { ("mixq_w4_stream16", 544) } else { ("mixq_w4_stream8", 288) };
+    let (name, threads, per_batch) =
+        if args.m > 8 { ("mixq_w4_stream16", 544, 2) } else { ("mixq_w4_stream8", 288, 1) };
     let function = device.function(&MIXQ, name, STREAM_SMEM)?;
-    let blocks = pairs.min(device.sm_count() as usize) as u32;
+    let blocks = pairs.div_ceil(per_batch).min(device.sm_count() as usize) as u32;
     let mut args = *args;
     let mut params = [&mut args as *mut GemmArgs as *mut c_void];
     let options = LaunchOptions { cluster: 1, early_start: true };
