@@ -116,9 +116,9 @@ fn check_gemm(bits: u32, group: usize) {
         let mut kernels = vec![Kernel::Mma];
         if m <= GEMV_MAX_TOKENS {
             kernels.push(Kernel::Gemv);
-            if bits == 4 && device.compute_capability() == (9, 0) {
-                kernels.push(Kernel::Stream);
-            }
+        }
+        if bits == 4 && device.compute_capability() == (9, 0) {
+            kernels.push(Kernel::Stream);
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
             kernels.extend([Kernel::Tma, Kernel::TmaPair128, Kernel::TmaPair192, Kernel::TmaPair256]);
