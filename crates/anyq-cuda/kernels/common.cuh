@@ -214,6 +214,20 @@ __device__ __forceinline__ void tma_load_multicast(u32_t dst, const TensorMap* m
                  "l"((u64_t)map), "r"(x), "r"(y), "r"(bar), "h"(mask)
                  : "memory");
 }
+// Contiguous global -> shared copy by the copy engine, completing on `bar`.
+__device__ __forceinline__ void bulk_load(u32_t dst, const void* src, u32_t bytes, u32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+template <int BYTES>
+__device__ __forceinline__ void cp_async_ca(u32_t dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
+}
+// `bar` counts one arrival of this thread once its earlier cp.async's have landed.
+__device__ __forceinline__ void cp_async_arrive(u32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void set_max_registers_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N>

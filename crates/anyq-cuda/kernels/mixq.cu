@@ -383,8 +383,9 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq
 struct TmaArgs {
     const float* sx;
     const float* sw;
+    const u8_t* wz; // W4's zero points
     f16_t* y;
-    int m, n, k_tiles, ko_tiles;
+    int m, n, k_tiles, ko_tiles, group_tiles;
 };
 
 // wgmma over a 64 x BN block (BN 128, 192 or 256).
@@ -558,6 +559,195 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                          const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
 #ifdef ANYQ_WGMMA
     mixq_w8_tma<2, 4, 256>(map_x, map_w, map_xo, map_wo, p);
+#endif
+}
+
+// Hopper kernel for W4, the W8 kernel's ring and wgmma's with 128 x 128 tiles (one block per
+// tile): the weights arrive packed (half the bytes) with their groups' scales and zero points,
+// and the consumers unpack each k tile to int8 (q − zero, in [-15, 15]) into one of three
+// swizzled buffers, which the wgmma's read, while the previous k tile's wgmma's run. A group's
+// scale differs per column and k tile, so each k tile's int32 products are added, scaled, into
+// the f32 output once complete. Three buffers: the one a consumer fills was last read two k
+// tiles ago, by wgmma's every consumer has seen complete before the barrier that ended the
+// previous k tile's unpacking.
+#ifdef ANYQ_WGMMA
+template <int STAGES>
+__device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const TensorMap& map_w4, const TensorMap& map_xo,
+                                            const TensorMap& map_wo, const TmaArgs& p) {
+    constexpr int BM = 128, BN = 128, ACC = BN / 2;
+    constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK, SIDE_BYTES = BN * 5;
+    extern __shared__ __align__(128) u8_t smem_ring[];
+    // STAGES x (A tile | B tile: packed W4 or the outliers' f16), 3 unpacked B tiles, STAGES
+    // side entries (the k tile's group's scales f32[BN] and zero points u8[BN]), barriers.
+    u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
+    u8_t* unpacked = smem + STAGES * STAGE_BYTES;
+    u8_t* sides = unpacked + 3 * BN * BK;
+    const u32_t ring = smem_addr(smem);
+    const u32_t full = smem_addr(sides + STAGES * SIDE_BYTES), empty = full + 8 * STAGES;
+
+    const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31;
+    const int tiles_m = (p.m + BM - 1) / BM, tiles_n = (p.n + BN - 1) / BN;
+    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles, n_pad = (p.n + 7) & ~7;
+    // Tile index -> (first row, first column), in groups of 8 tile rows.
+    auto coords = [&](int id, int& m0, int& n0) {
+        const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
+        m0 = (first + id % size) * BM;
+        n0 = (id % (8 * tiles_n)) / size * BN;
+    };
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 33); // the copies' expect_tx, then each producer lane's cp.async's
+            mbar_init(empty + 8 * s, 2); // 2 consumer warpgroups
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        set_max_registers_dec<40>();
+        if (warp != 0) return;
+        int it = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            int m0, n0;
+            coords(tile, m0, n0);
+            for (int kt = 0; kt < per_tile; ++kt, ++it) {
+                const int s = it % STAGES;
+                const bool bulk = kt < p.k_tiles;
+                mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
+                if (lane == 0) {
+                    const u32_t bar = full + 8 * s, a = ring + s * STAGE_BYTES, b = a + A_BYTES;
+                    // Packed: BN / 8 tiles' 512-byte slices kt, side by side (8 KiB).
+                    mbar_expect_bytes(bar, bulk ? A_BYTES + BN * 64 : STAGE_BYTES);
+                    if (bulk) {
+                        tma_load(a, &map_x, kt * BK, m0, bar);
+                        tma_load(b, &map_w4, kt * 128, n0 / 8, bar);
+                    } else {
+                        const int x = (kt - p.k_tiles) * 64;
+                        tma_load(a, &map_xo, x, m0, bar);
+                        tma_load(b, &map_wo, x, n0, bar);
+                    }
+                }
+                if (bulk) {
+                    // The group's scales (16 bytes a lane) and zero points (8 a lane) of the
+                    // block's columns; those past the matrix stay as they were (never stored).
+                    const u64_t at = (u64_t)(kt / p.group_tiles) * n_pad + n0;
+                    const u32_t side = smem_addr(sides + s * SIDE_BYTES);
+                    if (n0 + 4 * lane < n_pad) cp_async_ca<16>(side + 16 * lane, p.sw + at + 4 * lane);
+                    if (lane < 16 && n0 + 8 * lane < n_pad) cp_async_ca<8>(side + 4 * BN + 8 * lane, p.wz + at + 8 * lane);
+                }
+                cp_async_arrive(full + 8 * s);
+            }
+        }
+    } else {
+        set_max_registers_inc<232>();
+        const int cw = wg - 1, ct = threadIdx.x - 128, g = lane >> 2, t = lane & 3;
+        auto release = [&](int it) {
+            if ((threadIdx.x & 127) == 0) mbar_arrive(empty + 8 * (it % STAGES));
+        };
+        // Row r's 32-k block b of the packed k tile in stage s -> two swizzled int8 chunks.
+        auto unpack = [&](int s, u8_t* dst) {
+            const u8_t* packed = smem + s * STAGE_BYTES + A_BYTES;
+            const u8_t* zeros = sides + s * SIDE_BYTES + 4 * BN;
+#pragma unroll
+            for (int u = ct; u < BN * 4; u += 256) {
+                const int row = u >> 2, b = u & 3;
+                const uint4 w = *(const uint4*)(packed + (row >> 3) * 512 + (row & 7) * 64 + 16 * b);
+                // Per byte: (q + 128) − z never borrows; xor 128 leaves q − z in two's complement.
+                const u32_t z4 = zeros[row] * 0x01010101u;
+                auto lo = [&](u32_t v) { return (((v & 0x0f0f0f0fu) | 0x80808080u) - z4) ^ 0x80808080u; };
+                auto hi = [&](u32_t v) { return ((((v >> 4) & 0x0f0f0f0fu) | 0x80808080u) - z4) ^ 0x80808080u; };
+                *(uint4*)(dst + row * BK + (((2 * b) ^ (row & 7)) << 4)) = make_uint4(lo(w.x), lo(w.y), lo(w.z), lo(w.w));
+                *(uint4*)(dst + row * BK + (((2 * b + 1) ^ (row & 7)) << 4)) = make_uint4(hi(w.x), hi(w.y), hi(w.z), hi(w.w));
+            }
+        };
+        float out[ACC];
+        // k tile's products, scaled by its group's column scales, into out.
+        auto fold = [&](const int* acc, int s) {
+            const float* scale = (const float*)(sides + s * SIDE_BYTES);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float2 sc = *(const float2*)(scale + j * 8 + 2 * t);
+                out[4 * j + 0] += sc.x * (float)acc[4 * j + 0];
+                out[4 * j + 1] += sc.y * (float)acc[4 * j + 1];
+                out[4 * j + 2] += sc.x * (float)acc[4 * j + 2];
+                out[4 * j + 3] += sc.y * (float)acc[4 * j + 3];
+            }
+        };
+        int it = 0, unpacks = 0;
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            int m0, n0;
+            coords(tile, m0, n0);
+            int acc[ACC];
+#pragma unroll
+            for (int i = 0; i < ACC; ++i) out[i] = 0.0f, acc[i] = 0;
+            // k tile kt: unpacked while k tile kt - 1's wgmma's run, whose products are then
+            // folded into out before kt's wgmma's overwrite them (reading them while wgmma's
+            // are in flight would serialize those anyway).
+            for (int kt = 0; kt < p.k_tiles; ++kt, ++it, ++unpacks) {
+                const int s = it % STAGES;
+                mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                u8_t* b_tile = unpacked + (unpacks % 3) * BN * BK;
+                unpack(s, b_tile);
+                fence_proxy_async();
+                asm volatile("bar.sync 1, 256;\n" ::: "memory");
+                wgmma_wait<0>();
+                if (kt > 0) {
+                    fold(acc, (it - 1) % STAGES);
+                    release(it - 1);
+                }
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = smem_addr(b_tile);
+                wgmma_fence();
+#pragma unroll
+                for (int step = 0; step < 4; ++step)
+                    wgmma_s8<BN>(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), step);
+                wgmma_commit();
+            }
+            wgmma_wait<0>();
+            fold(acc, (it - 1) % STAGES);
+            release(it - 1);
+
+            // Thread (warp w of its warpgroup, lane 4g + t) holds rows 16w + g (+ 8) and columns
+            // 8j + 2t (+ 1) of its 64 x BN block: the tokens' scales, then the outliers.
+            const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
+            const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                out[4 * j + 0] *= x0;
+                out[4 * j + 1] *= x0;
+                out[4 * j + 2] *= x1;
+                out[4 * j + 3] *= x1;
+            }
+            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+                const int s = it % STAGES;
+                mbar_wait(full + 8 * s, (it / STAGES) & 1);
+                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+                wgmma_fence();
+#pragma unroll
+                for (int step = 0; step < 4; ++step)
+                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+                wgmma_commit();
+                wgmma_wait<0>();
+                release(it);
+            }
+            GemmArgs q;
+            q.y = p.y, q.m = p.m, q.n = p.n;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = n0 + j * 8 + 2 * t;
+                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
+                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+            }
+        }
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    mixq_w4_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w4,
+                const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
+#ifdef ANYQ_WGMMA
+    mixq_w4_tma<5>(map_x, map_w4, map_xo, map_wo, p);
 #endif
 }
 
@@ -839,22 +1029,6 @@ constexpr int STREAM_STAGE_BYTES = 2 * STREAM_SLICES * 512;
 constexpr int STREAM_SIDE_ENTRIES = 36;
 constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_ENTRIES * 8 * 5;
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Contiguous global -> shared copy by the copy engine, completing on `bar`.
-__device__ __forceinline__ void bulk_load(u32_t dst, const void* src, u32_t bytes, u32_t bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-template <int BYTES>
-__device__ __forceinline__ void cp_async_ca(u32_t dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
-}
-// `bar` counts one arrival of this thread once its earlier cp.async's have landed.
-__device__ __forceinline__ void cp_async_arrive(u32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-#endif
 
 template <int CW, int T> // consumer warps (8 per 8 tokens), tile pairs per batch
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {

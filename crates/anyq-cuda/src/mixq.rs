@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfi
 use half::f16;
 
 use crate::compile::{kernel_source, KernelSource};
-use crate::tma::{launch_ex, tile_map, Element, LaunchOptions, TensorMap};
+use crate::tma::{launch_ex, tile_map, Element, LaunchOptions, Layout, TensorMap};
 use crate::{CudaDevice, CudaError, Result};
 
 pub(crate) const MIXQ: KernelSource = kernel_source!("mixq");
@@ -464,7 +464,8 @@ pub enum Kernel {
     Stream,
     /// Tiled mma.sync (any sm_80+ GPU).
     Mma,
-    /// Persistent wgmma fed by the copy engine through a 7-stage ring (Hopper, W8 only).
+    /// Persistent wgmma fed by the copy engine through a ring of stages (Hopper); W4 weights are
+    /// unpacked to int8 in shared memory.
     Tma,
     /// [`Kernel::Tma`] with clusters of two blocks sharing each weight tile by multicast, 128 x
     /// 128 output tiles.
@@ -511,7 +512,7 @@ pub fn gemm_with(
         Kernel::Auto if m <= STREAM_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
-        Kernel::Auto if hopper && !w4 && m <= 128 => Kernel::Tma,
+        Kernel::Auto if hopper && (w4 || m <= 128) => Kernel::Tma,
         Kernel::Auto if hopper && !w4 => widest_pair((m, n), device.sm_count() as usize),
         Kernel::Auto => Kernel::Mma,
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
@@ -522,7 +523,8 @@ pub fn gemm_with(
                 "the Stream kernel runs W4 weights with groups of 128 x a power of two k on Hopper (sm_90) only".into(),
             ))
         }
-        chosen if chosen.is_tma() && (w4 || !hopper) => {
+        Kernel::Tma if !hopper => return Err(CudaError::Shape("the Tma kernel runs on Hopper (sm_90) only".into())),
+        chosen if chosen.is_tma() && chosen != Kernel::Tma && (w4 || !hopper) => {
             return Err(CudaError::Shape(format!("the {kernel:?} kernel runs W8 weights on Hopper (sm_90) only")))
         }
         chosen => chosen,
@@ -552,7 +554,7 @@ pub fn gemm_with(
         group_tiles: weight.group_tiles as i32,
     };
     if kernel.is_tma() {
-        return gemm_tma(device, &args, kernel);
+        return gemm_tma(device, &args, kernel, w4);
     }
     if kernel == Kernel::Stream {
         // A pass per 16 tokens: their rows of the activations, scales, outliers and output.
@@ -635,16 +637,18 @@ fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
     launch_ex(device, &function, (blocks, threads), STREAM_SMEM, options, &mut params)
 }
 
-/// Scalar arguments of `mixq_w8_tma` (`TmaArgs` in mixq.cu).
+/// Scalar arguments of the TMA kernels (`TmaArgs` in mixq.cu).
 #[repr(C)]
 struct TmaArgs {
     sx: u64,
     sw: u64,
+    wz: u64,
     y: u64,
     m: i32,
     n: i32,
     k_tiles: i32,
     ko_tiles: i32,
+    group_tiles: i32,
 }
 
 /// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
@@ -665,6 +669,14 @@ const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
 const TMA_PAIR_128: TmaKernel = tma_kernel("mixq_w8_tma_pair_128", 2, 7, 128);
 const TMA_PAIR_192: TmaKernel = tma_kernel("mixq_w8_tma_pair_192", 2, 5, 192);
 const TMA_PAIR_256: TmaKernel = tma_kernel("mixq_w8_tma_pair_256", 2, 4, 256);
+/// W4: 5 stages, three unpacked 128 x 128 int8 weight tiles, each stage's scales and zero points
+/// (640 bytes).
+const TMA_W4: TmaKernel = TmaKernel {
+    name: "mixq_w4_tma",
+    cluster: 1,
+    bn: 128,
+    smem: tma_kernel("", 1, 5, 128).smem + 3 * 128 * 128 + 5 * 640,
+};
 
 /// Of the tiles' waves over the GPU's clusters, the fraction that does work.
 fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
@@ -684,10 +696,11 @@ fn widest_pair((m, n): (usize, usize), sm_count: usize) -> Kernel {
     choices[at].0
 }
 
-fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> {
+fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> Result<()> {
     let (m, n, k_pad, ko_pad) = (args.m as usize, args.n as usize, args.k_pad as usize, args.ko_pad as usize);
     let sm_count = device.sm_count() as usize;
     let kernel = match choice {
+        _ if w4 => &TMA_W4,
         Kernel::TmaPair128 => &TMA_PAIR_128,
         Kernel::TmaPair192 => &TMA_PAIR_192,
         Kernel::TmaPair256 => &TMA_PAIR_256,
@@ -697,13 +710,21 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> 
     let n_pad = round_up(n, 8);
     // Each block of a cluster fetches its share of the weight tile's rows.
     let weight_rows = (kernel.bn / cluster) as u32;
-    let mut map_x = tile_map(args.xq, Element::U8, (m, k_pad), k_pad, (128, 128))?;
-    let mut map_w = tile_map(args.wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128))?;
+    let mut map_x = tile_map(args.xq, Element::U8, (m, k_pad), k_pad, (128, 128), Layout::Swizzled128)?;
+    let mut map_w = match w4 {
+        // Packed W4: a row of words per 8-row tile, its 128-k slices (128 words each) in order; a
+        // box is one slice of 16 tiles, 128 weight rows.
+        true => {
+            let slices = k_pad / K_TILE;
+            tile_map(args.wq, Element::U32, (n_pad / 8, slices * 128), slices * 512, (16, 128), Layout::Dense)?
+        }
+        false => tile_map(args.wq, Element::U8, (n_pad, k_pad), k_pad, (weight_rows, 128), Layout::Swizzled128)?,
+    };
     // Without outliers the kernel never reads these maps.
     let (mut map_xo, mut map_wo) = if ko_pad > 0 {
         (
-            tile_map(args.xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64))?,
-            tile_map(args.wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64))?,
+            tile_map(args.xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64), Layout::Swizzled128)?,
+            tile_map(args.wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64), Layout::Swizzled128)?,
         )
     } else {
         (map_x, map_w)
@@ -711,11 +732,13 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel) -> Result<()> 
     let mut tma_args = TmaArgs {
         sx: args.sx,
         sw: args.sw,
+        wz: args.wz,
         y: args.y,
         m: args.m,
         n: args.n,
         k_tiles: (k_pad / K_TILE) as i32,
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
+        group_tiles: args.group_tiles,
     };
     // Persistent: at most one block per SM, each walking its share of the tiles.
     let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);

@@ -20,32 +20,48 @@ unsafe impl DeviceRepr for TensorMap {}
 pub(crate) enum Element {
     U8,
     F16,
+    U32,
+}
+
+/// How a box lands in shared memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Box rows of 128 bytes with the 128-byte swizzle that wgmma's descriptors expect.
+    Swizzled128,
+    /// Box rows as they are in memory, one after another.
+    Dense,
 }
 
 /// A map of the row-major `[rows][cols]` matrix at device address `base` (rows `row_bytes`
-/// apart), read in boxes of `box_rows` x `box_cols`, each row of a box 128 bytes wide and stored
-/// with the 128-byte swizzle that wgmma's descriptors expect. Rows past `rows` read as zeros.
+/// apart), read in boxes of `box_rows` x `box_cols` laid out as `layout` says. Rows past `rows`
+/// read as zeros.
 pub(crate) fn tile_map(
     base: u64,
     element: Element,
     (rows, cols): (usize, usize),
     row_bytes: usize,
     (box_rows, box_cols): (u32, u32),
+    layout: Layout,
 ) -> Result<TensorMap> {
     let (dtype, size) = match element {
         Element::U8 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8, 1),
         Element::F16 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2),
+        Element::U32 => (sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32, 4),
     };
-    if box_cols as usize * size != 128
-        || !base.is_multiple_of(16)
-        || !row_bytes.is_multiple_of(16)
-        || rows == 0
-        || cols == 0
-    {
+    let box_row_bytes = box_cols as usize * size;
+    let box_fits = match layout {
+        Layout::Swizzled128 => box_row_bytes == 128,
+        Layout::Dense => box_row_bytes.is_multiple_of(16) && box_cols <= 256,
+    };
+    if !box_fits || !base.is_multiple_of(16) || !row_bytes.is_multiple_of(16) || rows == 0 || cols == 0 {
         return Err(CudaError::Shape(format!(
             "no tensor map for a {rows} x {cols} matrix ({row_bytes}-byte rows) in {box_rows} x {box_cols} boxes"
         )));
     }
+    let swizzle = match layout {
+        Layout::Swizzled128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        Layout::Dense => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+    };
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     let dims = [cols as u64, rows as u64];
     let strides = [row_bytes as u64];
@@ -62,7 +78,7 @@ pub(crate) fn tile_map(
             boxes.as_ptr(),
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )

@@ -118,7 +118,7 @@ fn check_gemm(bits: u32, group: usize) {
             kernels.push(Kernel::Gemv);
         }
         if bits == 4 && device.compute_capability() == (9, 0) {
-            kernels.push(Kernel::Stream);
+            kernels.extend([Kernel::Stream, Kernel::Tma]);
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
             kernels.extend([Kernel::Tma, Kernel::TmaPair128, Kernel::TmaPair192, Kernel::TmaPair256]);
