@@ -19,12 +19,74 @@ extern "C" __global__ void model_embed(const f16_t* __restrict__ table, const u3
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] = id < (u32_t)vocab ? f16_to_f32(row[j]) : MODEL_NAN;
 }
 
-// One block per row: out = x / rms(x) · gamma, after x += delta when ADD (the residual connection
-// of the sub-layer that wrote delta). As anyq_core::cpu::rms_norm: 1 / sqrt(mean(x²) + eps).
+// Row elements (f32, or float4 when dim % 4 == 0) a thread of the norms holds in registers: the
+// host sizes the block so that a row fits (up to 4096 floats per row, 16384 when dim % 4 == 0).
+#define NORM_ITEMS 4
+
+__device__ __forceinline__ float squares(float v) { return v * v; }
+__device__ __forceinline__ float squares(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+__device__ __forceinline__ void add_to(float& v, float d) { v += d; }
+__device__ __forceinline__ void add_to(float4& v, float4 d) {
+    v.x += d.x;
+    v.y += d.y;
+    v.z += d.z;
+    v.w += d.w;
+}
+__device__ __forceinline__ void store_normed(f16_t* out, int u, float v, float g, float inv_rms) {
+    out[u] = f32_to_f16(v * inv_rms * g);
+}
+__device__ __forceinline__ void store_normed(f16_t* out, int u, float4 v, float4 g, float inv_rms) {
+    const u32_t lo = f32_to_f16(v.x * inv_rms * g.x) | ((u32_t)f32_to_f16(v.y * inv_rms * g.y) << 16);
+    const u32_t hi = f32_to_f16(v.z * inv_rms * g.z) | ((u32_t)f32_to_f16(v.w * inv_rms * g.w) << 16);
+    ((uint2*)out)[u] = make_uint2(lo, hi);
+}
+
+// The row in registers: thread t holds units t, t + blockDim, ... (V = float or float4), all
+// loaded before the first store (the compiler cannot move a load above a store to x, which may
+// alias it) so that their latencies overlap; one reduction, then the writes. A row of 4096
+// floats costs one round trip to memory instead of one per loop iteration.
+template <bool ADD, typename V>
+__device__ __forceinline__ void rms_norm_row_registers(float* x, const float* delta, const float* __restrict__ gamma,
+                                                       float eps, int dim, float* scratch, f16_t* __restrict__ out) {
+    const int units = dim / (int)(sizeof(V) / sizeof(float));
+    const size_t base = (size_t)blockIdx.x * dim;
+    V* xr = (V*)(x + base);
+    const V* dr = (const V*)(delta + base);
+    const V* gr = (const V*)gamma;
+    V v[NORM_ITEMS], d[NORM_ITEMS], g[NORM_ITEMS];
+#pragma unroll
+    for (int i = 0; i < NORM_ITEMS; ++i) {
+        const int u = threadIdx.x + i * blockDim.x;
+        if (u < units) {
+            v[i] = xr[u];
+            g[i] = gr[u];
+            if (ADD) d[i] = dr[u];
+        }
+    }
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_ITEMS; ++i) {
+        const int u = threadIdx.x + i * blockDim.x;
+        if (u < units) {
+            if (ADD) {
+                add_to(v[i], d[i]);
+                xr[u] = v[i];
+            }
+            sum_sq += squares(v[i]);
+        }
+    }
+    const float inv_rms = 1.0f / sqrtf(block_reduce<false>(sum_sq, scratch) / (float)dim + eps);
+#pragma unroll
+    for (int i = 0; i < NORM_ITEMS; ++i) {
+        const int u = threadIdx.x + i * blockDim.x;
+        if (u < units) store_normed(out + base, u, v[i], g[i], inv_rms);
+    }
+}
+
+// Rows too long for the registers: a loop over the row, reading back what it wrote.
 template <bool ADD>
-__device__ __forceinline__ void rms_norm_row(float* x, const float* delta, const float* __restrict__ gamma, float eps,
-                                             int dim, f16_t* __restrict__ out) {
-    __shared__ float scratch[32];
+__device__ __forceinline__ void rms_norm_row_loop(float* x, const float* delta, const float* __restrict__ gamma,
+                                                  float eps, int dim, float* scratch, f16_t* __restrict__ out) {
     const size_t base = (size_t)blockIdx.x * dim;
     float sum_sq = 0.0f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -38,6 +100,22 @@ __device__ __forceinline__ void rms_norm_row(float* x, const float* delta, const
     const float inv_rms = 1.0f / sqrtf(block_reduce<false>(sum_sq, scratch) / (float)dim + eps);
     // Each thread reads back only the elements it wrote itself.
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[base + j] = f32_to_f16(x[base + j] * inv_rms * gamma[j]);
+}
+
+// One block per row: out = x / rms(x) · gamma, after x += delta when ADD (the residual connection
+// of the sub-layer that wrote delta). As anyq_core::cpu::rms_norm: 1 / sqrt(mean(x²) + eps), in
+// f32. float4 accesses need dim % 4 == 0 (rows then start 16-byte aligned).
+template <bool ADD>
+__device__ __forceinline__ void rms_norm_row(float* x, const float* delta, const float* __restrict__ gamma, float eps,
+                                             int dim, f16_t* __restrict__ out) {
+    __shared__ float scratch[32];
+    const int held = (int)blockDim.x * NORM_ITEMS;
+    if (dim % 4 == 0 && dim / 4 <= held)
+        rms_norm_row_registers<ADD, float4>(x, delta, gamma, eps, dim, scratch, out);
+    else if (dim <= held)
+        rms_norm_row_registers<ADD, float>(x, delta, gamma, eps, dim, scratch, out);
+    else
+        rms_norm_row_loop<ADD>(x, delta, gamma, eps, dim, scratch, out);
 }
 
 extern "C" __global__ void model_rms_norm(const float* __restrict__ x, const float* __restrict__ gamma, float eps,
@@ -144,124 +222,238 @@ extern "C" __global__ void model_add_f16(float* __restrict__ x, const f16_t* __r
         x[i] += f16_to_f32(delta[i]);
 }
 
+// Warps per block of the attention kernels. They take heads of up to 256 dims: a row's 16-byte
+// chunks, one per lane of a warp.
 #define ATTN_WARPS 4
-#define ATTN_MAX_DIM 256
+// Key rows per lane and tile: their K and V loads are all issued before any is used, so that a
+// tile costs one memory latency (a decode step's attention is made of latencies, not bandwidth).
+#define ATTN_BATCH 8
 
-// One warp's head: oh = softmax(qh · Kᵀ · scale over keys 0..keys) · V, where key s's row of the
-// head starts at kh + s · kv_width (and likewise vh). Lane j scores key s0 + j from its whole K
-// row, 32 keys at a time, then the warp folds the 32 weights into the output (each lane owning
-// pairs of dims), rescaling by the running max as FlashAttention does, all in f32. qs is the
-// warp's shared row of ATTN_MAX_DIM floats; keys >= 1. head_dim is a multiple of 8 (16-byte K
-// loads) and at most ATTN_MAX_DIM.
-__device__ __forceinline__ void attend_warp(const f16_t* __restrict__ qh, const f16_t* __restrict__ kh,
-                                            const f16_t* __restrict__ vh, int keys, int kv_width, int head_dim,
-                                            float scale, float* qs, f16_t* __restrict__ oh) {
-    const int lane = threadIdx.x & 31, pairs = head_dim / 2;
-    for (int i = lane; i < head_dim; i += 32) qs[i] = f16_to_f32(qh[i]);
-    __syncwarp();
+// One warp's online softmax over a range of keys of one head: the running max of the scores, the
+// sum of exp(score - max), and the lane's 8 dims of Σ exp(score - max) · v (see attend_keys).
+struct SoftmaxPart {
+    float max, sum;
+    float acc[8];
+};
 
-    float running_max = MODEL_NEG_INF, running_sum = 0.0f;
-    float acc[ATTN_MAX_DIM / 64][2];
+__device__ __forceinline__ void f16x8_to_f32(uint4 h, float* f) {
+    const u32_t words[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
-    for (int i = 0; i < ATTN_MAX_DIM / 64; ++i) acc[i][0] = acc[i][1] = 0.0f;
-
-    for (int s0 = 0; s0 < keys; s0 += 32) {
-        const int key = s0 + lane;
-        float score = MODEL_NEG_INF;
-        if (key < keys) {
-            const uint4* k_row = (const uint4*)(kh + (u64_t)key * kv_width);
-            float dot = 0.0f;
-#pragma unroll 4
-            for (int c = 0; c < head_dim / 8; ++c) {
-                const uint4 kv = k_row[c];
-                const float* qc = qs + c * 8;
-                dot += qc[0] * f16_lo(kv.x) + qc[1] * f16_hi(kv.x) + qc[2] * f16_lo(kv.y) + qc[3] * f16_hi(kv.y) +
-                       qc[4] * f16_lo(kv.z) + qc[5] * f16_hi(kv.z) + qc[6] * f16_lo(kv.w) + qc[7] * f16_hi(kv.w);
-            }
-            score = dot * scale;
-        }
-        // Key s0 is always visible, so the new max is finite and exp(-inf - max) below is 0.
-        const float new_max = fmaxf(running_max, warp_max(score));
-        const float correction = expf(running_max - new_max);
-        const float weight = key < keys ? expf(score - new_max) : 0.0f;
-        running_sum = running_sum * correction + warp_sum(weight);
-        running_max = new_max;
-#pragma unroll
-        for (int i = 0; i < ATTN_MAX_DIM / 64; ++i) {
-            acc[i][0] *= correction;
-            acc[i][1] *= correction;
-        }
-        const int visible = min(32, keys - s0);
-        // Unrolled so that several V rows are in flight at once: one at a time, the loop waits
-        // out a cache latency per key.
-#pragma unroll 8
-        for (int j = 0; j < visible; ++j) {
-            const float w = __shfl_sync(0xffffffffu, weight, j);
-            const f16_t* v_row = vh + (u64_t)(s0 + j) * kv_width;
-#pragma unroll
-            for (int i = 0; i < ATTN_MAX_DIM / 64; ++i) {
-                const int pair = lane + 32 * i;
-                if (pair < pairs) {
-                    const u32_t v2 = *(const u32_t*)(v_row + 2 * pair);
-                    acc[i][0] += w * f16_lo(v2);
-                    acc[i][1] += w * f16_hi(v2);
-                }
-            }
-        }
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = f16_lo(words[i]);
+        f[2 * i + 1] = f16_hi(words[i]);
     }
-    const float inv_sum = 1.0f / running_sum;
+}
+
+__device__ __forceinline__ uint4 f32x8_to_f16(const float* f, float scale) {
+    const auto pair = [&](int i) {
+        return (u32_t)f32_to_f16(f[i] * scale) | ((u32_t)f32_to_f16(f[i + 1] * scale) << 16);
+    };
+    return make_uint4(pair(0), pair(2), pair(4), pair(6));
+}
+
+// One warp's head over keys first..last (first < last): the scores qh · k_s · scale and the
+// softmax state above, where key s's row of the head starts at kh + s · kv_width (and likewise
+// vh), all in f32. A key's row is read by `row_lanes` consecutive lanes, 8 dims (16 bytes) each:
+// the power of two covering the row, so that a warp load reads 32 / row_lanes rows and a score
+// is a dot product of 8 dims folded over its lanes with xor shuffles. A tile is ATTN_BATCH such
+// loads of K and of V; the output is rescaled by the running max as FlashAttention does. The
+// lanes of different rows hold partial sums of the output until the end, when every lane gets
+// the sums of its 8 dims (chunk lane % row_lanes). head_dim is a multiple of 8 (16-byte loads)
+// and at most 256.
+__device__ __forceinline__ SoftmaxPart attend_keys(const f16_t* __restrict__ qh, const f16_t* __restrict__ kh,
+                                                   const f16_t* __restrict__ vh, int first, int last, int kv_width,
+                                                   int head_dim, float scale) {
+    const int lane = threadIdx.x & 31, chunks = head_dim / 8;
+    int row_lanes = 1;
+    while (row_lanes < chunks) row_lanes <<= 1;
+    const int rows_per_load = 32 / row_lanes, tile = rows_per_load * ATTN_BATCH;
+    const int row = lane / row_lanes, chunk = lane % row_lanes;
+    // Loads need no guards: lanes past the row (head_dim / 8 not a power of two) read its last
+    // chunk with a zero q, and keys past `last` read key last - 1 with a zero weight.
+    const int read_chunk = min(chunk, chunks - 1);
+    float q[8];
+    f16x8_to_f32(((const uint4*)qh)[read_chunk], q);
+    if (chunk != read_chunk)
 #pragma unroll
-    for (int i = 0; i < ATTN_MAX_DIM / 64; ++i) {
-        const int pair = lane + 32 * i;
-        if (pair < pairs) {
-            oh[2 * pair] = f32_to_f16(acc[i][0] * inv_sum);
-            oh[2 * pair + 1] = f32_to_f16(acc[i][1] * inv_sum);
+        for (int e = 0; e < 8; ++e) q[e] = 0.0f;
+
+    SoftmaxPart part;
+    part.max = MODEL_NEG_INF;
+    part.sum = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part.acc[e] = 0.0f;
+
+#pragma unroll 1
+    for (int t0 = first; t0 < last; t0 += tile) {
+        uint4 k8[ATTN_BATCH], v8[ATTN_BATCH];
+#pragma unroll
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            const u64_t key = min(t0 + b * rows_per_load + row, last - 1);
+            k8[b] = ((const uint4*)(kh + key * kv_width))[read_chunk];
+            v8[b] = ((const uint4*)(vh + key * kv_width))[read_chunk];
         }
+        float score[ATTN_BATCH];
+#pragma unroll
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            float k[8];
+            f16x8_to_f32(k8[b], k);
+            score[b] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) score[b] += q[e] * k[e];
+        }
+        for (int offset = 1; offset < row_lanes; offset <<= 1)
+#pragma unroll
+            for (int b = 0; b < ATTN_BATCH; ++b) score[b] += __shfl_xor_sync(0xffffffffu, score[b], offset);
+        float tile_max = MODEL_NEG_INF;
+#pragma unroll
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            score[b] = t0 + b * rows_per_load + row < last ? score[b] * scale : MODEL_NEG_INF;
+            tile_max = fmaxf(tile_max, score[b]);
+        }
+        // Key t0 is always visible, so the new max is finite and exp(-inf - max) below is 0.
+        const float new_max = fmaxf(part.max, warp_max(tile_max));
+        const float correction = expf(part.max - new_max);
+        float row_sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part.acc[e] *= correction;
+#pragma unroll
+        for (int b = 0; b < ATTN_BATCH; ++b) {
+            const float w = expf(score[b] - new_max);
+            float v[8];
+            f16x8_to_f32(v8[b], v);
+            row_sum += w;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) part.acc[e] += w * v[e];
+        }
+        // Each row's weights are in all its row_lanes lanes: count them once.
+        part.sum = part.sum * correction + warp_sum(chunk == 0 ? row_sum : 0.0f);
+        part.max = new_max;
     }
+    for (int offset = row_lanes; offset < 32; offset <<= 1)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part.acc[e] += __shfl_xor_sync(0xffffffffu, part.acc[e], offset);
+    return part;
+}
+
+// Keys per split when a query's `keys` keys are spread over `splits` warps (flash-decoding):
+// multiples of 32 (whole tiles for heads of 64 to 256 dims), so that only the last split ends in
+// a partial tile. The splits past the keys get none.
+__device__ __forceinline__ int keys_per_split(int keys, int splits) {
+    return splits == 1 ? keys : (((keys - 1) / splits + 32) & ~31);
+}
+
+// Split `split` of `splits` of task (query, head) number `task` of `tasks`, whose query sees
+// `keys` keys: writes the normalized output oh when the keys took one split, else its part to
+// `partials` for model_attention_combine: the parts' outputs ([tasks][splits][head_dim]) and then
+// their (max, sum) pairs ([tasks][splits]). With several splits, split 0 also tells the combine
+// how many parts the task has (0: none, oh is written).
+__device__ __forceinline__ void attend_split(const f16_t* __restrict__ qh, const f16_t* __restrict__ kh,
+                                             const f16_t* __restrict__ vh, int keys, int kv_width, int head_dim,
+                                             float scale, int task, int tasks, int split, int splits,
+                                             float* __restrict__ partials, u32_t* __restrict__ parts,
+                                             f16_t* __restrict__ oh) {
+    const int lane = threadIdx.x & 31;
+    const int span = keys_per_split(keys, splits), used = (keys - 1) / span + 1;
+    if (split == 0 && splits > 1 && lane == 0) parts[task] = used > 1 ? used : 0;
+    if (split >= used) return;
+    const int first = split * span;
+    const SoftmaxPart part =
+        attend_keys(qh, kh, vh, first, first + min(span, keys - first), kv_width, head_dim, scale);
+    // Lanes 0..head_dim / 8 - 1 hold the sums of dims 8 · lane..; the others copies of them.
+    if (lane >= head_dim / 8) return;
+    if (used == 1) {
+        ((uint4*)oh)[lane] = f32x8_to_f16(part.acc, 1.0f / part.sum);
+        return;
+    }
+    const u64_t p = (u64_t)task * splits + split;
+    float4* acc = (float4*)(partials + p * head_dim) + 2 * lane;
+    acc[0] = make_float4(part.acc[0], part.acc[1], part.acc[2], part.acc[3]);
+    acc[1] = make_float4(part.acc[4], part.acc[5], part.acc[6], part.acc[7]);
+    if (lane == 0) ((float2*)(partials + (u64_t)tasks * splits * head_dim))[p] = make_float2(part.max, part.sum);
 }
 
 // Causal attention with grouped KV heads for prefill (many queries) and decode (one) alike:
 // out[t][h] = softmax(q[t][h] · K_gᵀ · scale over keys 0..=past + t) · V_g, g = h / (heads /
 // kv_heads). q and out are [queries][heads·d]; the caches [positions][kv_heads·d] hold at least
-// past + queries rows. One warp per (query, head).
+// past + queries rows. One warp per (query, split, head), see attend_split; a block's warps are
+// consecutive heads of one query and split, so heads that share a KV head read the same rows at
+// about the same time.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
     model_attention(const f16_t* __restrict__ q, const f16_t* __restrict__ k_cache, const f16_t* __restrict__ v_cache,
-                    int queries, int past, int heads, int kv_heads, int head_dim, float scale,
-                    f16_t* __restrict__ out) {
-    __shared__ float q_s[ATTN_WARPS][ATTN_MAX_DIM];
+                    int queries, int past, int heads, int kv_heads, int head_dim, float scale, int splits,
+                    float* __restrict__ partials, u32_t* __restrict__ parts, f16_t* __restrict__ out) {
     const int warp = threadIdx.x >> 5;
-    const int task = blockIdx.x * ATTN_WARPS + warp;
-    if (task >= queries * heads) return; // whole warps leave: the shuffles see all 32 lanes
-    const int t = task / heads, h = task - t * heads, g = h / (heads / kv_heads);
-    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim;
-    const u64_t at = (u64_t)t * q_width + h * head_dim;
-    attend_warp(q + at, k_cache + g * head_dim, v_cache + g * head_dim, past + t + 1, kv_width, head_dim, scale,
-                q_s[warp], out + at);
+    const int w = blockIdx.x * ATTN_WARPS + warp;
+    if (w >= queries * splits * heads) return; // whole warps leave: the shuffles see all 32 lanes
+    const int h = w % heads, ts = w / heads, split = ts % splits, t = ts / splits;
+    const int g = h / (heads / kv_heads), task = t * heads + h;
+    const int kv_width = kv_heads * head_dim;
+    const u64_t at = (u64_t)task * head_dim;
+    attend_split(q + at, k_cache + g * head_dim, v_cache + g * head_dim, past + t + 1, kv_width, head_dim, scale, task,
+                 queries * heads, split, splits, partials, parts, out + at);
 }
 
 // One decode step of a batch: sequence b's query (row b of q, [sequences][heads·d]) at
 // positions[b] attends to keys 0..=positions[b] of its own cache, rows [b · capacity, (b + 1) ·
 // capacity) of the layer's caches; out is [sequences][heads·d]. A position at or past
-// `capacity` (which the host checks) gives NaNs and reads nothing. One warp per (sequence, head):
-// a block's warps are consecutive heads, which share KV heads.
+// `capacity` (which the host checks) gives NaNs and reads nothing. Warps as model_attention's.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
     model_attention_decode(const f16_t* __restrict__ q, const f16_t* __restrict__ k_cache,
                            const f16_t* __restrict__ v_cache, const u32_t* __restrict__ positions, int capacity,
-                           int sequences, int heads, int kv_heads, int head_dim, float scale,
-                           f16_t* __restrict__ out) {
-    __shared__ float q_s[ATTN_WARPS][ATTN_MAX_DIM];
+                           int sequences, int heads, int kv_heads, int head_dim, float scale, int splits,
+                           float* __restrict__ partials, u32_t* __restrict__ parts, f16_t* __restrict__ out) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int task = blockIdx.x * ATTN_WARPS + warp;
-    if (task >= sequences * heads) return; // whole warps leave: the shuffles see all 32 lanes
-    const int b = task / heads, h = task - b * heads, g = h / (heads / kv_heads);
-    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim;
-    const u64_t at = (u64_t)b * q_width + h * head_dim;
+    const int w = blockIdx.x * ATTN_WARPS + warp;
+    if (w >= sequences * splits * heads) return; // whole warps leave: the shuffles see all 32 lanes
+    const int h = w % heads, bs = w / heads, split = bs % splits, b = bs / splits;
+    const int g = h / (heads / kv_heads), task = b * heads + h;
+    const int kv_width = kv_heads * head_dim;
+    const u64_t at = (u64_t)task * head_dim;
     const u32_t position = positions[b];
     if (position >= (u32_t)capacity) {
-        for (int i = lane; i < head_dim; i += 32) out[at + i] = (f16_t)0x7e00u;
+        if (split == 0) {
+            for (int i = lane; i < head_dim; i += 32) out[at + i] = (f16_t)0x7e00u;
+            if (splits > 1 && lane == 0) parts[task] = 0;
+        }
         return;
     }
     const u64_t first = (u64_t)b * capacity * kv_width + g * head_dim;
-    attend_warp(q + at, k_cache + first, v_cache + first, (int)position + 1, kv_width, head_dim, scale, q_s[warp],
-                out + at);
+    attend_split(q + at, k_cache + first, v_cache + first, (int)position + 1, kv_width, head_dim, scale, task,
+                 sequences * heads, split, splits, partials, parts, out + at);
+}
+
+// The splits of each task (query, head) that took several, merged exactly: with parts (m_i, l_i,
+// acc_i), out = Σ_i e^(m_i − m) · acc_i / Σ_i e^(m_i − m) · l_i, m = max_i m_i, which is the
+// softmax over all the task's keys times V. One warp per task, a lane per 8 dims; out is
+// [tasks][head_dim].
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+    model_attention_combine(const float* __restrict__ partials, const u32_t* __restrict__ parts, int tasks,
+                            int head_dim, int splits, f16_t* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const int task = blockIdx.x * ATTN_WARPS + (threadIdx.x >> 5);
+    if (task >= tasks) return; // whole warps leave: the shuffles see all 32 lanes
+    const int used = (int)parts[task];
+    if (used == 0) return;
+    const u64_t first = (u64_t)task * splits;
+    const float2* stats = (const float2*)(partials + (u64_t)tasks * splits * head_dim) + first;
+    float m = MODEL_NEG_INF;
+    for (int i = lane; i < used; i += 32) m = fmaxf(m, stats[i].x);
+    m = warp_max(m);
+    float total = 0.0f;
+    for (int i = lane; i < used; i += 32) total += expf(stats[i].x - m) * stats[i].y;
+    total = warp_sum(total);
+    if (lane >= head_dim / 8) return;
+    float o[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    const float* acc = partials + first * head_dim + 8 * lane;
+#pragma unroll 4
+    for (int i = 0; i < used; ++i) {
+        const float weight = expf(stats[i].x - m);
+        const float4 lo = ((const float4*)(acc + (u64_t)i * head_dim))[0];
+        const float4 hi = ((const float4*)(acc + (u64_t)i * head_dim))[1];
+        const float a[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] += weight * a[e];
+    }
+    ((uint4*)(out + (u64_t)task * head_dim))[lane] = f32x8_to_f16(o, 1.0f / total);
 }

@@ -11,6 +11,10 @@
 //! Batched decode ([`rope_qkv_decode_batched`], [`attention_decode_batched`]) gives each sequence
 //! a cache of its own: per layer `[sequences][capacity][kv_heads · head_dim]`, so sequence b's
 //! position p is row `b · capacity + p`.
+//!
+//! Attention gives each (query, head) pair a warp; when the pairs are too few to keep the GPU
+//! busy (decode of a few sequences), their keys are split over several warps whose partial
+//! softmaxes a second kernel merges (flash-decoding), in an [`AttentionScratch`].
 
 use anyq_core::cpu::{AttentionShape, Rope, RopeStyle};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -21,12 +25,20 @@ use crate::{CudaDevice, CudaError, Result};
 
 pub(crate) const MODEL: KernelSource = kernel_source!("model");
 
-/// Threads of the row kernels (embedding, norms, RoPE).
+/// Threads of the row kernels (embedding, RoPE).
 const ROW_THREADS: u32 = 256;
-/// Warps per block of the attention kernel (`ATTN_WARPS` in model.cu), one (query, head) each.
+/// Row elements a thread of the norms holds in registers (`NORM_ITEMS` in model.cu).
+const NORM_ITEMS: usize = 4;
+/// Warps per block of the attention kernels (`ATTN_WARPS` in model.cu), one (query, split, head)
+/// each.
 const ATTENTION_WARPS: usize = 4;
-/// The largest head the attention kernel holds (`ATTN_MAX_DIM` in model.cu).
+/// The largest head the attention kernels take: a row's 16-byte chunks, one per lane of a warp.
 pub const MAX_HEAD_DIM: usize = 256;
+/// Warps per SM that split attention aims for: a warp waits out a memory latency per tile of
+/// keys, so an SM needs many of them in flight.
+const ATTENTION_WARPS_PER_SM: usize = 16;
+/// The fewest keys worth a warp of their own; the kernels split keys in multiples of it.
+const ATTENTION_SPLIT_KEYS: usize = 32;
 
 mod sealed {
     pub trait Sealed {}
@@ -60,6 +72,15 @@ fn as_int(what: &str, value: usize) -> Result<i32> {
 fn rows_config(rows: usize) -> Result<LaunchConfig> {
     let rows = u32::try_from(rows).map_err(|_| shape_error(format!("{rows} rows exceed one launch")))?;
     Ok(LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// One block per row, of enough threads that the row fits in their registers (`NORM_ITEMS` each,
+/// float4 units when `dim` is a multiple of 4); longer rows loop with 1024 threads.
+fn norm_config(rows: usize, dim: usize) -> Result<LaunchConfig> {
+    let rows = u32::try_from(rows).map_err(|_| shape_error(format!("{rows} rows exceed one launch")))?;
+    let units = if dim.is_multiple_of(4) { dim / 4 } else { dim };
+    let threads = units.div_ceil(NORM_ITEMS).next_multiple_of(32).clamp(32, 1024) as u32;
+    Ok(LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Grid-stride launch over `total` elements: enough blocks to fill the GPU, no more.
@@ -111,7 +132,7 @@ pub fn rms_norm(
     let function = device.function(&MODEL, "model_rms_norm", 0)?;
     let mut launch = device.stream().launch_builder(&function);
     launch.arg(x).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
-    unsafe { launch.launch(rows_config(rows)?) }?;
+    unsafe { launch.launch(norm_config(rows, dim)?) }?;
     Ok(())
 }
 
@@ -137,7 +158,7 @@ pub fn add_rms_norm(
     let function = device.function(&MODEL, "model_add_rms_norm", 0)?;
     let mut launch = device.stream().launch_builder(&function);
     launch.arg(x).arg(delta).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
-    unsafe { launch.launch(rows_config(rows)?) }?;
+    unsafe { launch.launch(norm_config(rows, dim)?) }?;
     Ok(())
 }
 
@@ -270,16 +291,84 @@ pub fn rope_qkv(
     Ok(())
 }
 
+/// How many warps share the keys of each (query, head) pair of an attention launch of `tasks`
+/// pairs whose queries see at most `keys` keys: 1 when the pairs alone give the GPU
+/// `ATTENTION_WARPS_PER_SM` warps per SM (large batches run as they are), else enough splits to
+/// reach that, each of at least `ATTENTION_SPLIT_KEYS` keys.
+pub fn attention_splits(device: &CudaDevice, tasks: usize, keys: usize) -> usize {
+    (split_warps(device) / tasks.max(1)).min(keys.div_ceil(ATTENTION_SPLIT_KEYS)).max(1)
+}
+
+/// The warps that split attention aims for on `device`, and so the most parts it leaves.
+fn split_warps(device: &CudaDevice) -> usize {
+    device.sm_count() as usize * ATTENTION_WARPS_PER_SM
+}
+
+/// Where split attention leaves each split's part for the merge: its unnormalized output and
+/// softmax statistics (`head_dim + 2` floats), and how many parts each pair has. Sized once per
+/// device: keys are split only while pairs · splits stays within the warp target of
+/// [`attention_splits`], so that many parts of the largest head always fit.
+pub struct AttentionScratch {
+    partials: CudaSlice<f32>,
+    parts: CudaSlice<u32>,
+}
+
+impl AttentionScratch {
+    /// The scratch for `device`: 2.2 MB on an H100.
+    pub fn new(device: &CudaDevice) -> Result<Self> {
+        let warps = split_warps(device);
+        Ok(Self { partials: device.zeros(warps * (MAX_HEAD_DIM + 2))?, parts: device.zeros(warps)? })
+    }
+
+    /// [`attention_splits`], fewer where the parts would not fit (a scratch of another device).
+    fn splits(&self, device: &CudaDevice, tasks: usize, keys: usize, head_dim: usize) -> usize {
+        let fit = if tasks <= self.parts.len() { self.partials.len() / (tasks * (head_dim + 2)) } else { 0 };
+        attention_splits(device, tasks, keys).min(fit).max(1)
+    }
+}
+
+/// Launch of a split attention kernel: a warp per (query, split, head).
+fn attention_config(tasks: usize, splits: usize) -> Result<LaunchConfig> {
+    let warps = as_int("queries · heads · splits", tasks * splits)? as usize;
+    Ok(LaunchConfig {
+        grid_dim: (warps.div_ceil(ATTENTION_WARPS) as u32, 1, 1),
+        block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Merges the parts that a split attention launch of `splits` splits left in `scratch` into `out`
+/// (`[tasks][head_dim]`); nothing to do for one split, which writes `out` itself.
+fn combine_attention_splits(
+    device: &CudaDevice,
+    scratch: &AttentionScratch,
+    (tasks, head_dim, splits): (usize, usize, usize),
+    out: &mut CudaSlice<impl F16Storage>,
+) -> Result<()> {
+    if splits == 1 {
+        return Ok(());
+    }
+    let (tasks_i, dim_i, splits_i) =
+        (as_int("tasks", tasks)?, as_int("head_dim", head_dim)?, as_int("splits", splits)?);
+    let function = device.function(&MODEL, "model_attention_combine", 0)?;
+    let mut launch = device.stream().launch_builder(&function);
+    launch.arg(&scratch.partials).arg(&scratch.parts).arg(&tasks_i).arg(&dim_i).arg(&splits_i).arg(out);
+    unsafe { launch.launch(attention_config(tasks, 1)?) }?;
+    Ok(())
+}
+
 /// Causal attention of `shape.queries` new queries at positions `shape.past..` over the cached
 /// keys and values (which already hold the new positions): `q` and `out` are `[queries][heads ·
 /// head_dim]`, the caches `[positions][kv_heads · head_dim]`; query t sees keys `0..=past + t`,
 /// and head h reads KV head `h / (heads / kv_heads)`. Scores are scaled by `1 / √head_dim`.
+/// Few queries (decode of one sequence) split their keys over warps through `scratch`.
 pub fn attention(
     device: &CudaDevice,
     q: &CudaSlice<f16>,
     k_cache: &CudaSlice<f16>,
     v_cache: &CudaSlice<f16>,
     shape: AttentionShape,
+    scratch: &mut AttentionScratch,
     out: &mut CudaSlice<impl F16Storage>,
 ) -> Result<()> {
     let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
@@ -299,12 +388,9 @@ pub fn attention(
         (as_int("heads", n_heads)?, as_int("kv heads", n_kv_heads)?, as_int("head_dim", head_dim)?);
     // As the CPU computes it.
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let splits = scratch.splits(device, tasks, past + queries, head_dim);
+    let splits_i = as_int("splits", splits)?;
     let function = device.function(&MODEL, "model_attention", 0)?;
-    let config = LaunchConfig {
-        grid_dim: (tasks.div_ceil(ATTENTION_WARPS) as u32, 1, 1),
-        block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let mut launch = device.stream().launch_builder(&function);
     launch
         .arg(q)
@@ -316,9 +402,12 @@ pub fn attention(
         .arg(&kv_heads_i)
         .arg(&dim_i)
         .arg(&scale)
-        .arg(out);
-    unsafe { launch.launch(config) }?;
-    Ok(())
+        .arg(&splits_i)
+        .arg(&mut scratch.partials)
+        .arg(&mut scratch.parts)
+        .arg(&mut *out);
+    unsafe { launch.launch(attention_config(tasks, splits)?) }?;
+    combine_attention_splits(device, scratch, (tasks, head_dim, splits), out)
 }
 
 /// `x += delta` over `rows` rows of the residual stream (`[rows][dim]`, f32), for a sub-layer
@@ -453,7 +542,10 @@ pub fn rope_qkv_decode_batched(
 /// [`attention`] for a batch: sequence b's query (row b of `q`, `[sequences][heads · head_dim]`) at
 /// `positions[b]` attends to keys `0..=positions[b]` of its own cache (rows `b · capacity..`),
 /// which already holds the new one; `out` is `[sequences][heads · head_dim]`. Positions must be
-/// below `capacity`: one that is not gives NaNs and reads nothing.
+/// below `capacity`: one that is not gives NaNs and reads nothing. Few sequences split their keys
+/// over warps through `scratch`, as many as a position of `capacity - 1` would want; the kernel
+/// spreads each sequence's own keys over them.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_decode_batched(
     device: &CudaDevice,
     q: &CudaSlice<f16>,
@@ -461,6 +553,7 @@ pub fn attention_decode_batched(
     v_cache: &CudaSlice<f16>,
     positions: &CudaSlice<u32>,
     shape: DecodeShape,
+    scratch: &mut AttentionScratch,
     out: &mut CudaSlice<impl F16Storage>,
 ) -> Result<()> {
     shape.check()?;
@@ -479,12 +572,9 @@ pub fn attention_decode_batched(
     let (heads_i, kv_heads_i, dim_i) =
         (as_int("heads", n_heads)?, as_int("kv heads", n_kv_heads)?, as_int("head_dim", head_dim)?);
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let splits = scratch.splits(device, tasks, capacity, head_dim);
+    let splits_i = as_int("splits", splits)?;
     let function = device.function(&MODEL, "model_attention_decode", 0)?;
-    let config = LaunchConfig {
-        grid_dim: (tasks.div_ceil(ATTENTION_WARPS) as u32, 1, 1),
-        block_dim: (32 * ATTENTION_WARPS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let mut launch = device.stream().launch_builder(&function);
     launch
         .arg(q)
@@ -497,9 +587,12 @@ pub fn attention_decode_batched(
         .arg(&kv_heads_i)
         .arg(&dim_i)
         .arg(&scale)
-        .arg(out);
-    unsafe { launch.launch(config) }?;
-    Ok(())
+        .arg(&splits_i)
+        .arg(&mut scratch.partials)
+        .arg(&mut scratch.parts)
+        .arg(&mut *out);
+    unsafe { launch.launch(attention_config(tasks, splits)?) }?;
+    combine_attention_splits(device, scratch, (tasks, head_dim, splits), out)
 }
 
 #[cfg(test)]

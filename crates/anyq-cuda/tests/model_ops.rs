@@ -5,7 +5,7 @@
 
 use anyq_core::cpu::{causal_attention_reference, AttentionShape, Rope, RopeStyle};
 use anyq_core::testing::XorShift;
-use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
+use anyq_cuda::ops::{self, AttentionScratch, DecodeShape, RopeFrequencies};
 use anyq_cuda::testing::gpu_or_skip as device;
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError};
 use half::f16;
@@ -75,7 +75,12 @@ fn rms_norm_and_the_fused_residual_add_match_the_host() {
     let Some(device) = device() else { return };
     let mut rng = XorShift::new(2);
     let eps = 1e-5;
-    for (rows, dim) in [(1, 576), (7, 333), (3, 1), (130, 2049), (2, 4100)] {
+    // A block holds a row in registers, 4 float4 (dim % 4 == 0) or 4 floats a thread, up to 1024
+    // threads: rows of LLaMA-8B (4096) and up to 16384 floats, or 4096 odd ones; longer rows
+    // loop. Odd and short rows leave threads and float4s partly empty.
+    let cases = [(1, 576), (7, 333), (3, 1), (130, 2049), (2, 4100), (1, 4096), (3, 4095), (1, 16384)];
+    let fallback = [(2, 16388), (1, 5001)];
+    for (rows, dim) in cases.into_iter().chain(fallback) {
         // Large values in a few channels, as LLaMA residual streams hold.
         let x: Vec<f32> = rng
             .floats(rows * dim)
@@ -216,7 +221,17 @@ fn attention_matches_the_host_for_prefill_and_decode_with_gqa() {
         AttentionCase { queries: 3, past: 64, heads: 8, kv_heads: 1, head_dim: 256 },
         AttentionCase { queries: 2, past: 5, heads: 5, kv_heads: 5, head_dim: 8 },
         AttentionCase { queries: 1, past: 0, heads: 3, kv_heads: 1, head_dim: 80 },
+        // Few queries over long contexts split their keys over warps (as does the 1000-key one):
+        // LLaMA-8B's heads (on an H100, 66 splits of 64 keys, one ending 4 keys into its span,
+        // the last empty) and heads of 256 dims.
+        AttentionCase { queries: 1, past: 4099, heads: 32, kv_heads: 8, head_dim: 128 },
+        AttentionCase { queries: 2, past: 200, heads: 4, kv_heads: 1, head_dim: 256 },
     ];
+    for case in &cases[cases.len() - 2..] {
+        let (tasks, keys) = (case.queries * case.heads, case.past + case.queries);
+        assert!(ops::attention_splits(&device, tasks, keys) > 1, "{tasks} tasks of {keys} keys must split");
+    }
+    let mut scratch = AttentionScratch::new(&device).unwrap();
     for case in &cases {
         let AttentionCase { queries, past, heads, kv_heads, head_dim: d } = *case;
         let what = format!("queries {queries} past {past} heads {heads}/{kv_heads} d {d}");
@@ -234,7 +249,7 @@ fn attention_matches_the_host_for_prefill_and_decode_with_gqa() {
         let q_d = device.upload(&q_h).unwrap();
         let mut out = poisoned_f16(&device, queries * q_width);
         let shape = AttentionShape { queries, past, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
-        ops::attention(&device, &q_d, &k_d, &v_d, shape, &mut out).unwrap();
+        ops::attention(&device, &q_d, &k_d, &v_d, shape, &mut scratch, &mut out).unwrap();
         let want = causal_attention_reference(&q, &k, &v, shape);
         assert_close(&what, &f32s(&device.download(&out).unwrap()), &want, 1e-3, 2e-3);
     }
@@ -363,75 +378,116 @@ fn batched_rope_appends_each_sequence_at_its_own_position_in_its_own_cache() {
 
 /// Sequence b's keys and values in its own region of the caches `[sequences][capacity][kv_width]`,
 /// rows past its position poisoned; attention reads rows `0..=positions[b]` only.
+fn check_decode_attention(
+    device: &CudaDevice,
+    rng: &mut XorShift,
+    scratch: &mut AttentionScratch,
+    case: &DecodeCase,
+    positions: &[usize],
+) {
+    let DecodeCase { sequences, capacity, heads, kv_heads, head_dim: d, .. } = *case;
+    let what = format!("{sequences} sequences of {capacity} heads {heads}/{kv_heads} d {d}");
+    let (q_width, kv_width) = (heads * d, kv_heads * d);
+    let (q_h, q) = random_f16(rng, sequences * q_width, 2.0);
+    let (k_h, k) = random_f16(rng, sequences * capacity * kv_width, 2.0);
+    let (v_h, v) = random_f16(rng, sequences * capacity * kv_width, 1.0);
+    let poison = |mut cache: Vec<f16>| {
+        for (b, &p) in positions.iter().enumerate() {
+            let first_unused = (b * capacity + p + 1) * kv_width;
+            cache[first_unused..(b + 1) * capacity * kv_width].fill(f16::from_bits(F16_POISON));
+        }
+        cache
+    };
+    let (k_d, v_d) = (device.upload(&poison(k_h)).unwrap(), device.upload(&poison(v_h)).unwrap());
+    let positions_d = device.upload(&positions_u32(positions)).unwrap();
+    // The output as MixQ's producer reads it: f16 bits.
+    let mut out = device.upload(&vec![F16_POISON; sequences * q_width]).unwrap();
+    let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+    let q_d = device.upload(&q_h).unwrap();
+    ops::attention_decode_batched(device, &q_d, &k_d, &v_d, &positions_d, shape, scratch, &mut out).unwrap();
+    let got: Vec<f32> = device.download(&out).unwrap().into_iter().map(|b| f16::from_bits(b).to_f32()).collect();
+    for (b, &p) in positions.iter().enumerate() {
+        let region = b * capacity * kv_width..(b * capacity + p + 1) * kv_width;
+        let one = AttentionShape { queries: 1, past: p, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        let want = causal_attention_reference(&q[b * q_width..][..q_width], &k[region.clone()], &v[region], one);
+        assert_close(&format!("{what}: sequence {b} at {p}"), &got[b * q_width..][..q_width], &want, 1e-3, 2e-3);
+    }
+}
+
 #[test]
 fn batched_decode_attention_reads_each_sequence_own_cache_up_to_its_position() {
     let Some(device) = device() else { return };
     let mut rng = XorShift::new(9);
+    let mut scratch = AttentionScratch::new(&device).unwrap();
     for case in DECODE_CASES {
-        let DecodeCase { sequences, capacity, heads, kv_heads, head_dim: d, .. } = *case;
-        let what = format!("{sequences} sequences of {capacity} heads {heads}/{kv_heads} d {d}");
-        let (q_width, kv_width) = (heads * d, kv_heads * d);
-        let positions = decode_positions(&mut rng, sequences, capacity);
-        let (q_h, q) = random_f16(&mut rng, sequences * q_width, 2.0);
-        let (k_h, k) = random_f16(&mut rng, sequences * capacity * kv_width, 2.0);
-        let (v_h, v) = random_f16(&mut rng, sequences * capacity * kv_width, 1.0);
-        let poison = |mut cache: Vec<f16>| {
-            for (b, &p) in positions.iter().enumerate() {
-                let first_unused = (b * capacity + p + 1) * kv_width;
-                cache[first_unused..(b + 1) * capacity * kv_width].fill(f16::from_bits(F16_POISON));
-            }
-            cache
-        };
-        let (k_d, v_d) = (device.upload(&poison(k_h)).unwrap(), device.upload(&poison(v_h)).unwrap());
-        let positions_d = device.upload(&positions_u32(&positions)).unwrap();
-        // The output as MixQ's producer reads it: f16 bits.
-        let mut out = device.upload(&vec![F16_POISON; sequences * q_width]).unwrap();
-        let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
-        ops::attention_decode_batched(
-            &device,
-            &device.upload(&q_h).unwrap(),
-            &k_d,
-            &v_d,
-            &positions_d,
-            shape,
-            &mut out,
-        )
-        .unwrap();
-        let got: Vec<f32> = device.download(&out).unwrap().into_iter().map(|b| f16::from_bits(b).to_f32()).collect();
-        for (b, &p) in positions.iter().enumerate() {
-            let region = b * capacity * kv_width..(b * capacity + p + 1) * kv_width;
-            let one = AttentionShape { queries: 1, past: p, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
-            let want = causal_attention_reference(&q[b * q_width..][..q_width], &k[region.clone()], &v[region], one);
-            assert_close(&format!("{what}: sequence {b} at {p}"), &got[b * q_width..][..q_width], &want, 1e-3, 2e-3);
-        }
+        let positions = decode_positions(&mut rng, case.sequences, case.capacity);
+        check_decode_attention(&device, &mut rng, &mut scratch, case, &positions);
+    }
+}
+
+/// Few sequences over long contexts: each one's keys are split over warps in spans of multiples
+/// of 32 keys and the parts merged. The cases end spans within a tile (tiles of 8 keys for heads
+/// of 256 dims, 16 for 128, 256 for 8), leave splits without keys and lanes idle (a row of 80
+/// dims is 10 chunks for 16 lanes), and put sequences of one split beside long ones.
+#[test]
+fn batched_decode_attention_splits_long_contexts_over_warps_and_merges_them_exactly() {
+    let Some(device) = device() else { return };
+    let mut rng = XorShift::new(10);
+    let mut scratch = AttentionScratch::new(&device).unwrap();
+    let case = |sequences, capacity, heads, kv_heads, head_dim| DecodeCase {
+        sequences,
+        capacity,
+        heads,
+        kv_heads,
+        head_dim,
+        bias: false,
+    };
+    let cases = [
+        (case(1, 1000, 32, 8, 128), vec![999]),
+        (case(3, 300, 9, 3, 64), vec![0, 100, 299]),
+        (case(2, 129, 8, 1, 256), vec![128, 77]),
+        (case(4, 200, 6, 2, 80), vec![199, 31, 32, 33]),
+        (case(1, 600, 2, 1, 8), vec![599]),
+    ];
+    for (case, positions) in &cases {
+        let tasks = case.sequences * case.heads;
+        assert!(ops::attention_splits(&device, tasks, case.capacity) > 1, "{tasks} tasks of {} keys", case.capacity);
+        check_decode_attention(&device, &mut rng, &mut scratch, case, positions);
     }
 }
 
 /// A position past the cache (which the model refuses before a launch) is no read or write
-/// outside it: the sequence's outputs are NaN and its cache rows untouched.
+/// outside it: the sequence's outputs are NaN and its cache rows untouched, whether its keys would
+/// take one warp or several (the second shape splits sequence 0's 300 keys).
 #[test]
 fn batched_decode_positions_past_the_cache_give_nans_not_stray_accesses() {
     let Some(device) = device() else { return };
-    let (sequences, capacity, heads, kv_heads, d) = (3, 4, 2, 1, 8);
-    let (q_width, kv_width) = (heads * d, kv_heads * d);
-    let rope = RopeFrequencies::new(&device, &Rope::new(RopeStyle::Neox, d, 10000.0, None)).unwrap();
-    let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
-    let positions = device.upload(&[1u32, 4, 1 << 31]).unwrap();
-    let qkv = device.upload(&vec![f16::ONE; sequences * (q_width + 2 * kv_width)]).unwrap();
-    let mut q = poisoned_f16(&device, sequences * q_width);
-    let mut k_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
-    let mut v_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
-    ops::rope_qkv_decode_batched(&device, &qkv, None, &rope, &positions, shape, &mut q, &mut k_cache, &mut v_cache)
-        .unwrap();
-    let mut out = poisoned_f16(&device, sequences * q_width);
-    ops::attention_decode_batched(&device, &q, &k_cache, &v_cache, &positions, shape, &mut out).unwrap();
-    let (q, out) = (f32s(&device.download(&q).unwrap()), f32s(&device.download(&out).unwrap()));
-    assert!(q[..q_width].iter().chain(&out[..q_width]).all(|v| v.is_finite()), "sequence 0 is in range");
-    assert!(q[q_width..].iter().chain(&out[q_width..]).all(|v| v.is_nan()), "sequences 1 and 2 are not");
-    let keys = f32s(&device.download(&k_cache).unwrap());
-    let written: Vec<usize> =
-        (0..sequences * capacity).filter(|&r| keys[r * kv_width..][..kv_width] != [0.0; 8]).collect();
-    assert_eq!(written, vec![1], "only sequence 0's position 1 is written");
+    let mut scratch = AttentionScratch::new(&device).unwrap();
+    for (capacity, heads, kv_heads, d, first, splits) in [(4, 2, 1, 8, 1, false), (300, 4, 2, 64, 299, true)] {
+        let sequences = 3;
+        assert_eq!(ops::attention_splits(&device, sequences * heads, capacity) > 1, splits, "capacity {capacity}");
+        let (q_width, kv_width) = (heads * d, kv_heads * d);
+        let rope = RopeFrequencies::new(&device, &Rope::new(RopeStyle::Neox, d, 10000.0, None)).unwrap();
+        let shape = DecodeShape { sequences, capacity, n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        let positions = device.upload(&[first as u32, capacity as u32, 1 << 31]).unwrap();
+        let qkv = device.upload(&vec![f16::ONE; sequences * (q_width + 2 * kv_width)]).unwrap();
+        let mut q = poisoned_f16(&device, sequences * q_width);
+        let mut k_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
+        let mut v_cache = device.upload(&vec![f16::ZERO; sequences * capacity * kv_width]).unwrap();
+        ops::rope_qkv_decode_batched(&device, &qkv, None, &rope, &positions, shape, &mut q, &mut k_cache, &mut v_cache)
+            .unwrap();
+        let mut out = poisoned_f16(&device, sequences * q_width);
+        ops::attention_decode_batched(&device, &q, &k_cache, &v_cache, &positions, shape, &mut scratch, &mut out)
+            .unwrap();
+        let (q, out) = (f32s(&device.download(&q).unwrap()), f32s(&device.download(&out).unwrap()));
+        let what = format!("capacity {capacity}");
+        assert!(q[..q_width].iter().chain(&out[..q_width]).all(|v| v.is_finite()), "{what}: sequence 0 is in range");
+        assert!(q[q_width..].iter().chain(&out[q_width..]).all(|v| v.is_nan()), "{what}: sequences 1 and 2 are not");
+        let keys = f32s(&device.download(&k_cache).unwrap());
+        let written: Vec<usize> =
+            (0..sequences * capacity).filter(|&r| keys[r * kv_width..][..kv_width].iter().any(|&v| v != 0.0)).collect();
+        assert_eq!(written, vec![first], "{what}: only sequence 0's position {first} is written");
+    }
 }
 
 #[test]
@@ -442,9 +498,11 @@ fn bad_shapes_are_errors_not_launches() {
     let shape = |n_heads, n_kv_heads, head_dim| AttentionShape { queries: 1, past: 0, n_heads, n_kv_heads, head_dim };
     let shape_error = |r: anyq_cuda::Result<()>| matches!(r, Err(CudaError::Shape(_)));
     // 3 heads over 2 KV heads, a head of 12, buffers too short for 2 heads of 64.
-    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(3, 2, 16), &mut out)));
-    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 12), &mut out)));
-    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 64), &mut out)));
+    let mut scratch = AttentionScratch::new(&device).unwrap();
+    let s = &mut scratch;
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(3, 2, 16), s, &mut out)));
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 12), s, &mut out)));
+    assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 64), s, &mut out)));
     assert!(shape_error(ops::silu_mul(&device, &small, (1, 33), &mut out)));
     let x = device.upload(&vec![0.0f32; 64]).unwrap();
     let gamma = device.upload(&vec![1.0f32; 65]).unwrap();
@@ -465,11 +523,11 @@ fn bad_shapes_are_errors_not_launches() {
     assert!(shape_error(ops::rope_qkv_decode_batched(
         &device, &qkv, None, &rope, &positions, two, &mut out, &mut k, &mut v
     )));
-    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k, &v, &positions, two, &mut out)));
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k, &v, &positions, two, s, &mut out)));
     // Fewer positions than sequences.
     let one_position = device.upload(&[0u32]).unwrap();
     let (mut k2, mut v2) = (device.upload(&[f16::ZERO; 32]).unwrap(), device.upload(&[f16::ZERO; 32]).unwrap());
-    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &one_position, two, &mut out)));
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &one_position, two, s, &mut out)));
     assert!(shape_error(ops::rope_qkv_decode_batched(
         &device,
         &qkv,
@@ -482,7 +540,7 @@ fn bad_shapes_are_errors_not_launches() {
         &mut v2
     )));
     let odd = DecodeShape { sequences: 1, capacity: 1, n_heads: 3, n_kv_heads: 2, head_dim: 16 };
-    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &positions, odd, &mut out)));
+    assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &positions, odd, s, &mut out)));
     let mut x = device.upload(&vec![0.0f32; 64]).unwrap();
     assert!(shape_error(ops::add_residual(&device, &mut x, &gamma, (1, 65))));
     assert!(shape_error(ops::add_residual_f16(&device, &mut x, &small, (2, 33))));

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use anyq_core::cpu::{AttentionShape, Rope};
 use anyq_core::{DenseLinear, Linear};
 use anyq_cuda::mixq::{self, MixqActivations, MixqWeight, OutlierSet, Producer};
-use anyq_cuda::ops::{self, DecodeShape, RopeFrequencies};
+use anyq_cuda::ops::{self, AttentionScratch, DecodeShape, RopeFrequencies};
 use anyq_cuda::{BlasGemm, CudaDevice, CudaError, CudaSlice};
 use anyq_quant::ggml_linear::GgmlLinear;
 use anyq_quant::methods::mixq::MixQLinear;
@@ -471,7 +471,7 @@ impl CudaLlama {
         self.run_blocks(s, t, |i, layer, io| {
             let (keys, values) = (&mut keys[i], &mut values[i]);
             ops::rope_qkv(dev, io.qkv, layer.qkv_bias.as_ref(), &self.rope, shape, io.q, keys, values)?;
-            ops::attention(dev, io.q, keys, values, shape, io.out)?;
+            ops::attention(dev, io.q, keys, values, shape, io.scratch, io.out)?;
             Ok(())
         })?;
         *len += t;
@@ -487,14 +487,14 @@ impl CudaLlama {
         rows: usize,
         mut attention: impl FnMut(usize, &CudaLayer, AttentionIo<'_>) -> Result<(), CudaModelError>,
     ) -> Result<(), CudaModelError> {
-        let Scratch { x, normed, qkv, q, attn, delta, delta_half, gate_up, act, mixq, .. } = s;
+        let Scratch { x, normed, qkv, q, attn, attention_scratch, delta, delta_half, gate_up, act, mixq, .. } = s;
         let mut r = Residual { x, delta, delta_half, pending: Pending::Nothing, rows };
         for (i, layer) in self.layers.iter().enumerate() {
             let inputs = mixq.of_block[i];
             mixq.rows += (rows * inputs.iter().flatten().count()) as u64;
             let [qkv_in, o_proj_in, gate_up_in, down_in] = inputs;
             self.linear_of_norm(&mut r, &layer.attn_norm, &layer.qkv, normed, mixq.buffer(qkv_in), qkv)?;
-            attention(i, layer, AttentionIo { qkv, q, out: attn })?;
+            attention(i, layer, AttentionIo { qkv, q, scratch: attention_scratch, out: attn })?;
             self.linear_to_residual(&mut r, &layer.o_proj, SubLayerInput::Plain(attn), mixq.buffer(o_proj_in))?;
             self.linear_of_norm(&mut r, &layer.mlp_norm, &layer.gate_up, normed, mixq.buffer(gate_up_in), gate_up)?;
             let input = SubLayerInput::SiluMul { gate_up, act };
@@ -613,6 +613,7 @@ struct AttentionIo<'a> {
     qkv: &'a CudaSlice<u16>,
     /// Room for the rotated queries `[rows, q_width]`.
     q: &'a mut CudaSlice<f16>,
+    scratch: &'a mut AttentionScratch,
     /// The attention output `[rows, q_width]`.
     out: &'a mut CudaSlice<u16>,
 }
@@ -864,7 +865,7 @@ impl CudaLlama {
             let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
             let bias = layer.qkv_bias.as_ref();
             ops::rope_qkv_decode_batched(dev, io.qkv, bias, &self.rope, positions, shape, io.q, keys, values)?;
-            ops::attention_decode_batched(dev, io.q, keys, values, positions, shape, io.out)?;
+            ops::attention_decode_batched(dev, io.q, keys, values, positions, shape, io.scratch, io.out)?;
             Ok(())
         })?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -889,6 +890,8 @@ struct Scratch {
     q: CudaSlice<f16>,
     /// Attention output `[rows, q_width]`.
     attn: CudaSlice<u16>,
+    /// Split attention's partial results (decode of few sequences).
+    attention_scratch: AttentionScratch,
     /// An FP16 sub-layer's output `[rows, hidden]`, added to `x`.
     delta: CudaSlice<f32>,
     /// A MixQ sub-layer's output `[rows, hidden]`, added to `x`.
@@ -983,6 +986,7 @@ impl Scratch {
             qkv: device.zeros(rows * (q_width + 2 * kv_width))?,
             q: device.zeros(rows * q_width)?,
             attn: device.zeros(rows * q_width)?,
+            attention_scratch: AttentionScratch::new(device)?,
             delta: device.zeros(rows * h)?,
             delta_half: device.zeros(rows * h)?,
             gate_up: device.zeros(rows * 2 * ffn)?,
