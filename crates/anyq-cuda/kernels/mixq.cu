@@ -402,6 +402,35 @@ __device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
     else wgmma_f16_n128(d, a, b);
 }
 
+// The end of a TMA kernel's output tile, `out` holding the dequantized products of the thread's
+// rows row0 (+ 8) and columns n0 + 8j + 2t (+ 1): the outlier tiles that follow the k tiles in
+// the ring (FP16 wgmma's onto `out`), then f16 out, written once.
+template <int STAGES, int BN, typename Release>
+__device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& p, u32_t ring, u32_t full, int cw,
+                                            int row0, int n0, int t, Release release) {
+    constexpr int A_BYTES = 128 * BK, STAGE_BYTES = (128 + BN) * BK;
+    for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+        const int s = it % STAGES;
+        mbar_wait(full + 8 * s, (it / STAGES) & 1);
+        const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int step = 0; step < 4; ++step)
+            wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
+        wgmma_commit();
+        wgmma_wait<0>();
+        release(it);
+    }
+    GemmArgs q;
+    q.y = p.y, q.m = p.m, q.n = p.n;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int col = n0 + j * 8 + 2 * t;
+        store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
+        store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+    }
+}
+
 template <int CLUSTER, int STAGES, int BN>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TmaArgs& p) {
@@ -505,26 +534,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] = x1 * w0 * (float)acc[4 * j + 2];
                 out[4 * j + 3] = x1 * w1 * (float)acc[4 * j + 3];
             }
-            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
-                const int s = it % STAGES;
-                mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-                wgmma_fence();
-#pragma unroll
-                for (int step = 0; step < 4; ++step)
-                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
-                wgmma_commit();
-                wgmma_wait<0>();
-                release(it);
-            }
-            GemmArgs q;
-            q.y = p.y, q.m = p.m, q.n = p.n;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = n0 + j * 8 + 2 * t;
-                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
-                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
-            }
+            finish_tile<STAGES, BN>(out, it, p, ring, full, cw, row0, n0, t, release);
         }
     }
     // No block of a cluster may leave while the others' copies or arrivals may still target it.
@@ -718,26 +728,7 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] *= x1;
                 out[4 * j + 3] *= x1;
             }
-            for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
-                const int s = it % STAGES;
-                mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-                wgmma_fence();
-#pragma unroll
-                for (int step = 0; step < 4; ++step)
-                    wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
-                wgmma_commit();
-                wgmma_wait<0>();
-                release(it);
-            }
-            GemmArgs q;
-            q.y = p.y, q.m = p.m, q.n = p.n;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = n0 + j * 8 + 2 * t;
-                store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
-                store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
-            }
+            finish_tile<STAGES, BN>(out, it, p, ring, full, cw, row0, n0, t, release);
         }
     }
 }

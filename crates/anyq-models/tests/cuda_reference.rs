@@ -20,7 +20,8 @@ use anyq_cuda::mixq::{MixqWeight, OutlierSet};
 use anyq_cuda::testing::{gpu_or_skip as device, gpu_required as require_gpu};
 use anyq_cuda::CudaDevice;
 use anyq_models::cuda::{
-    CudaBatchCache, CudaLayer, CudaLinear, CudaLlama, CudaModelError, CudaWeights, MixqCounts, PREFILL_CHUNK,
+    CudaBatchCache, CudaKvCache, CudaLayer, CudaLinear, CudaLlama, CudaModelError, CudaWeights, MixqCounts,
+    PREFILL_CHUNK,
 };
 use anyq_models::cuda_bench::{self, DecodeBenchSettings, LinearKind};
 use anyq_models::loader::WeightSource;
@@ -565,6 +566,20 @@ fn mixq_model(
     CudaLlama::from_weights(device, cpu.config.clone(), weights).unwrap()
 }
 
+/// The GPU model's logits against the CPU's, MixQ's tolerance: the whole prompt, then its first
+/// token again as a decode step. Returns the GPU's cache.
+fn prefill_and_step_against_cpu(gpu: &CudaLlama, cpu: &LlamaModel, prompt: &[u32], what: &str) -> CudaKvCache {
+    let mut gpu_cache = gpu.new_cache(prompt.len() + 1).unwrap();
+    let mut cpu_cache = cpu.new_cache();
+    for (step, tokens) in [prompt, &prompt[..1]].into_iter().enumerate() {
+        let want = cpu.forward_last(tokens, &mut cpu_cache).unwrap();
+        let error = relative_l2(&gpu.forward_last(tokens, &mut gpu_cache).unwrap(), &want);
+        eprintln!("{what}, {} tokens: relative L2 error {error:.2e}", tokens.len());
+        assert!(error < MIXQ_TOLERANCE, "{what}, step {step}: relative L2 error {error:.2e}");
+    }
+    gpu_cache
+}
+
 /// Prefill (the tiled MixQ GEMMs), one-token decode (the GEMVs) and batched decode of few and
 /// many sequences, against the CPU model with MixQ's weights.
 fn check_mixq_against_cpu(device: &Arc<CudaDevice>, config: &ModelConfig, bits: u32, mixed: bool, what: &str) {
@@ -574,14 +589,7 @@ fn check_mixq_against_cpu(device: &Arc<CudaDevice>, config: &ModelConfig, bits: 
     let vocab = config.vocab_size as u64;
     let mut rng = XorShift::new(9);
     let prompt: Vec<u32> = (0..40).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    let mut gpu_cache = gpu.new_cache(prompt.len() + 1).unwrap();
-    let mut cpu_cache = cpu.new_cache();
-    for (step, tokens) in [&prompt[..], &prompt[..1]].into_iter().enumerate() {
-        let want = cpu.forward_last(tokens, &mut cpu_cache).unwrap();
-        let error = relative_l2(&gpu.forward_last(tokens, &mut gpu_cache).unwrap(), &want);
-        eprintln!("{what}, {} tokens: relative L2 error {error:.2e}", tokens.len());
-        assert!(error < MIXQ_TOLERANCE, "{what}, step {step}: relative L2 error {error:.2e}");
-    }
+    prefill_and_step_against_cpu(&gpu, &cpu, &prompt, what);
     check_batched_decode_against_cpu(device, &gpu, &cpu, (3, 8), MIXQ_TOLERANCE, what);
     check_batched_decode_against_cpu(device, &gpu, &cpu, (20, 24), MIXQ_TOLERANCE, what);
 }
@@ -770,14 +778,7 @@ fn mixq_checkpoint(config: &ModelConfig, method: &str, seed: u64) -> LlamaModel 
 fn check_mixq_model_against_cpu(device: &Arc<CudaDevice>, cpu: &LlamaModel, what: &str) {
     let gpu = CudaLlama::new(device, cpu).unwrap();
     let prompt = &random_windows(&cpu.config, 9, (1, 40))[0];
-    let mut gpu_cache = gpu.new_cache(prompt.len() + 1).unwrap();
-    let mut cpu_cache = cpu.new_cache();
-    for (step, tokens) in [&prompt[..], &prompt[..1]].into_iter().enumerate() {
-        let want = cpu.forward_last(tokens, &mut cpu_cache).unwrap();
-        let error = relative_l2(&gpu.forward_last(tokens, &mut gpu_cache).unwrap(), &want);
-        eprintln!("{what}, {} tokens: relative L2 error {error:.2e}", tokens.len());
-        assert!(error < MIXQ_TOLERANCE, "{what}, step {step}: relative L2 error {error:.2e}");
-    }
+    let gpu_cache = prefill_and_step_against_cpu(&gpu, cpu, prompt, what);
     let rows = (prompt.len() as u64 + 1) * mixq_inputs(cpu);
     assert_eq!(gpu.mixq_counts(&gpu_cache).unwrap(), Some(MixqCounts { rows, over_threshold: 0 }), "{what}");
     check_batched_decode_against_cpu(device, &gpu, cpu, (3, 8), MIXQ_TOLERANCE, what);
