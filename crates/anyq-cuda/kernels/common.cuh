@@ -207,6 +207,12 @@ __device__ __forceinline__ void tma_load(u32_t dst, const TensorMap* map, int x,
                  "l"((u64_t)map), "r"(x), "r"(y), "r"(bar)
                  : "memory");
 }
+// 3-D box (coordinates x, y, z, innermost first) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(u32_t dst, const TensorMap* map, int x, int y, int z, u32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                 "l"((u64_t)map), "r"(x), "r"(y), "r"(z), "r"(bar)
+                 : "memory");
+}
 // The same tile into every block of `mask` in the cluster, at the same offsets.
 __device__ __forceinline__ void tma_load_multicast(u32_t dst, const TensorMap* map, int x, int y, u32_t bar, unsigned short mask) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "

@@ -1021,6 +1021,86 @@ constexpr int STREAM_SIDE_ENTRIES = 36;
 constexpr int STREAM_SIDE_BYTES = STREAM_SIDE_ENTRIES * 8 * 5;
 
 
+// A streaming GEMV's consumer lane (warp w of CW, lane 4g + t): tokens 8h + 2t (+ 1), h = w / 8,
+// rows g and g + 8 of each tile pair of a batch of T pairs; its warp is part w % 8 of 8 that
+// share the batch's k.
+template <int CW, int T>
+struct StreamLane {
+    const GemmArgs& p;
+    int warp, lane, g, t, part, h, t0, ko_slices, n_tiles;
+    float s0, s1;     // the tokens' scales
+    const u8_t* xo;   // token 8h + g's outlier activations, at channel 8t
+    uint4 xo_first;   // ... of the warp's first 32-channel slice (all of them at 1% of 8192)
+    const u8_t* wo[2 * T];
+    uint4 wv[2 * T];  // the next outlier weights of rows g of the batch's tiles
+
+    __device__ __forceinline__ StreamLane(const GemmArgs& args)
+        : p(args), warp(threadIdx.x >> 5), lane(threadIdx.x & 31), g(lane >> 2), t(lane & 3), part(warp & 7),
+          h(warp >> 3), t0(8 * h + 2 * t), ko_slices(args.ko_pad / 32), n_tiles((args.n + 7) >> 3) {
+        s0 = t0 < p.m ? p.sx[t0] : 0.0f;
+        s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
+        xo = (const u8_t*)(p.xo + (u64_t)min(8 * h + g, p.m - 1) * p.ko_pad) + 16 * t;
+        xo_first = part < ko_slices ? __ldg((const uint4*)(xo + part * 64)) : make_uint4(0, 0, 0, 0);
+    }
+
+    // Batch b's first outlier weights, fetched at its start so that their latency hides behind
+    // the stream.
+    __device__ __forceinline__ void prefetch_outliers(int b) {
+#pragma unroll
+        for (int i = 0; i < 2 * T; ++i) {
+            const int tile = min(2 * T * b + i, n_tiles - 1);
+            wo[i] = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
+            wv[i] = part < ko_slices ? __ldg((const uint4*)(wo[i] + part * 64)) : make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // The end of batch b, out[4u + r] holding pair u's rows g (r = 0, 1) and g + 8 (r = 2, 3) for
+    // tokens t0 (+ 1) with the weights' scales applied: the tokens' scales, the outlier channels,
+    // the 8 warps of each token group added up (two buffers: the next batch writes the other),
+    // f16 out.
+    __device__ __forceinline__ void finish(float* out, int b, int round, float (*partial)[CW][32][4 * T]) {
+#pragma unroll
+        for (int u = 0; u < T; ++u) {
+            out[4 * u + 0] *= s0;
+            out[4 * u + 1] *= s1;
+            out[4 * u + 2] *= s0;
+            out[4 * u + 3] *= s1;
+        }
+        for (int c = part; c < ko_slices; c += 8) {
+            uint4 cur[2 * T];
+#pragma unroll
+            for (int i = 0; i < 2 * T; ++i) {
+                cur[i] = wv[i];
+                if (c + 8 < ko_slices) wv[i] = __ldg((const uint4*)(wo[i] + (c + 8) * 64));
+            }
+            const uint4 xv = c == part ? xo_first : __ldg((const uint4*)(xo + c * 64));
+#pragma unroll
+            for (int u = 0; u < T; ++u) {
+                const uint4 va = cur[2 * u], vb = cur[2 * u + 1];
+                const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
+                mma_f16(&out[4 * u], a0, xv.x, xv.y);
+                mma_f16(&out[4 * u], a1, xv.z, xv.w);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4 * T; ++r) partial[round & 1][warp][lane][r] = out[r];
+        asm volatile("bar.sync 1, %0;\n" ::"n"(CW * 32) : "memory");
+        if (part == 0) {
+            float total[4 * T];
+#pragma unroll
+            for (int r = 0; r < 4 * T; ++r) total[r] = 0.0f;
+            for (int w2 = warp; w2 < warp + 8; ++w2)
+#pragma unroll
+                for (int r = 0; r < 4 * T; ++r) total[r] += partial[round & 1][w2][lane][r];
+#pragma unroll
+            for (int r = 0; r < 4 * T; ++r) {
+                const int tk = t0 + (r & 1), row = (2 * T * b + 2 * (r >> 2)) * 8 + g + ((r >> 1) & 1) * 8;
+                if (tk < p.m && row < p.n) p.y[(u64_t)tk * p.n + row] = f32_to_f16(total[r]);
+            }
+        }
+    }
+};
+
 template <int CW, int T> // consumer warps (8 per 8 tokens), tile pairs per batch
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1083,15 +1163,10 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     // Warp w computes, for tokens 8h .. 8h + 7 (h = w / 8), two units of every stage: slices
     // w % 8 and w % 8 + 8 of the batch's pair (T = 1), or slice w % 8 of both pairs (T = 2, one
     // load of the activations for both).
-    const int g = lane >> 2, t = lane & 3, part = warp & 7, h = warp >> 3;
-    // Token row 8h + g: activations of this lane's 32-k block, outlier activations.
-    const int token = min(8 * h + g, p.m - 1);
-    const u8_t* x = (const u8_t*)p.xq + (u64_t)token * p.k_pad + 32 * t;
-    const u8_t* xo = (const u8_t*)(p.xo + (u64_t)token * p.ko_pad) + 16 * t;
-    const int ko_slices = p.ko_pad / 32;
-    // The outlier activations of this warp's first 32-channel slice (all of them at 1% outliers
-    // of up to 8192 channels), the same for every pair: read once.
-    const uint4 xo_first = part < ko_slices ? __ldg((const uint4*)(xo + part * 64)) : make_uint4(0, 0, 0, 0);
+    StreamLane<CW, T> me(p);
+    const int g = me.g, t = me.t, part = me.part;
+    // Token row 8h + g: activations of this lane's 32-k block.
+    const u8_t* x = (const u8_t*)p.xq + (u64_t)min(8 * me.h + g, p.m - 1) * p.k_pad + 32 * t;
     constexpr int LOADS = 3 - T; // distinct slices a warp reads per stage
     // Slice of load i; past a short last stage, slice 0 again, scaled by zero: straight-line
     // code lets the units' mma chains interleave.
@@ -1108,22 +1183,9 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
             xh[i] = __ldg((const uint4*)(x + kb + 16));
         }
     };
-    const int t0 = 8 * h + 2 * t;
-    const float s0 = t0 < p.m ? p.sx[t0] : 0.0f, s1 = t0 + 1 < p.m ? p.sx[t0 + 1] : 0.0f;
     int it = 0, round = 0;
     for (int b = blockIdx.x; b < batches; b += gridDim.x, ++round) {
-        // Outlier weights of rows g of the pairs' tiles (lane t: channels 8t .. 8t + 7 of a
-        // 32-channel slice), the first fetched now so that its latency hides behind the stream.
-        const bool outliers = part < ko_slices;
-        const u8_t* wo[2 * T];
-        uint4 wv[2 * T];
-#pragma unroll
-        for (int i = 0; i < 2 * T; ++i) {
-            const int tile = min(2 * T * b + i, n_tiles - 1);
-            wo[i] = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
-            wv[i] = outliers ? __ldg((const uint4*)(wo[i] + part * 64)) : make_uint4(0, 0, 0, 0);
-        }
-        // out[4u + r]: pair u's rows g (r = 0, 1) and g + 8 (r = 2, 3), tokens 8h + 2t (+ 1).
+        me.prefetch_outliers(b);
         float out[4 * T];
 #pragma unroll
         for (int r = 0; r < 4 * T; ++r) out[r] = 0.0f;
@@ -1176,48 +1238,104 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
                 out[o + 3] += scale[u][1] * (float)(acc[3] - zero[u][1] * sum[3]);
             }
         }
-#pragma unroll
-        for (int u = 0; u < T; ++u) {
-            out[4 * u + 0] *= s0;
-            out[4 * u + 1] *= s1;
-            out[4 * u + 2] *= s0;
-            out[4 * u + 3] *= s1;
-        }
-        for (int c = part; outliers && c < ko_slices; c += 8) {
-            uint4 cur[2 * T];
-#pragma unroll
-            for (int i = 0; i < 2 * T; ++i) {
-                cur[i] = wv[i];
-                if (c + 8 < ko_slices) wv[i] = __ldg((const uint4*)(wo[i] + (c + 8) * 64));
-            }
-            const uint4 xv = c == part ? xo_first : __ldg((const uint4*)(xo + c * 64));
-#pragma unroll
-            for (int u = 0; u < T; ++u) {
-                const uint4 va = cur[2 * u], vb = cur[2 * u + 1];
-                const u32_t a0[4] = {va.x, vb.x, va.y, vb.y}, a1[4] = {va.z, vb.z, va.w, vb.w};
-                mma_f16(&out[4 * u], a0, xv.x, xv.y);
-                mma_f16(&out[4 * u], a1, xv.z, xv.w);
-            }
-        }
-        // The 8 warps of each token group add up (two buffers: the next batch writes the other).
-#pragma unroll
-        for (int r = 0; r < 4 * T; ++r) partial[round & 1][warp][lane][r] = out[r];
-        asm volatile("bar.sync 1, %0;\n" ::"n"(CW * 32) : "memory");
-        if (part == 0) {
-            float total[4 * T];
-#pragma unroll
-            for (int r = 0; r < 4 * T; ++r) total[r] = 0.0f;
-            for (int w2 = warp; w2 < warp + 8; ++w2)
-#pragma unroll
-                for (int r = 0; r < 4 * T; ++r) total[r] += partial[round & 1][w2][lane][r];
-#pragma unroll
-            for (int r = 0; r < 4 * T; ++r) {
-                const int tk = t0 + (r & 1), row = (2 * T * b + 2 * (r >> 2)) * 8 + g + ((r >> 1) & 1) * 8;
-                if (tk < p.m && row < p.n) p.y[(u64_t)tk * p.n + row] = f32_to_f16(total[r]);
-            }
-        }
+        me.finish(out, b, round, partial);
     }
 #endif
+}
+
+// W8A8 GEMV for up to 16 tokens on Hopper, the W4 kernel's scheme for 8-bit weights: each
+// 16 KiB stage is one 3-D copy of a tile pair's 16 rows x 1024 k, as eight 128-k blocks of 16
+// 128-byte rows in the 128-byte swizzle (16-byte chunk c of row r at c ^ (r & 7), so that the
+// 8 rows a warp's lanes read at one k fall in different banks). Warp w takes block w % 8 of
+// every stage; lane (g, t) reads chunks 2t and 2t + 1 (k = 32t .. 32t + 31 of the block) of rows
+// g and g + 8, the same k as the activations it loads: word q of the two chunks feeds mma q.
+// One scale per row, applied at the end.
+template <int CW>
+__device__ __forceinline__ void mixq_w8_stream(const TensorMap& map_w, const GemmArgs& p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BLOCKS = 8; // of 128 k a stage
+    extern __shared__ __align__(128) u8_t smem_raw[];
+    __shared__ float partial[2][CW][32][4];
+    u8_t* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    const u32_t full = smem_addr(ring + STREAM_STAGES * STREAM_STAGE_BYTES), empty = full + 8 * STREAM_STAGES;
+    const int n_tiles = (p.n + 7) >> 3, k_blocks = p.k_pad / 128;
+    const int chunks = (k_blocks + BLOCKS - 1) / BLOCKS, pairs = (n_tiles + 1) / 2;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    launch_dependents();
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STREAM_STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, CW); // one arrival per consumer warp
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warp == CW) {
+        if (lane != 0) return;
+        int it = 0;
+        for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x)
+            for (int c = 0; c < chunks; ++c, ++it) {
+                const int s = it % STREAM_STAGES;
+                mbar_wait(empty + 8 * s, ((it / STREAM_STAGES) & 1) ^ 1);
+                // Blocks and rows past the matrix arrive as zeros, and count.
+                mbar_expect_bytes(full + 8 * s, STREAM_STAGE_BYTES);
+                tma_load_3d(smem_addr(ring + s * STREAM_STAGE_BYTES), &map_w, 0, 16 * pair, BLOCKS * c, full + 8 * s);
+            }
+        return;
+    }
+
+    grid_dependency_wait();
+    StreamLane<CW, 1> me(p);
+    const int g = me.g, t = me.t, part = me.part;
+    const u8_t* x = (const u8_t*)p.xq + (u64_t)min(8 * me.h + g, p.m - 1) * p.k_pad + 32 * t;
+    // Past the last block the weights are zeros: any activations in the matrix will do.
+    auto load_x = [&](int c, uint4& lo, uint4& hi) {
+        const int kb = BLOCKS * c + part < k_blocks ? (BLOCKS * c + part) * 128 : 0;
+        lo = __ldg((const uint4*)(x + kb));
+        hi = __ldg((const uint4*)(x + kb + 16));
+    };
+    // This lane's rows g and g + 8 (g & 7 both) in the warp's block, chunks 2t and 2t + 1.
+    const int row_a = g * 128, row_b = (g + 8) * 128, c0 = ((2 * t) ^ g) << 4, c1 = ((2 * t + 1) ^ g) << 4;
+    int it = 0, round = 0;
+    for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x, ++round) {
+        me.prefetch_outliers(pair);
+        int acc[4] = {0, 0, 0, 0};
+        uint4 xl, xh;
+        load_x(0, xl, xh);
+        for (int c = 0; c < chunks; ++c, ++it) {
+            const int s = it % STREAM_STAGES;
+            const u8_t* block = ring + s * STREAM_STAGE_BYTES + part * 2048;
+            mbar_wait(full + 8 * s, (it / STREAM_STAGES) & 1);
+            const uint4 a0 = *(const uint4*)(block + row_a + c0), a1 = *(const uint4*)(block + row_a + c1);
+            const uint4 b0 = *(const uint4*)(block + row_b + c0), b1 = *(const uint4*)(block + row_b + c1);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * s);
+            const uint4 lo = xl, hi = xh;
+            if (c + 1 < chunks) load_x(c + 1, xl, xh);
+            const u32_t ra0[4] = {a0.x, a0.y, a0.z, a0.w}, ra1[4] = {a1.x, a1.y, a1.z, a1.w};
+            const u32_t rb0[4] = {b0.x, b0.y, b0.z, b0.w}, rb1[4] = {b1.x, b1.y, b1.z, b1.w};
+            const u32_t xlo[4] = {lo.x, lo.y, lo.z, lo.w}, xhi[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const u32_t a[4] = {ra0[q], rb0[q], ra1[q], rb1[q]};
+                mma_s8(acc, a, xlo[q], xhi[q]);
+            }
+        }
+        const int row = 16 * pair + g, n_pad = n_tiles * 8;
+        const float w0 = row < n_pad ? p.sw[row] : 0.0f, w1 = row + 8 < n_pad ? p.sw[row + 8] : 0.0f;
+        float out[4] = {w0 * (float)acc[0], w0 * (float)acc[1], w1 * (float)acc[2], w1 * (float)acc[3]};
+        me.finish(out, pair, round, partial);
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w8_stream8(const __grid_constant__ TensorMap map_w, GemmArgs p) {
+    mixq_w8_stream<8>(map_w, p);
+}
+extern "C" __global__ void __launch_bounds__(544, 1) mixq_w8_stream16(const __grid_constant__ TensorMap map_w, GemmArgs p) {
+    mixq_w8_stream<16>(map_w, p);
 }
 
 // Up to 8 tokens one pair a batch; up to 16, two (sharing the activations' loads).

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfi
 use half::f16;
 
 use crate::compile::{kernel_source, KernelSource};
-use crate::tma::{launch_ex, tile_map, Element, LaunchOptions, Layout, TensorMap};
+use crate::tma::{block_map, launch_ex, tile_map, Element, LaunchOptions, Layout, TensorMap};
 use crate::{CudaDevice, CudaError, Result};
 
 pub(crate) const MIXQ: KernelSource = kernel_source!("mixq");
@@ -459,8 +459,8 @@ pub enum Kernel {
     Auto,
     /// Weight-streaming GEMV (up to [`GEMV_MAX_TOKENS`] tokens).
     Gemv,
-    /// W4 GEMV whose weights the copy engine streams through shared memory (Hopper), a pass per
-    /// [`GEMV_MAX_TOKENS`] tokens.
+    /// GEMV whose weights the copy engine streams through shared memory (Hopper; W4 groups of
+    /// 128 x a power of two k), a pass per [`GEMV_MAX_TOKENS`] tokens.
     Stream,
     /// Tiled mma.sync (any sm_80+ GPU).
     Mma,
@@ -507,9 +507,10 @@ pub fn gemm_with(
     }
     let w4 = weight.bits == 4;
     let hopper = device.compute_capability() == (9, 0);
-    let stream = w4 && hopper && weight.group_tiles.is_power_of_two();
+    let stream = hopper && (!w4 || weight.group_tiles.is_power_of_two());
     let kernel = match kernel {
-        Kernel::Auto if m <= STREAM_MAX_TOKENS && stream => Kernel::Stream,
+        Kernel::Auto if m <= STREAM_MAX_TOKENS && w4 && stream => Kernel::Stream,
+        Kernel::Auto if m <= GEMV_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
         Kernel::Auto if hopper && (w4 || m <= 128) => Kernel::Tma,
@@ -520,7 +521,7 @@ pub fn gemm_with(
         }
         Kernel::Stream if !stream => {
             return Err(CudaError::Shape(
-                "the Stream kernel runs W4 weights with groups of 128 x a power of two k on Hopper (sm_90) only".into(),
+                "the Stream kernel runs on Hopper (sm_90) only, W4 weights in groups of 128 x a power of two k".into(),
             ))
         }
         Kernel::Tma if !hopper => return Err(CudaError::Shape("the Tma kernel runs on Hopper (sm_90) only".into())),
@@ -569,7 +570,7 @@ pub fn gemm_with(
                 m: (m - first).min(GEMV_MAX_TOKENS) as i32,
                 ..args
             };
-            gemv_stream(device, &pass)?;
+            gemv_stream(device, &pass, w4)?;
         }
         return Ok(());
     }
@@ -619,22 +620,36 @@ pub fn gemm_with(
 /// Shared memory of `mixq_w4_stream*`: 8 stages of 16 KiB weights, 1,440 bytes of scales and
 /// zero points and two mbarriers.
 const STREAM_SMEM: u32 = 8 * (16384 + 1440 + 16);
+/// Shared memory of `mixq_w8_stream*`: 8 stages of 16 KiB, two mbarriers each, and the 1024-byte
+/// alignment of the swizzle.
+const STREAM_W8_SMEM: u32 = 8 * (16384 + 16) + 1024;
 
-/// The W4 GEMV streaming its weights through shared memory: a block per SM walking batches of
-/// pairs of weight tiles (16 rows each), launched to start while the kernel before it finishes.
-/// Above 8 tokens a batch holds two pairs, which share each load of the activations (M = 16:
-/// ~1.2x faster on 4096 x 28672).
-fn gemv_stream(device: &CudaDevice, args: &GemmArgs) -> Result<()> {
+/// The GEMV streaming its weights through shared memory: a block per SM walking batches of pairs
+/// of weight tiles (16 rows each), launched to start while the kernel before it finishes. Above 8
+/// tokens a W4 batch holds two pairs, which share each load of the activations (M = 16: ~1.2x
+/// faster on 4096 x 28672).
+fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool) -> Result<()> {
     let pairs = (args.n as usize).div_ceil(16);
+    let many = args.m > 8;
     // 8 consumer warps per 8 tokens and the producer warp.
-    let (name, threads, per_batch) =
-        if args.m > 8 { ("mixq_w4_stream16", 544, 2) } else { ("mixq_w4_stream8", 288, 1) };
-    let function = device.function(&MIXQ, name, STREAM_SMEM)?;
-    let blocks = pairs.div_ceil(per_batch).min(device.sm_count() as usize) as u32;
-    let mut args = *args;
-    let mut params = [&mut args as *mut GemmArgs as *mut c_void];
+    let threads = if many { 544 } else { 288 };
     let options = LaunchOptions { cluster: 1, early_start: true };
-    launch_ex(device, &function, (blocks, threads), STREAM_SMEM, options, &mut params)
+    let mut args = *args;
+    if w4 {
+        let (name, per_batch) = if many { ("mixq_w4_stream16", 2) } else { ("mixq_w4_stream8", 1) };
+        let function = device.function(&MIXQ, name, STREAM_SMEM)?;
+        let blocks = pairs.div_ceil(per_batch).min(device.sm_count() as usize) as u32;
+        let mut params = [&mut args as *mut GemmArgs as *mut c_void];
+        return launch_ex(device, &function, (blocks, threads), STREAM_SMEM, options, &mut params);
+    }
+    // W8: a stage is 16 rows x 8 blocks of 128 k, one copy.
+    let (n_pad, k_pad) = (round_up(args.n as usize, 8), args.k_pad as usize);
+    let mut map = block_map(args.wq, (n_pad, k_pad), k_pad, (16, 8))?;
+    let name = if many { "mixq_w8_stream16" } else { "mixq_w8_stream8" };
+    let function = device.function(&MIXQ, name, STREAM_W8_SMEM)?;
+    let blocks = pairs.min(device.sm_count() as usize) as u32;
+    let mut params = [&mut map as *mut TensorMap as *mut c_void, &mut args as *mut GemmArgs as *mut c_void];
+    launch_ex(device, &function, (blocks, threads), STREAM_W8_SMEM, options, &mut params)
 }
 
 /// Scalar arguments of the TMA kernels (`TmaArgs` in mixq.cu).

@@ -62,16 +62,48 @@ pub(crate) fn tile_map(
         Layout::Swizzled128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
         Layout::Dense => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
     };
+    encode(dtype, base, &[cols as u64, rows as u64], &[row_bytes as u64], &[box_cols, box_rows], swizzle)
+}
+
+/// A map of the row-major int8 `[rows][k]` matrix at `base` (rows `row_bytes` apart) as 128-byte
+/// column blocks: a box is `blocks` consecutive blocks of `box_rows` rows, block after block in
+/// shared memory, each row 128 bytes with the 128-byte swizzle. Rows past `rows` read as zeros.
+pub(crate) fn block_map(
+    base: u64,
+    (rows, k): (usize, usize),
+    row_bytes: usize,
+    (box_rows, blocks): (u32, u32),
+) -> Result<TensorMap> {
+    if !k.is_multiple_of(128) || !base.is_multiple_of(16) || !row_bytes.is_multiple_of(16) || rows == 0 || k == 0 {
+        return Err(CudaError::Shape(format!(
+            "no block map for a {rows} x {k} int8 matrix ({row_bytes}-byte rows) in {box_rows} x {blocks} x 128 boxes"
+        )));
+    }
+    encode(
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        base,
+        &[128, rows as u64, (k / 128) as u64],
+        &[row_bytes as u64, 128],
+        &[128, box_rows, blocks],
+        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+    )
+}
+
+fn encode(
+    dtype: sys::CUtensorMapDataType,
+    base: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxes: &[u32],
+    swizzle: sys::CUtensorMapSwizzle,
+) -> Result<TensorMap> {
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    let dims = [cols as u64, rows as u64];
-    let strides = [row_bytes as u64];
-    let boxes = [box_cols, box_rows];
-    let element_strides = [1u32, 1];
+    let element_strides = [1u32; 5];
     unsafe {
         sys::cuTensorMapEncodeTiled(
             &mut map,
             dtype,
-            2,
+            dims.len() as u32,
             base as *mut c_void,
             dims.as_ptr(),
             strides.as_ptr(),

@@ -117,8 +117,11 @@ fn check_gemm(bits: u32, group: usize) {
         if m <= GEMV_MAX_TOKENS {
             kernels.push(Kernel::Gemv);
         }
-        if bits == 4 && device.compute_capability() == (9, 0) {
-            kernels.extend([Kernel::Stream, Kernel::Tma]);
+        if device.compute_capability() == (9, 0) {
+            kernels.push(Kernel::Stream);
+            if bits == 4 {
+                kernels.push(Kernel::Tma);
+            }
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
             kernels.extend([Kernel::Tma, Kernel::TmaPair128, Kernel::TmaPair192, Kernel::TmaPair256]);
