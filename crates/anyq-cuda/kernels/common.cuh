@@ -162,12 +162,14 @@ __device__ __forceinline__ void wgmma_f16_n256(float* d, u64_t desc_a, u64_t des
 }
 #endif
 
-// Hopper asynchronous copies (TMA), mbarriers and thread-block clusters.
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// A tensor map made on the host by cuTensorMapEncodeTiled, passed as a __grid_constant__ parameter.
+// A tensor map made on the host by cuTensorMapEncodeTiled, passed as a __grid_constant__ parameter
+// (declared for every GPU: the Hopper kernels' entry points exist, empty, in every build).
 struct __align__(64) TensorMap {
     u64_t opaque[16];
 };
+
+// Hopper asynchronous copies (TMA), mbarriers and thread-block clusters.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 __device__ __forceinline__ u32_t cluster_rank() {
     u32_t r;

@@ -379,7 +379,6 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_mma(GemmArgs p) { mixq
 // epilogue; two consumer warpgroups (64 rows each) run the wgmma's. full/empty mbarriers per
 // stage pass the stages around (the empty ones count every block's consumers, since a multicast
 // lands in all of them). The outlier tiles come through the same ring after each tile's k tiles.
-#ifdef ANYQ_WGMMA
 struct TmaArgs {
     const float* sx;
     const float* sw;
@@ -387,6 +386,7 @@ struct TmaArgs {
     f16_t* y;
     int m, n, k_tiles, ko_tiles, group_tiles;
 };
+#ifdef ANYQ_WGMMA
 
 // wgmma over a 64 x BN block (BN 128, 192 or 256).
 template <int BN>
@@ -542,35 +542,24 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
+// A TMA kernel's entry point, `run` one of the templates above (empty where wgmma is missing).
+#ifdef ANYQ_WGMMA
+#define TMA_RUN(run) (run)(map_x, map_w, map_xo, map_wo, p);
+#else
+#define TMA_RUN(run)
+#endif
+#define TMA_KERNEL(name, run)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+        name(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,               \
+             const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) { \
+        TMA_RUN(run)                                                                                          \
+    }
+
 // The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB, 4 x 48 KiB), to cover the latency of L2 at full rate.
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
-                const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w8_tma<1, 7, 128>(map_x, map_w, map_xo, map_wo, p);
-#endif
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair_128(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
-                     const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 7, 128>(map_x, map_w, map_xo, map_wo, p);
-#endif
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair_192(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
-                          const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 5, 192>(map_x, map_w, map_xo, map_wo, p);
-#endif
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w8_tma_pair_256(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,
-                         const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w8_tma<2, 4, 256>(map_x, map_w, map_xo, map_wo, p);
-#endif
-}
+TMA_KERNEL(mixq_w8_tma, (mixq_w8_tma<1, 7, 128>))
+TMA_KERNEL(mixq_w8_tma_pair_128, (mixq_w8_tma<2, 7, 128>))
+TMA_KERNEL(mixq_w8_tma_pair_192, (mixq_w8_tma<2, 5, 192>))
+TMA_KERNEL(mixq_w8_tma_pair_256, (mixq_w8_tma<2, 4, 256>))
 
 // Hopper kernel for W4, the W8 kernel's ring and wgmma's with 128 x 128 tiles (one block per
 // tile): the weights arrive packed (half the bytes) with their groups' scales and zero points,
@@ -734,13 +723,7 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(384, 1)
-    mixq_w4_tma(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w4,
-                const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) {
-#ifdef ANYQ_WGMMA
-    mixq_w4_tma<5>(map_x, map_w4, map_xo, map_wo, p);
-#endif
-}
+TMA_KERNEL(mixq_w4_tma, (mixq_w4_tma<5>))
 
 // ---------------------------------------------------------------------------------------------
 // GEMV for up to 16 tokens, where reading the weights is the cost. Each lane reads 16 contiguous

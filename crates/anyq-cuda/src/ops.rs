@@ -245,49 +245,73 @@ pub fn rope_qkv(
 ) -> Result<()> {
     let AttentionShape { queries, past, n_heads, n_kv_heads, head_dim } = shape;
     check_heads(n_heads, n_kv_heads, head_dim)?;
+    as_int("positions", past + queries)?;
+    let heads = (n_heads, n_kv_heads, head_dim);
+    let at = RopePositions::After(as_int("past", past)?);
+    launch_rope(device, qkv, bias, rope, (queries, past + queries), heads, at, (q, k_cache, v_cache))
+}
+
+/// Where the rows of a [`launch_rope`] go: after `past` positions of one sequence's cache, or
+/// each at its sequence's position in a cache of `capacity` rows per sequence.
+enum RopePositions<'a> {
+    After(i32),
+    Each { positions: &'a CudaSlice<u32>, capacity: i32 },
+}
+
+/// The checks and the launch that [`rope_qkv`] and [`rope_qkv_decode_batched`] share: `rows` rows
+/// of `qkv` into q and caches of at least `cache_rows` rows.
+#[allow(clippy::too_many_arguments)]
+fn launch_rope(
+    device: &CudaDevice,
+    qkv: &CudaSlice<impl F16Storage>,
+    bias: Option<&CudaSlice<f32>>,
+    rope: &RopeFrequencies,
+    (rows, cache_rows): (usize, usize),
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    positions: RopePositions,
+    (q, k_cache, v_cache): (&mut CudaSlice<f16>, &mut CudaSlice<f16>, &mut CudaSlice<f16>),
+) -> Result<()> {
     if rope.head_dim != head_dim {
         return Err(shape_error(format!("RoPE is for heads of {}, the shape has {head_dim}", rope.head_dim)));
     }
     let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
     let width = q_width + 2 * kv_width;
-    check_len("qkv", qkv.len(), queries * width)?;
+    check_len("qkv", qkv.len(), rows * width)?;
     if let Some(bias) = bias {
         check_len("qkv bias", bias.len(), width)?;
     }
-    check_len("q", q.len(), queries * q_width)?;
-    check_len("k cache", k_cache.len(), (past + queries) * kv_width)?;
-    check_len("v cache", v_cache.len(), (past + queries) * kv_width)?;
-    if queries == 0 {
+    if let RopePositions::Each { positions, .. } = positions {
+        check_len("positions", positions.len(), rows)?;
+    }
+    check_len("q", q.len(), rows * q_width)?;
+    check_len("k cache", k_cache.len(), cache_rows * kv_width)?;
+    check_len("v cache", v_cache.len(), cache_rows * kv_width)?;
+    if rows == 0 {
         return Ok(());
     }
-    as_int("positions", past + queries)?;
-    let (heads_i, kv_heads_i, dim_i, past_i) = (
-        as_int("heads", n_heads)?,
-        as_int("kv heads", n_kv_heads)?,
-        as_int("head_dim", head_dim)?,
-        as_int("past", past)?,
-    );
+    let (heads_i, kv_heads_i, dim_i) =
+        (as_int("heads", n_heads)?, as_int("kv heads", n_kv_heads)?, as_int("head_dim", head_dim)?);
     let neox = i32::from(rope.style == RopeStyle::Neox);
     // The kernel skips the bias where its pointer is null.
     let null = 0u64;
-    let function = device.function(&MODEL, "model_rope_qkv", 0)?;
+    let name = match positions {
+        RopePositions::After(_) => "model_rope_qkv",
+        RopePositions::Each { .. } => "model_rope_qkv_decode",
+    };
+    let function = device.function(&MODEL, name, 0)?;
     let mut launch = device.stream().launch_builder(&function);
     launch.arg(qkv);
     match bias {
         Some(bias) => launch.arg(bias),
         None => launch.arg(&null),
     };
-    launch
-        .arg(&rope.inv_freq)
-        .arg(&heads_i)
-        .arg(&kv_heads_i)
-        .arg(&dim_i)
-        .arg(&neox)
-        .arg(&past_i)
-        .arg(q)
-        .arg(k_cache)
-        .arg(v_cache);
-    unsafe { launch.launch(rows_config(queries)?) }?;
+    launch.arg(&rope.inv_freq).arg(&heads_i).arg(&kv_heads_i).arg(&dim_i).arg(&neox);
+    match &positions {
+        RopePositions::After(past) => launch.arg(past),
+        RopePositions::Each { positions, capacity } => launch.arg(*positions).arg(capacity),
+    };
+    launch.arg(q).arg(k_cache).arg(v_cache);
+    unsafe { launch.launch(rows_config(rows)?) }?;
     Ok(())
 }
 
@@ -492,51 +516,9 @@ pub fn rope_qkv_decode_batched(
 ) -> Result<()> {
     shape.check()?;
     let DecodeShape { sequences, capacity, n_heads, n_kv_heads, head_dim } = shape;
-    if rope.head_dim != head_dim {
-        return Err(shape_error(format!("RoPE is for heads of {}, the shape has {head_dim}", rope.head_dim)));
-    }
-    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
-    let width = q_width + 2 * kv_width;
-    check_len("qkv", qkv.len(), sequences * width)?;
-    if let Some(bias) = bias {
-        check_len("qkv bias", bias.len(), width)?;
-    }
-    check_len("positions", positions.len(), sequences)?;
-    check_len("q", q.len(), sequences * q_width)?;
-    check_len("k cache", k_cache.len(), sequences * capacity * kv_width)?;
-    check_len("v cache", v_cache.len(), sequences * capacity * kv_width)?;
-    if sequences == 0 {
-        return Ok(());
-    }
-    let (heads_i, kv_heads_i, dim_i, capacity_i) = (
-        as_int("heads", n_heads)?,
-        as_int("kv heads", n_kv_heads)?,
-        as_int("head_dim", head_dim)?,
-        as_int("capacity", capacity)?,
-    );
-    let neox = i32::from(rope.style == RopeStyle::Neox);
-    // The kernel skips the bias where its pointer is null.
-    let null = 0u64;
-    let function = device.function(&MODEL, "model_rope_qkv_decode", 0)?;
-    let mut launch = device.stream().launch_builder(&function);
-    launch.arg(qkv);
-    match bias {
-        Some(bias) => launch.arg(bias),
-        None => launch.arg(&null),
-    };
-    launch
-        .arg(&rope.inv_freq)
-        .arg(&heads_i)
-        .arg(&kv_heads_i)
-        .arg(&dim_i)
-        .arg(&neox)
-        .arg(positions)
-        .arg(&capacity_i)
-        .arg(q)
-        .arg(k_cache)
-        .arg(v_cache);
-    unsafe { launch.launch(rows_config(sequences)?) }?;
-    Ok(())
+    let at = RopePositions::Each { positions, capacity: as_int("capacity", capacity)? };
+    let heads = (n_heads, n_kv_heads, head_dim);
+    launch_rope(device, qkv, bias, rope, (sequences, sequences * capacity), heads, at, (q, k_cache, v_cache))
 }
 
 /// [`attention`] for a batch: sequence b's query (row b of `q`, `[sequences][heads · head_dim]`) at
