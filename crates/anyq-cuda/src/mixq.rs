@@ -19,7 +19,8 @@ pub(crate) const FILL: KernelSource = kernel_source!("fill");
 pub const K_TILE: usize = 128;
 /// Outlier channels are padded to this many (one FP16 stage of the GEMM).
 pub const OUTLIER_TILE: usize = 64;
-/// Up to this many tokens the weight-streaming GEMV kernel runs; above it the tiled GEMM.
+/// Up to this many tokens the GEMV kernels run (one pass of the streaming one); above it the tiled
+/// GEMMs.
 pub const GEMV_MAX_TOKENS: usize = 16;
 /// Tokens up to which [`Kernel::Auto`] streams W4 weights (16 tokens a pass): below this the
 /// passes, the later ones reading the weights from L2 where they fit, beat the tiled mma kernel
@@ -454,10 +455,11 @@ const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2
 /// Which GEMM kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fastest for the shape and GPU: GEMV up to [`GEMV_MAX_TOKENS`] tokens, then the TMA
-    /// kernels (Hopper, W8) or mma.sync.
+    /// The fastest for the shape and GPU: a GEMV up to [`GEMV_MAX_TOKENS`] tokens (W4 on Hopper:
+    /// streaming passes up to [`STREAM_MAX_TOKENS`]), then the TMA kernels (Hopper) or mma.sync.
     Auto,
-    /// Weight-streaming GEMV (up to [`GEMV_MAX_TOKENS`] tokens).
+    /// GEMV with the weights loaded into registers (any sm_80+ GPU, up to [`GEMV_MAX_TOKENS`]
+    /// tokens).
     Gemv,
     /// GEMV whose weights the copy engine streams through shared memory (Hopper; W4 groups of
     /// 128 x a power of two k), a pass per [`GEMV_MAX_TOKENS`] tokens.
