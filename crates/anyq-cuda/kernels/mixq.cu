@@ -462,6 +462,10 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     }
     if (CLUSTER > 1) cluster_sync();
     else __syncthreads();
+    // Launched with early start: the set-up above overlapped the previous kernel's end; what it
+    // wrote (the activations) is read from here on.
+    launch_dependents();
+    grid_dependency_wait();
 
     if (wg == 0) {
         set_max_registers_dec<40>();
@@ -602,6 +606,9 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
         mbar_init_fence();
     }
     __syncthreads();
+    // As the W8 kernel: early start, the activations read from here on.
+    launch_dependents();
+    grid_dependency_wait();
 
     if (wg == 0) {
         set_max_registers_dec<40>();

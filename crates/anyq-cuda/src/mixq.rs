@@ -768,7 +768,7 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
         &mut map_wo as *mut TensorMap as *mut c_void,
         &mut tma_args as *mut TmaArgs as *mut c_void,
     ];
-    let options = LaunchOptions { cluster: cluster as u32, early_start: false };
+    let options = LaunchOptions { cluster: cluster as u32, early_start: true };
     launch_ex(device, &function, ((cluster * clusters) as u32, 384), kernel.smem, options, &mut params)
 }
 
