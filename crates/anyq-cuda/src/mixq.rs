@@ -867,4 +867,17 @@ mod tests {
         assert_eq!(packed[64 + 36], w[37 + 36].to_bits());
         assert!(packed[64 + 37..128].iter().chain(&packed[10 * 64..]).all(|&b| b == 0));
     }
+
+    #[test]
+    fn the_pair_kernel_is_the_widest_whose_waves_fill_the_gpu() {
+        // An H100's 132 SMs: 66 cluster slots.
+        let pick = |m, n| widest_pair((m, n), 132);
+        // 14336x4096 at 4096 tokens: 256 tiles of 128x256 fill 3.9 waves as well as 512 of 128x128.
+        assert_eq!(pick(4096, 4096), Kernel::TmaPair256);
+        // 4096x6144 at 512 tokens: 48 wide tiles leave 18 slots idle, 64 of 128x192 two.
+        assert_eq!(pick(512, 6144), Kernel::TmaPair192);
+        // 4096x28672 at 512 tokens: 128x128 tiles (448 of them, 97% of 7 waves) over 128x256 (85%).
+        assert_eq!(pick(512, 28672), Kernel::TmaPair128);
+        assert!(wave_efficiency(&TMA_PAIR_128, (512, 28672), 132) > 0.95);
+    }
 }
