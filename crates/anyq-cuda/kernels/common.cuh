@@ -228,6 +228,19 @@ __device__ __forceinline__ void bulk_load(u32_t dst, const void* src, u32_t byte
                  "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
 }
+// 2-D tile from shared memory out to global memory (coordinates past the matrix are not
+// written), in this thread's current bulk group.
+__device__ __forceinline__ void tma_store(const TensorMap* map, u32_t src, int x, int y) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"((u64_t)map), "r"(x),
+                 "r"(y), "r"(src)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until at most N of this thread's bulk groups are still reading their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory"); }
+// Until all of this thread's bulk groups are complete (their writes done).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 template <int BYTES>
 __device__ __forceinline__ void cp_async_ca(u32_t dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");

@@ -385,7 +385,12 @@ struct TmaArgs {
     const u8_t* wz; // W4's zero points
     f16_t* y;
     int m, n, k_tiles, ko_tiles, group_tiles;
+    int staged; // 1: the output leaves through shared memory and map_y (n a multiple of 8)
 };
+// Staged output: per consumer warpgroup two 64 x 64 f16 boxes (128-byte swizzle), so that one
+// is filled while the copy engine still reads the other.
+constexpr int STORE_BOX_BYTES = 64 * 128;
+constexpr int STAGING_BYTES = 2 * 2 * STORE_BOX_BYTES;
 #ifdef ANYQ_WGMMA
 
 // wgmma over a 64 x BN block (BN 128, 192 or 256).
@@ -402,13 +407,19 @@ __device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
     else wgmma_f16_n128(d, a, b);
 }
 
+__device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+
 // The end of a TMA kernel's output tile, `out` holding the dequantized products of the thread's
-// rows row0 (+ 8) and columns n0 + 8j + 2t (+ 1): the outlier tiles that follow the k tiles in
-// the ring (FP16 wgmma's onto `out`), then f16 out, written once.
+// rows r (+ 8) of its warpgroup's 64 (from m_wg) and columns n0 + 8j + 2t (+ 1): the outlier
+// tiles that follow the k tiles in the ring (FP16 wgmma's onto `out`), then f16 out, written
+// once. Staged, the tile goes out in 64-column boxes through the copy engine, which drains them
+// while the consumers go on with the next tile: stores straight from registers held the tensor
+// pipe idle for about a fifth of a tile at k = 4096.
 template <int STAGES, int BN, typename Release>
-__device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& p, u32_t ring, u32_t full, int cw,
-                                            int row0, int n0, int t, Release release) {
+__device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& p, const TensorMap& map_y, u32_t ring,
+                                            u32_t full, u32_t staging, int cw, int m_wg, int n0, Release release) {
     constexpr int A_BYTES = 128 * BK, STAGE_BYTES = (128 + BN) * BK;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r = ((threadIdx.x >> 5) & 3) * 16 + g;
     for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
         const int s = it % STAGES;
         mbar_wait(full + 8 * s, (it / STAGES) & 1);
@@ -421,25 +432,52 @@ __device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& 
         wgmma_wait<0>();
         release(it);
     }
+    if (p.staged) {
+        const bool issuer = (threadIdx.x & 127) == 0;
+#pragma unroll
+        for (int b = 0; b < BN / 64; ++b) {
+            const u32_t box = staging + (2 * cw + (b & 1)) * STORE_BOX_BYTES;
+            // The store issued from this box two boxes ago must have read it.
+            if (issuer) bulk_wait_read<1>();
+            warpgroup_barrier(2 + cw);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const int j = 8 * b + c;
+                // Rows r and r + 8 share r's swizzle (r & 7 = g): the 32 lanes hit 32 banks.
+                const u32_t at = box + r * 128 + ((c ^ g) << 4) + 4 * t;
+                const u32_t lo = (u32_t)f32_to_f16(out[4 * j + 0]) | ((u32_t)f32_to_f16(out[4 * j + 1]) << 16);
+                const u32_t hi = (u32_t)f32_to_f16(out[4 * j + 2]) | ((u32_t)f32_to_f16(out[4 * j + 3]) << 16);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(lo) : "memory");
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 128), "r"(hi) : "memory");
+            }
+            fence_proxy_async();
+            warpgroup_barrier(2 + cw);
+            if (issuer) {
+                tma_store(&map_y, box, n0 + 64 * b, m_wg);
+                bulk_commit();
+            }
+        }
+        return;
+    }
     GemmArgs q;
     q.y = p.y, q.m = p.m, q.n = p.n;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
         const int col = n0 + j * 8 + 2 * t;
-        store_pair(q, row0, col, out[4 * j + 0], out[4 * j + 1]);
-        store_pair(q, row0 + 8, col, out[4 * j + 2], out[4 * j + 3]);
+        store_pair(q, m_wg + r, col, out[4 * j + 0], out[4 * j + 1]);
+        store_pair(q, m_wg + r + 8, col, out[4 * j + 2], out[4 * j + 3]);
     }
 }
 
 template <int CLUSTER, int STAGES, int BN>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
-                                            const TensorMap& map_wo, const TmaArgs& p) {
+                                            const TensorMap& map_wo, const TensorMap& map_y, const TmaArgs& p) {
     constexpr int BM = 128, B_ROWS = BN / CLUSTER, ACC = BN / 2;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK;
     extern __shared__ __align__(128) u8_t smem_ring[];
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
-    const u32_t ring = smem_addr(smem);
-    const u32_t full = ring + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+    const u32_t ring = smem_addr(smem), staging = ring + STAGES * STAGE_BYTES;
+    const u32_t full = staging + STAGING_BYTES, empty = full + 8 * STAGES;
 
     const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31;
     const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
@@ -532,14 +570,15 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 const int col = n0 + j * 8 + 2 * t;
-                const float w0 = col < n_pad ? p.sw[col] : 0.0f, w1 = col < n_pad ? p.sw[col + 1] : 0.0f;
-                out[4 * j + 0] = x0 * w0 * (float)acc[4 * j + 0];
-                out[4 * j + 1] = x0 * w1 * (float)acc[4 * j + 1];
-                out[4 * j + 2] = x1 * w0 * (float)acc[4 * j + 2];
-                out[4 * j + 3] = x1 * w1 * (float)acc[4 * j + 3];
+                const float2 w = col < n_pad ? *(const float2*)(p.sw + col) : make_float2(0.0f, 0.0f);
+                out[4 * j + 0] = x0 * w.x * (float)acc[4 * j + 0];
+                out[4 * j + 1] = x0 * w.y * (float)acc[4 * j + 1];
+                out[4 * j + 2] = x1 * w.x * (float)acc[4 * j + 2];
+                out[4 * j + 3] = x1 * w.y * (float)acc[4 * j + 3];
             }
-            finish_tile<STAGES, BN>(out, it, p, ring, full, cw, row0, n0, t, release);
+            finish_tile<STAGES, BN>(out, it, p, map_y, ring, full, staging, cw, m0 + cw * 64, n0, release);
         }
+        if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();
     }
     // No block of a cluster may leave while the others' copies or arrivals may still target it.
     if (CLUSTER > 1) cluster_sync();
@@ -548,21 +587,23 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 
 // A TMA kernel's entry point, `run` one of the templates above (empty where wgmma is missing).
 #ifdef ANYQ_WGMMA
-#define TMA_RUN(run) (run)(map_x, map_w, map_xo, map_wo, p);
+#define TMA_RUN(run) (run)(map_x, map_w, map_xo, map_wo, map_y, p);
 #else
 #define TMA_RUN(run)
 #endif
 #define TMA_KERNEL(name, run)                                                                                 \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
         name(const __grid_constant__ TensorMap map_x, const __grid_constant__ TensorMap map_w,               \
-             const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo, TmaArgs p) { \
+             const __grid_constant__ TensorMap map_xo, const __grid_constant__ TensorMap map_wo,              \
+             const __grid_constant__ TensorMap map_y, TmaArgs p) {                                            \
         TMA_RUN(run)                                                                                          \
     }
 
-// The deepest rings that fit (7 x 32 KiB, 5 x 40 KiB, 4 x 48 KiB), to cover the latency of L2 at full rate.
-TMA_KERNEL(mixq_w8_tma, (mixq_w8_tma<1, 7, 128>))
-TMA_KERNEL(mixq_w8_tma_pair_128, (mixq_w8_tma<2, 7, 128>))
-TMA_KERNEL(mixq_w8_tma_pair_192, (mixq_w8_tma<2, 5, 192>))
+// The deepest rings that fit beside the staged output (6 x 32 KiB, 4 x 40 KiB, 4 x 48 KiB), to
+// cover the latency of L2 at full rate.
+TMA_KERNEL(mixq_w8_tma, (mixq_w8_tma<1, 6, 128>))
+TMA_KERNEL(mixq_w8_tma_pair_128, (mixq_w8_tma<2, 6, 128>))
+TMA_KERNEL(mixq_w8_tma_pair_192, (mixq_w8_tma<2, 4, 192>))
 TMA_KERNEL(mixq_w8_tma_pair_256, (mixq_w8_tma<2, 4, 256>))
 
 // Hopper kernel for W4, the W8 kernel's ring and wgmma's with 128 x 128 tiles (one block per
@@ -576,16 +617,17 @@ TMA_KERNEL(mixq_w8_tma_pair_256, (mixq_w8_tma<2, 4, 256>))
 #ifdef ANYQ_WGMMA
 template <int STAGES>
 __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const TensorMap& map_w4, const TensorMap& map_xo,
-                                            const TensorMap& map_wo, const TmaArgs& p) {
+                                            const TensorMap& map_wo, const TensorMap& map_y, const TmaArgs& p) {
     constexpr int BM = 128, BN = 128, ACC = BN / 2;
     constexpr int A_BYTES = BM * BK, STAGE_BYTES = (BM + BN) * BK, SIDE_BYTES = BN * 5;
     extern __shared__ __align__(128) u8_t smem_ring[];
-    // STAGES x (A tile | B tile: packed W4 or the outliers' f16), 3 unpacked B tiles, STAGES
-    // side entries (the k tile's group's scales f32[BN] and zero points u8[BN]), barriers.
+    // STAGES x (A tile | B tile: packed W4 or the outliers' f16), 3 unpacked B tiles, the staged
+    // output, STAGES side entries (the k tile's group's scales f32[BN] and zero points u8[BN]),
+    // barriers.
     u8_t* smem = smem_ring + ((1024 - (smem_addr(smem_ring) & 1023)) & 1023);
     u8_t* unpacked = smem + STAGES * STAGE_BYTES;
-    u8_t* sides = unpacked + 3 * BN * BK;
-    const u32_t ring = smem_addr(smem);
+    u8_t* sides = unpacked + 3 * BN * BK + STAGING_BYTES;
+    const u32_t ring = smem_addr(smem), staging = smem_addr(unpacked + 3 * BN * BK);
     const u32_t full = smem_addr(sides + STAGES * SIDE_BYTES), empty = full + 8 * STAGES;
 
     const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31;
@@ -724,13 +766,14 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] *= x1;
                 out[4 * j + 3] *= x1;
             }
-            finish_tile<STAGES, BN>(out, it, p, ring, full, cw, row0, n0, t, release);
+            finish_tile<STAGES, BN>(out, it, p, map_y, ring, full, staging, cw, m0 + cw * 64, n0, release);
         }
+        if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();
     }
 }
 #endif
 
-TMA_KERNEL(mixq_w4_tma, (mixq_w4_tma<5>))
+TMA_KERNEL(mixq_w4_tma, (mixq_w4_tma<4>))
 
 // ---------------------------------------------------------------------------------------------
 // GEMV for up to 16 tokens, where reading the weights is the cost. Each lane reads 16 contiguous

@@ -38,15 +38,16 @@ pub(crate) fn cubin(source: &KernelSource, arch: (i32, i32)) -> Result<Vec<u8>> 
         return Err(CudaError::NoNvrtc);
     }
     let target = target(arch);
+    let code = source_code(source, std::env::var_os("ANYQ_KERNEL_DIR").map(PathBuf::from))?;
     let options =
         vec![format!("--gpu-architecture={target}"), "--std=c++17".to_string(), "-default-device".to_string()];
     let version = nvrtc_version();
-    let key = fnv1a(&[source.code.as_bytes(), options.join(" ").as_bytes(), version.as_bytes()]);
+    let key = fnv1a(&[code.as_bytes(), options.join(" ").as_bytes(), version.as_bytes()]);
     let cached = cache_dir().map(|dir| dir.join(format!("{}-{target}-{key:016x}.cubin", source.name)));
     if let Some(image) = cached.as_ref().and_then(|path| std::fs::read(path).ok()) {
         return Ok(image);
     }
-    let image = compile(source, &target, &options)?;
+    let image = compile(source.name, &code, &target, &options)?;
     if let Some(path) = cached {
         // A cache that cannot be written only costs the next run a compile.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -57,10 +58,31 @@ pub(crate) fn cubin(source: &KernelSource, arch: (i32, i32)) -> Result<Vec<u8>> 
     Ok(image)
 }
 
-fn compile(source: &KernelSource, target: &str, options: &[String]) -> Result<Vec<u8>> {
-    let code = CString::new(source.code).expect("kernel sources hold no NUL byte");
-    let name = CString::new(format!("{}.cu", source.name)).expect("kernel names hold no NUL byte");
-    let failed = |log: String| CudaError::Compile { kernel: source.name, arch: target.to_string(), log };
+/// The built-in source, or the files of `dir` (common.cuh and NAME.cu; `ANYQ_KERNEL_DIR`): kernels
+/// can then be changed on a GPU machine without rebuilding the binaries.
+fn source_code(source: &KernelSource, dir: Option<PathBuf>) -> Result<std::borrow::Cow<'static, str>> {
+    let Some(dir) = dir else {
+        return Ok(source.code.into());
+    };
+    let read = |file: String| {
+        let path = dir.join(&file);
+        std::fs::read_to_string(&path).map_err(|e| CudaError::Compile {
+            kernel: source.name,
+            arch: String::new(),
+            log: format!("ANYQ_KERNEL_DIR: cannot read {}: {e}", path.display()),
+        })
+    };
+    Ok((read("common.cuh".to_string())? + &read(format!("{}.cu", source.name))?).into())
+}
+
+fn compile(kernel: &'static str, code: &str, target: &str, options: &[String]) -> Result<Vec<u8>> {
+    let code = CString::new(code).map_err(|_| CudaError::Compile {
+        kernel,
+        arch: target.to_string(),
+        log: "the source holds a NUL byte".to_string(),
+    })?;
+    let name = CString::new(format!("{kernel}.cu")).expect("kernel names hold no NUL byte");
+    let failed = |log: String| CudaError::Compile { kernel, arch: target.to_string(), log };
     let program = nvrtc::create_program(&code, Some(&name)).map_err(|e| failed(e.to_string()))?;
     let compiled = unsafe { nvrtc::compile_program(program, options) };
     let result = match compiled {
@@ -137,6 +159,20 @@ mod tests {
             matches!(&err, CudaError::Compile { kernel: "broken", .. }) && err.to_string().contains("undeclared"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kernel_sources_come_from_a_folder_when_one_is_given() {
+        let source = KernelSource { name: "probe", code: "built in" };
+        assert_eq!(source_code(&source, None).unwrap(), "built in");
+        let dir = std::env::temp_dir().join(format!("anyq-kernel-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("common.cuh"), "header;").unwrap();
+        let missing = source_code(&source, Some(dir.clone())).expect_err("probe.cu is missing");
+        assert!(missing.to_string().contains("probe.cu"), "{missing}");
+        std::fs::write(dir.join("probe.cu"), "kernel;").unwrap();
+        assert_eq!(source_code(&source, Some(dir.clone())).unwrap(), "header;kernel;");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

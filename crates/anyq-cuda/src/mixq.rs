@@ -666,11 +666,12 @@ struct TmaArgs {
     k_tiles: i32,
     ko_tiles: i32,
     group_tiles: i32,
+    staged: i32,
 }
 
 /// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
-/// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the 1024-byte alignment
-/// of the swizzle, and two mbarriers a stage).
+/// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the staged output's four
+/// 64 x 64 f16 boxes, the 1024-byte alignment of the swizzle, and two mbarriers a stage).
 struct TmaKernel {
     name: &'static str,
     cluster: usize,
@@ -679,20 +680,20 @@ struct TmaKernel {
 }
 
 const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) -> TmaKernel {
-    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 1024 + stages * 16 }
+    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 4 * 64 * 128 + 1024 + stages * 16 }
 }
 
-const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 7, 128);
-const TMA_PAIR_128: TmaKernel = tma_kernel("mixq_w8_tma_pair_128", 2, 7, 128);
-const TMA_PAIR_192: TmaKernel = tma_kernel("mixq_w8_tma_pair_192", 2, 5, 192);
+const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 6, 128);
+const TMA_PAIR_128: TmaKernel = tma_kernel("mixq_w8_tma_pair_128", 2, 6, 128);
+const TMA_PAIR_192: TmaKernel = tma_kernel("mixq_w8_tma_pair_192", 2, 4, 192);
 const TMA_PAIR_256: TmaKernel = tma_kernel("mixq_w8_tma_pair_256", 2, 4, 256);
-/// W4: 5 stages, three unpacked 128 x 128 int8 weight tiles, each stage's scales and zero points
+/// W4: 4 stages, three unpacked 128 x 128 int8 weight tiles, each stage's scales and zero points
 /// (640 bytes).
 const TMA_W4: TmaKernel = TmaKernel {
     name: "mixq_w4_tma",
     cluster: 1,
     bn: 128,
-    smem: tma_kernel("", 1, 5, 128).smem + 3 * 128 * 128 + 5 * 640,
+    smem: tma_kernel("", 1, 4, 128).smem + 3 * 128 * 128 + 4 * 640,
 };
 
 /// Of the tiles' waves over the GPU's clusters, the fraction that does work.
@@ -746,6 +747,13 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
     } else {
         (map_x, map_w)
     };
+    // The output leaves through shared memory by the copy engine where a map can describe it
+    // (16-byte aligned rows), else straight from registers.
+    let staged = n.is_multiple_of(8) && args.y.is_multiple_of(16);
+    let mut map_y = match staged {
+        true => tile_map(args.y, Element::F16, (m, n), n * 2, (64, 64), Layout::Swizzled128)?,
+        false => map_x,
+    };
     let mut tma_args = TmaArgs {
         sx: args.sx,
         sw: args.sw,
@@ -756,6 +764,7 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
         k_tiles: (k_pad / K_TILE) as i32,
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
         group_tiles: args.group_tiles,
+        staged: staged as i32,
     };
     // Persistent: at most one block per SM, each walking its share of the tiles.
     let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);
@@ -766,6 +775,7 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
         &mut map_w as *mut TensorMap as *mut c_void,
         &mut map_xo as *mut TensorMap as *mut c_void,
         &mut map_wo as *mut TensorMap as *mut c_void,
+        &mut map_y as *mut TensorMap as *mut c_void,
         &mut tma_args as *mut TmaArgs as *mut c_void,
     ];
     let options = LaunchOptions { cluster: cluster as u32, early_start: true };

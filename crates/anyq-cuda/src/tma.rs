@@ -33,8 +33,8 @@ pub(crate) enum Layout {
 }
 
 /// A map of the row-major `[rows][cols]` matrix at device address `base` (rows `row_bytes`
-/// apart), read in boxes of `box_rows` x `box_cols` laid out as `layout` says. Rows past `rows`
-/// read as zeros.
+/// apart), read or written in boxes of `box_rows` x `box_cols` laid out as `layout` says. Rows
+/// past `rows` read as zeros and are not written.
 pub(crate) fn tile_map(
     base: u64,
     element: Element,
