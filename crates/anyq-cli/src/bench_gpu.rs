@@ -42,30 +42,45 @@ fn copies(bytes: usize) -> usize {
     ROTATION_BYTES.div_ceil(bytes.max(1)).clamp(1, 16)
 }
 
-/// Median milliseconds per call of `run(i)`, `i` cycling over the operand copies; each sample
-/// times enough back-to-back calls to last about 2 ms.
-fn median_ms(
-    device: &CudaDevice,
-    samples: usize,
-    mut run: impl FnMut(usize) -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
-    for i in 0..3 {
-        run(i)?;
-    }
-    let probe = Timer::start(device)?;
-    run(0)?;
-    let once = probe.elapsed_ms()? as f64;
-    let calls = ((2.0 / once.max(1e-3)).ceil() as usize).clamp(1, 2000);
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples.max(1) {
-        let timer = Timer::start(device)?;
-        for i in 0..calls {
+/// A product to time: `run(i)` makes one call, `i` cycling over the operand copies it owns.
+type Timed<'a> = Box<dyn FnMut(usize) -> anyhow::Result<()> + 'a>;
+
+/// Median milliseconds per call of each product. Samples of each (enough back-to-back calls to
+/// last about 2 ms) are taken in turns, after a first turn of about 30 ms each: a change of the
+/// GPU's clock or temperature during the measurement then falls on all products alike (timed
+/// one after another, the first product measured after a heavier one ran up to 15% slow).
+fn median_ms(device: &CudaDevice, samples: usize, products: &mut [Timed]) -> anyhow::Result<Vec<f64>> {
+    let mut calls = Vec::with_capacity(products.len());
+    for run in products.iter_mut() {
+        for i in 0..3 {
             run(i)?;
         }
-        times.push(timer.elapsed_ms()? as f64 / calls as f64);
+        let probe = Timer::start(device)?;
+        run(0)?;
+        let once = probe.elapsed_ms()? as f64;
+        calls.push(((2.0 / once.max(1e-3)).ceil() as usize).clamp(1, 2000));
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let mut times = vec![Vec::with_capacity(samples); products.len()];
+    for turn in 0..=samples.max(1) {
+        for ((run, &calls), times) in products.iter_mut().zip(&calls).zip(&mut times) {
+            let warm_up = turn == 0;
+            let timer = Timer::start(device)?;
+            for i in 0..if warm_up { 15 * calls } else { calls } {
+                run(i)?;
+            }
+            let ms = timer.elapsed_ms()? as f64;
+            if !warm_up {
+                times.push(ms / calls as f64);
+            }
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
 }
 
 pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
@@ -103,16 +118,21 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
         for &m in &args.m {
             let ops = 2.0 * (m * n * k) as f64;
             let rate = |ms: f64| ops / (ms * 1e-3) / 1e12;
-            let bf16 = measure_bf16(&device, &blas, (m, n, k), args.samples)?;
-            let int8 = measure_int8(&device, (m, n, k), args.samples)?;
+            // cuBLAS BF16, cuBLASLt INT8, then W8A8 and W4A8 at each outlier share, timed in turns.
+            let mut products = vec![bf16_product(&device, &blas, (m, n, k))?, int8_product(&device, (m, n, k))?];
             for &percent in &args.outliers {
                 let count = ((percent / 100.0) * k as f64).round() as usize;
                 let channels: Vec<u32> = (0..count).map(|i| (i * k / count.max(1)) as u32).collect();
                 let set = OutlierSet::new(&device, k, &channels)?;
                 let w8_kernel = if m > GEMV_MAX_TOKENS { w8_kernel } else { Kernel::Auto };
-                let w8 = measure_mixq(&device, 8, w8_kernel, &set, (m, n, k), args.samples)?;
                 let w4_kernel = if m > GEMV_MAX_TOKENS { Kernel::Auto } else { w4_gemv_kernel };
-                let w4 = measure_mixq(&device, 4, w4_kernel, &set, (m, n, k), args.samples)?;
+                products.push(mixq_product(&device, 8, w8_kernel, &set, (m, n, k))?);
+                products.push(mixq_product(&device, 4, w4_kernel, &set, (m, n, k))?);
+            }
+            let ms = median_ms(&device, args.samples, &mut products)?;
+            let (bf16, int8) = (ms[0], ms[1]);
+            for (&percent, mixq) in args.outliers.iter().zip(ms[2..].chunks(2)) {
+                let (w8, w4) = (mixq[0], mixq[1]);
                 println!(
                     "| {k}×{n} | {m} | {percent}% | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} |",
                     rate(bf16),
@@ -129,12 +149,11 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_bf16(
-    device: &Arc<CudaDevice>,
-    blas: &BlasGemm,
+fn bf16_product<'a>(
+    device: &'a Arc<CudaDevice>,
+    blas: &'a BlasGemm,
     (m, n, k): (usize, usize, usize),
-    samples: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Timed<'a>> {
     let count = copies(n * k * 2);
     let mut x = device.zeros::<half::bf16>(m * k)?;
     mixq::fill_bf16(device, &mut x, 1, 1.0)?;
@@ -145,10 +164,10 @@ fn measure_bf16(
         weights.push(w);
     }
     let mut y = device.zeros::<half::bf16>(m * n)?;
-    median_ms(device, samples, |i| Ok(blas.bf16(&x, &weights[i % count], &mut y, (m, n, k))?))
+    Ok(Box::new(move |i| Ok(blas.bf16(&x, &weights[i % count], &mut y, (m, n, k))?)))
 }
 
-fn measure_int8(device: &Arc<CudaDevice>, (m, n, k): (usize, usize, usize), samples: usize) -> anyhow::Result<f64> {
+fn int8_product(device: &Arc<CudaDevice>, (m, n, k): (usize, usize, usize)) -> anyhow::Result<Timed<'static>> {
     let count = copies(n * k);
     let mut lt = Int8Gemm::new(device, (m, n, k))?;
     let mut x = device.zeros::<i8>(m * k)?;
@@ -160,22 +179,22 @@ fn measure_int8(device: &Arc<CudaDevice>, (m, n, k): (usize, usize, usize), samp
         weights.push(w);
     }
     let mut y = device.zeros::<i32>(m * n)?;
-    median_ms(device, samples, |i| Ok(lt.run(&x, &weights[i % count], &mut y)?))
+    Ok(Box::new(move |i| Ok(lt.run(&x, &weights[i % count], &mut y)?)))
 }
 
-fn measure_mixq(
+fn mixq_product(
     device: &Arc<CudaDevice>,
     bits: u32,
     kernel: Kernel,
     set: &Arc<OutlierSet>,
     (m, n, k): (usize, usize, usize),
-    samples: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Timed<'static>> {
     let count = copies(n * k * bits as usize / 8);
     let acts = MixqActivations::random(device, m, set, 3)?;
     let weights = (0..count)
         .map(|i| MixqWeight::random(device, bits, (n, k), set, 300 + i as u64))
         .collect::<anyq_cuda::Result<Vec<_>>>()?;
     let mut y = device.zeros::<u16>(m * n)?;
-    median_ms(device, samples, |i| Ok(mixq::gemm_with(device, &weights[i % count], &acts, &mut y, kernel)?))
+    let device = device.clone();
+    Ok(Box::new(move |i| Ok(mixq::gemm_with(&device, &weights[i % count], &acts, &mut y, kernel)?)))
 }
