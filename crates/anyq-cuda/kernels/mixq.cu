@@ -559,18 +559,22 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
             }
-            wgmma_wait<0>();
-            release(it - 1);
-
-            // Dequantize in registers: thread (warp w of its warpgroup, lane 4g + t) holds rows
-            // 16w + g (+ 8) and columns 8j + 2t (+ 1) of its 64 x BN block.
+            // The scales' loads go out while the last k tile's wgmma's finish.
             const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
             const float x0 = row0 < p.m ? p.sx[row0] : 0.0f, x1 = row0 + 8 < p.m ? p.sx[row0 + 8] : 0.0f;
-            float out[ACC];
+            float2 ws[BN / 8];
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 const int col = n0 + j * 8 + 2 * t;
-                const float2 w = col < n_pad ? *(const float2*)(p.sw + col) : make_float2(0.0f, 0.0f);
+                ws[j] = col < n_pad ? __ldg((const float2*)(p.sw + col)) : make_float2(0.0f, 0.0f);
+            }
+            wgmma_wait<0>();
+            release(it - 1);
+
+            float out[ACC];
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float2 w = ws[j];
                 out[4 * j + 0] = x0 * w.x * (float)acc[4 * j + 0];
                 out[4 * j + 1] = x0 * w.y * (float)acc[4 * j + 1];
                 out[4 * j + 2] = x1 * w.x * (float)acc[4 * j + 2];

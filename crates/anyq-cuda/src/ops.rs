@@ -44,6 +44,7 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for half::f16 {}
     impl Sealed for u16 {}
+    impl Sealed for f32 {}
 }
 
 /// The element types of f16 activations: `half::f16`, or its bits as `u16`, which is how
@@ -52,6 +53,21 @@ mod sealed {
 pub trait F16Storage: DeviceRepr + sealed::Sealed {}
 impl F16Storage for f16 {}
 impl F16Storage for u16 {}
+
+/// What [`add_residual`] adds to the f32 residual stream: f32, or f16 as either storage.
+pub trait ResidualDelta: DeviceRepr + sealed::Sealed {
+    #[doc(hidden)]
+    const ADD_KERNEL: &'static str;
+}
+impl ResidualDelta for f32 {
+    const ADD_KERNEL: &'static str = "model_add_f32";
+}
+impl ResidualDelta for f16 {
+    const ADD_KERNEL: &'static str = "model_add_f16";
+}
+impl ResidualDelta for u16 {
+    const ADD_KERNEL: &'static str = "model_add_f16";
+}
 
 fn shape_error(message: String) -> CudaError {
     CudaError::Shape(message)
@@ -113,51 +129,35 @@ pub fn embed(
     Ok(())
 }
 
-/// RMSNorm of `rows` rows of `x` (`[rows][dim]`, f32) into `out` (f16): `x / rms(x) · gamma`.
+/// RMSNorm of `rows` rows of `x` (`[rows][dim]`, f32) into `out` (f16): `x / rms(x) · gamma`;
+/// with a `delta` (f32, as `x`), the residual connection first, in the same pass: `x += delta`.
 pub fn rms_norm(
     device: &CudaDevice,
-    x: &CudaSlice<f32>,
-    gamma: &CudaSlice<f32>,
-    eps: f32,
-    (rows, dim): (usize, usize),
-    out: &mut CudaSlice<f16>,
-) -> Result<()> {
-    check_len("x", x.len(), rows * dim)?;
-    check_len("gamma", gamma.len(), dim)?;
-    check_len("out", out.len(), rows * dim)?;
-    if rows == 0 || dim == 0 {
-        return Ok(());
-    }
-    let dim_i = as_int("dim", dim)?;
-    let function = device.function(&MODEL, "model_rms_norm", 0)?;
-    let mut launch = device.stream().launch_builder(&function);
-    launch.arg(x).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
-    unsafe { launch.launch(norm_config(rows, dim)?) }?;
-    Ok(())
-}
-
-/// The residual connection and the next RMSNorm in one pass: `x += delta`, then
-/// `out = x / rms(x) · gamma`; `x` and `delta` are f32 `[rows][dim]`, `out` f16.
-pub fn add_rms_norm(
-    device: &CudaDevice,
     x: &mut CudaSlice<f32>,
-    delta: &CudaSlice<f32>,
+    delta: Option<&CudaSlice<f32>>,
     gamma: &CudaSlice<f32>,
     eps: f32,
     (rows, dim): (usize, usize),
     out: &mut CudaSlice<f16>,
 ) -> Result<()> {
     check_len("x", x.len(), rows * dim)?;
-    check_len("delta", delta.len(), rows * dim)?;
+    if let Some(delta) = delta {
+        check_len("delta", delta.len(), rows * dim)?;
+    }
     check_len("gamma", gamma.len(), dim)?;
     check_len("out", out.len(), rows * dim)?;
     if rows == 0 || dim == 0 {
         return Ok(());
     }
     let dim_i = as_int("dim", dim)?;
-    let function = device.function(&MODEL, "model_add_rms_norm", 0)?;
+    let name = if delta.is_some() { "model_add_rms_norm" } else { "model_rms_norm" };
+    let function = device.function(&MODEL, name, 0)?;
     let mut launch = device.stream().launch_builder(&function);
-    launch.arg(x).arg(delta).arg(gamma).arg(&eps).arg(&dim_i).arg(out);
+    launch.arg(x);
+    if let Some(delta) = delta {
+        launch.arg(delta);
+    }
+    launch.arg(gamma).arg(&eps).arg(&dim_i).arg(out);
     unsafe { launch.launch(norm_config(rows, dim)?) }?;
     Ok(())
 }
@@ -435,11 +435,12 @@ pub fn attention(
 }
 
 /// `x += delta` over `rows` rows of the residual stream (`[rows][dim]`, f32), for a sub-layer
-/// whose output the next RMSNorm cannot add itself (MixQ's producers read `x` as it is).
-pub fn add_residual(
+/// whose output the next RMSNorm cannot add itself (MixQ's producers read `x` as it is, and its
+/// GEMMs write f16).
+pub fn add_residual<T: ResidualDelta>(
     device: &CudaDevice,
     x: &mut CudaSlice<f32>,
-    delta: &CudaSlice<f32>,
+    delta: &CudaSlice<T>,
     (rows, dim): (usize, usize),
 ) -> Result<()> {
     check_len("x", x.len(), rows * dim)?;
@@ -448,27 +449,7 @@ pub fn add_residual(
         return Ok(());
     }
     let total = (rows * dim) as u64;
-    let function = device.function(&MODEL, "model_add_f32", 0)?;
-    let mut launch = device.stream().launch_builder(&function);
-    launch.arg(x).arg(delta).arg(&total);
-    unsafe { launch.launch(elementwise_config(device, rows * dim)) }?;
-    Ok(())
-}
-
-/// [`add_residual`] of an f16 delta (what MixQ's GEMMs write).
-pub fn add_residual_f16(
-    device: &CudaDevice,
-    x: &mut CudaSlice<f32>,
-    delta: &CudaSlice<impl F16Storage>,
-    (rows, dim): (usize, usize),
-) -> Result<()> {
-    check_len("x", x.len(), rows * dim)?;
-    check_len("delta", delta.len(), rows * dim)?;
-    if rows * dim == 0 {
-        return Ok(());
-    }
-    let total = (rows * dim) as u64;
-    let function = device.function(&MODEL, "model_add_f16", 0)?;
+    let function = device.function(&MODEL, T::ADD_KERNEL, 0)?;
     let mut launch = device.stream().launch_builder(&function);
     launch.arg(x).arg(delta).arg(&total);
     unsafe { launch.launch(elementwise_config(device, rows * dim)) }?;

@@ -93,15 +93,16 @@ fn rms_norm_and_the_fused_residual_add_match_the_host() {
         let gamma_d = device.upload(&gamma).unwrap();
         let delta_d = device.upload(&delta).unwrap();
 
-        let x_d = device.upload(&x).unwrap();
+        let mut x_d = device.upload(&x).unwrap();
         let mut out = poisoned_f16(&device, rows * dim);
-        ops::rms_norm(&device, &x_d, &gamma_d, eps, (rows, dim), &mut out).unwrap();
+        ops::rms_norm(&device, &mut x_d, None, &gamma_d, eps, (rows, dim), &mut out).unwrap();
+        assert_close(&format!("x without a delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &x, 0.0, 0.0);
         let want = rms_norm_reference(&x, &gamma, eps);
         assert_close(&format!("rms_norm {rows}x{dim}"), &f32s(&device.download(&out).unwrap()), &want, 1e-6, 1e-3);
 
         let mut x_d = device.upload(&x).unwrap();
         let mut out = poisoned_f16(&device, rows * dim);
-        ops::add_rms_norm(&device, &mut x_d, &delta_d, &gamma_d, eps, (rows, dim), &mut out).unwrap();
+        ops::rms_norm(&device, &mut x_d, Some(&delta_d), &gamma_d, eps, (rows, dim), &mut out).unwrap();
         let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
         assert_close(&format!("x += delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &summed, 0.0, 0.0);
         let want = rms_norm_reference(&summed, &gamma, eps);
@@ -272,7 +273,7 @@ fn residual_adds_match_the_host_for_f32_and_f16_deltas() {
         let (delta_h, delta) = random_f16(&mut rng, rows * dim, 60.0);
         let bits: Vec<u16> = delta_h.iter().map(|v| v.to_bits()).collect();
         let mut x_d = device.upload(&[x.as_slice(), &[7.0]].concat()).unwrap();
-        ops::add_residual_f16(&device, &mut x_d, &device.upload(&bits).unwrap(), (rows, dim)).unwrap();
+        ops::add_residual(&device, &mut x_d, &device.upload(&bits).unwrap(), (rows, dim)).unwrap();
         let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).chain([7.0]).collect();
         assert_close(&format!("x += f16 delta {rows}x{dim}"), &device.download(&x_d).unwrap(), &summed, 0.0, 0.0);
     }
@@ -504,9 +505,11 @@ fn bad_shapes_are_errors_not_launches() {
     assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 12), s, &mut out)));
     assert!(shape_error(ops::attention(&device, &small, &small, &small, shape(2, 1, 64), s, &mut out)));
     assert!(shape_error(ops::silu_mul(&device, &small, (1, 33), &mut out)));
-    let x = device.upload(&vec![0.0f32; 64]).unwrap();
+    let mut x = device.upload(&vec![0.0f32; 64]).unwrap();
     let gamma = device.upload(&vec![1.0f32; 65]).unwrap();
-    assert!(shape_error(ops::rms_norm(&device, &x, &gamma, 1e-5, (1, 65), &mut out)));
+    assert!(shape_error(ops::rms_norm(&device, &mut x, None, &gamma, 1e-5, (1, 65), &mut out)));
+    let (mut x, short) = (device.upload(&vec![0.0f32; 65]).unwrap(), device.upload(&vec![0.0f32; 64]).unwrap());
+    assert!(shape_error(ops::rms_norm(&device, &mut x, Some(&short), &gamma, 1e-5, (1, 65), &mut out)));
     let rope = RopeFrequencies::new(&device, &Rope::new(RopeStyle::Neox, 16, 10000.0, None)).unwrap();
     let (mut k, mut v) = (device.upload(&[f16::ZERO; 16]).unwrap(), device.upload(&[f16::ZERO; 16]).unwrap());
     // The cache holds one position; the second row does not fit.
@@ -543,7 +546,7 @@ fn bad_shapes_are_errors_not_launches() {
     assert!(shape_error(ops::attention_decode_batched(&device, &small, &k2, &v2, &positions, odd, s, &mut out)));
     let mut x = device.upload(&vec![0.0f32; 64]).unwrap();
     assert!(shape_error(ops::add_residual(&device, &mut x, &gamma, (1, 65))));
-    assert!(shape_error(ops::add_residual_f16(&device, &mut x, &small, (2, 33))));
+    assert!(shape_error(ops::add_residual(&device, &mut x, &small, (2, 33))));
 }
 
 /// The f32-output GEMM that the model's residual deltas and logits use.

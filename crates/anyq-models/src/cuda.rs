@@ -513,12 +513,12 @@ impl CudaLlama {
     ) -> Result<(), CudaModelError> {
         let (dev, eps, dims) = (self.device.as_ref(), self.config.rms_norm_eps, (r.rows, self.config.hidden_size));
         match r.pending {
-            Pending::F32 => ops::add_rms_norm(dev, r.x, r.delta, gamma, eps, dims, normed)?,
+            Pending::F32 => ops::rms_norm(dev, r.x, Some(r.delta), gamma, eps, dims, normed)?,
             Pending::F16 => {
-                ops::add_residual_f16(dev, r.x, r.delta_half, dims)?;
-                ops::rms_norm(dev, r.x, gamma, eps, dims, normed)?;
+                ops::add_residual(dev, r.x, r.delta_half, dims)?;
+                ops::rms_norm(dev, r.x, None, gamma, eps, dims, normed)?;
             }
-            Pending::Nothing => ops::rms_norm(dev, r.x, gamma, eps, dims, normed)?,
+            Pending::Nothing => ops::rms_norm(dev, r.x, None, gamma, eps, dims, normed)?,
         }
         r.pending = Pending::Nothing;
         Ok(())
@@ -529,7 +529,7 @@ impl CudaLlama {
         let (dev, dims) = (self.device.as_ref(), (r.rows, self.config.hidden_size));
         match r.pending {
             Pending::F32 => ops::add_residual(dev, r.x, r.delta, dims)?,
-            Pending::F16 => ops::add_residual_f16(dev, r.x, r.delta_half, dims)?,
+            Pending::F16 => ops::add_residual(dev, r.x, r.delta_half, dims)?,
             Pending::Nothing => {}
         }
         r.pending = Pending::Nothing;
