@@ -409,6 +409,21 @@ __device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
 
 __device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 
+// Ring step `it` of a TMA kernel's consumer warpgroup cw: once its stage has landed, the four
+// k32 wgmma's of the stage's 128 k (`mma(a, b, step)` with the descriptors of warpgroup cw's 64
+// rows of the A tile and of the B tile), committed as one group.
+template <int STAGES, int BN, typename Mma>
+__device__ __forceinline__ void wgmma_stage(u32_t ring, u32_t full, int it, int cw, Mma mma) {
+    constexpr int STAGE_BYTES = (128 + BN) * BK;
+    const int s = it % STAGES;
+    mbar_wait(full + 8 * s, (it / STAGES) & 1);
+    const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + 128 * BK;
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < 4; ++step) mma(sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), step);
+    wgmma_commit();
+}
+
 // The end of a TMA kernel's output tile, `out` holding the dequantized products of the thread's
 // rows r (+ 8) of its warpgroup's 64 (from m_wg) and columns n0 + 8j + 2t (+ 1): the outlier
 // tiles that follow the k tiles in the ring (FP16 wgmma's onto `out`), then f16 out, written
@@ -418,17 +433,9 @@ __device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sy
 template <int STAGES, int BN, typename Release>
 __device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& p, const TensorMap& map_y, u32_t ring,
                                             u32_t full, u32_t staging, int cw, int m_wg, int n0, Release release) {
-    constexpr int A_BYTES = 128 * BK, STAGE_BYTES = (128 + BN) * BK;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r = ((threadIdx.x >> 5) & 3) * 16 + g;
     for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
-        const int s = it % STAGES;
-        mbar_wait(full + 8 * s, (it / STAGES) & 1);
-        const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int step = 0; step < 4; ++step)
-            wgmma_f16<BN>(out, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step));
-        wgmma_commit();
+        wgmma_stage<STAGES, BN>(ring, full, it, cw, [&](u64_t a, u64_t b, int) { wgmma_f16<BN>(out, a, b); });
         wgmma_wait<0>();
         release(it);
     }
@@ -548,14 +555,8 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
 #pragma unroll
             for (int i = 0; i < ACC; ++i) acc[i] = 0;
             for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
-                const int s = it % STAGES;
-                mbar_wait(full + 8 * s, (it / STAGES) & 1);
-                const u32_t a_base = ring + s * STAGE_BYTES + cw * 64 * BK, b_base = ring + s * STAGE_BYTES + A_BYTES;
-                wgmma_fence();
-#pragma unroll
-                for (int step = 0; step < 4; ++step)
-                    wgmma_s8<BN>(acc, sw128_desc(a_base + 32 * step), sw128_desc(b_base + 32 * step), kt + step);
-                wgmma_commit();
+                wgmma_stage<STAGES, BN>(ring, full, it, cw,
+                                        [&](u64_t a, u64_t b, int step) { wgmma_s8<BN>(acc, a, b, kt + step); });
                 wgmma_wait<1>();
                 if (kt > 0) release(it - 1);
             }
