@@ -66,11 +66,7 @@ fn source_code(source: &KernelSource, dir: Option<PathBuf>) -> Result<std::borro
     };
     let read = |file: String| {
         let path = dir.join(&file);
-        std::fs::read_to_string(&path).map_err(|e| CudaError::Compile {
-            kernel: source.name,
-            arch: String::new(),
-            log: format!("ANYQ_KERNEL_DIR: cannot read {}: {e}", path.display()),
-        })
+        std::fs::read_to_string(&path).map_err(|source| CudaError::KernelSource { path, source })
     };
     Ok((read("common.cuh".to_string())? + &read(format!("{}.cu", source.name))?).into())
 }

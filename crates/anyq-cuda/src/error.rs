@@ -16,6 +16,8 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS call failed: {0}")]
     Blas(String),
+    #[error("cannot read kernel source {path} (ANYQ_KERNEL_DIR): {source}")]
+    KernelSource { path: std::path::PathBuf, source: std::io::Error },
     #[error("NVRTC failed to compile kernel source `{kernel}` for {arch}:\n{log}")]
     Compile { kernel: &'static str, arch: String, log: String },
     #[error("GPU {name} has compute capability {major}.{minor}; anyq's kernels need 8.0 or newer")]
