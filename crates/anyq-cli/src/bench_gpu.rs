@@ -29,7 +29,7 @@ pub struct GemmBenchArgs {
     /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma, tma-pair-128, tma-pair-192 or tma-pair-256.
     #[arg(long, default_value = "auto")]
     kernel: String,
-    /// MixQ W4A8 kernel up to 16 tokens: auto, gemv or stream.
+    /// MixQ W4A8 kernel up to 16 tokens: auto, gemv, stream or stream-resident.
     #[arg(long, default_value = "auto")]
     gemv_kernel: String,
 }
@@ -100,7 +100,8 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
         "auto" => Kernel::Auto,
         "gemv" => Kernel::Gemv,
         "stream" => Kernel::Stream,
-        other => anyhow::bail!("unknown --gemv-kernel {other:?}: expected auto, gemv or stream"),
+        "stream-resident" => Kernel::StreamResident,
+        other => anyhow::bail!("unknown --gemv-kernel {other:?}: expected auto, gemv, stream or stream-resident"),
     };
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;

@@ -20,6 +20,13 @@ __device__ __forceinline__ f16_t f32_to_f16(float f) {
     return h;
 }
 
+// Two floats as f16 in one register, `lo` in the low half (one conversion instruction).
+__device__ __forceinline__ u32_t f32x2_to_f16x2(float lo, float hi) {
+    u32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32_t)h) << 16); }
 
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
@@ -115,6 +122,14 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Shared memory that ordinary (or cp.async) writes filled, about to be read by the tensor cores.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Four 8 x 8 b16 matrices, register i of each lane holding its row lane / 4, columns 2 (lane % 4)
+// (+ 1) of matrix i (an mma accumulator's layout); lane 8i + r gives the address of row r of
+// matrix i.
+__device__ __forceinline__ void stmatrix_x4(u32_t at, u32_t r0, u32_t r1, u32_t r2, u32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(r0), "r"(r1), "r"(r2),
+                 "r"(r3)
+                 : "memory");
+}
 
 // Descriptor of a K-major tile whose 128-byte rows use the 128-byte swizzle (16-byte chunk c of
 // row r at c ^ (r & 7)), 8-row groups 1024 bytes apart; `addr` may step by 32 bytes along k.

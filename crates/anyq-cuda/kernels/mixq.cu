@@ -447,15 +447,14 @@ __device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& 
             // The store issued from this box two boxes ago must have read it.
             if (issuer) bulk_wait_read<1>();
             warpgroup_barrier(2 + cw);
+            // Each stmatrix writes the warp's 16 rows of two 16-byte column chunks: matrices
+            // (rows 0-7 | 8-15) x (chunk c | c + 1); lane 8q + i addresses row i of matrix q.
 #pragma unroll
-            for (int c = 0; c < 8; ++c) {
-                const int j = 8 * b + c;
-                // Rows r and r + 8 share r's swizzle (r & 7 = g): the 32 lanes hit 32 banks.
-                const u32_t at = box + r * 128 + ((c ^ g) << 4) + 4 * t;
-                const u32_t lo = (u32_t)f32_to_f16(out[4 * j + 0]) | ((u32_t)f32_to_f16(out[4 * j + 1]) << 16);
-                const u32_t hi = (u32_t)f32_to_f16(out[4 * j + 2]) | ((u32_t)f32_to_f16(out[4 * j + 3]) << 16);
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(lo) : "memory");
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at + 8 * 128), "r"(hi) : "memory");
+            for (int c = 0; c < 8; c += 2) {
+                const int j = 8 * b + c, q = lane >> 3, row = (r & ~15) + (q & 1) * 8 + (lane & 7);
+                const u32_t at = box + row * 128 + (((c + (q >> 1)) ^ (lane & 7)) << 4);
+                stmatrix_x4(at, f32x2_to_f16x2(out[4 * j + 0], out[4 * j + 1]), f32x2_to_f16x2(out[4 * j + 2], out[4 * j + 3]),
+                            f32x2_to_f16x2(out[4 * j + 4], out[4 * j + 5]), f32x2_to_f16x2(out[4 * j + 6], out[4 * j + 7]));
             }
             fence_proxy_async();
             warpgroup_barrier(2 + cw);
@@ -1043,7 +1042,7 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 // nothing a consumer waits for comes from device memory when it needs it. Each consumer warp
 // computes two (pair, slice) units of every stage for 8 tokens (8 warps up to 8 tokens, 16 up
 // to 16); the 8 partial sums of a pair and 8 tokens meet in shared memory at the batch's end.
-// The activations come through L1, a stage ahead.
+// The activations come through L1 (or, resident, from shared memory), a stage ahead.
 //
 // Lane (g, t) holds row g of both tiles' 32-k block t of a slice (16 bytes each, as packed):
 // byte 4s + i is k = 32t + 4s + i (low nibble) and + 16 (high), so word s of the first tile's
@@ -1081,22 +1080,22 @@ struct StreamLane {
         xo_first = part < ko_slices ? __ldg((const uint4*)(xo + part * 64)) : make_uint4(0, 0, 0, 0);
     }
 
-    // Batch b's first outlier weights, fetched at its start so that their latency hides behind
-    // the stream.
-    __device__ __forceinline__ void prefetch_outliers(int b) {
+    // The first outlier weights of the batch from tile `first`, fetched at its start so that their
+    // latency hides behind the stream.
+    __device__ __forceinline__ void prefetch_outliers(int first) {
 #pragma unroll
         for (int i = 0; i < 2 * T; ++i) {
-            const int tile = min(2 * T * b + i, n_tiles - 1);
+            const int tile = min(first + i, n_tiles - 1);
             wo[i] = (const u8_t*)(p.wo + (u64_t)(tile * 8 + g) * p.ko_pad) + 16 * t;
             wv[i] = part < ko_slices ? __ldg((const uint4*)(wo[i] + part * 64)) : make_uint4(0, 0, 0, 0);
         }
     }
 
-    // The end of batch b, out[4u + r] holding pair u's rows g (r = 0, 1) and g + 8 (r = 2, 3) for
-    // tokens t0 (+ 1) with the weights' scales applied: the tokens' scales, the outlier channels,
-    // the 8 warps of each token group added up (two buffers: the next batch writes the other),
-    // f16 out.
-    __device__ __forceinline__ void finish(float* out, int b, int round, float (*partial)[CW][32][4 * T]) {
+    // The end of the batch from tile `first`, out[4u + r] holding pair u's rows g (r = 0, 1) and
+    // g + 8 (r = 2, 3) for tokens t0 (+ 1) with the weights' scales applied: the tokens' scales,
+    // the outlier channels, the 8 warps of each token group added up (two buffers: the next batch
+    // writes the other), f16 out.
+    __device__ __forceinline__ void finish(float* out, int first, int round, float (*partial)[CW][32][4 * T]) {
 #pragma unroll
         for (int u = 0; u < T; ++u) {
             out[4 * u + 0] *= s0;
@@ -1132,21 +1131,28 @@ struct StreamLane {
                 for (int r = 0; r < 4 * T; ++r) total[r] += partial[round & 1][w2][lane][r];
 #pragma unroll
             for (int r = 0; r < 4 * T; ++r) {
-                const int tk = t0 + (r & 1), row = (2 * T * b + 2 * (r >> 2)) * 8 + g + ((r >> 1) & 1) * 8;
+                const int tk = t0 + (r & 1), row = (first + 2 * (r >> 2)) * 8 + g + ((r >> 1) & 1) * 8;
                 if (tk < p.m && row < p.n) p.y[(u64_t)tk * p.n + row] = f32_to_f16(total[r]);
             }
         }
     }
 };
 
-template <int CW, int T> // consumer warps (8 per 8 tokens), tile pairs per batch
+// CW consumer warps (8 per 8 tokens), T tile pairs a batch; RESIDENT: the activations (CW rows of
+// k_pad + 16 bytes, after the barriers) are copied into shared memory once per block, with a
+// ring stage less to make room, in pieces of a stage's k, each completing on its own barrier (at
+// most 8), so that the first stage waits for its piece only.
+template <int CW, int T, bool RESIDENT>
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int S = STREAM_SLICES / T; // slices of each tile a stage
+    constexpr int STAGES = RESIDENT ? STREAM_STAGES - 1 : STREAM_STAGES;
     extern __shared__ __align__(128) u8_t ring[];
     __shared__ float partial[2][CW][32][4 * T];
-    u8_t* side_base = ring + STREAM_STAGES * STREAM_STAGE_BYTES;
-    const u32_t full = smem_addr(side_base + STREAM_STAGES * STREAM_SIDE_BYTES), empty = full + 8 * STREAM_STAGES;
+    u8_t* side_base = ring + STAGES * STREAM_STAGE_BYTES;
+    u8_t* barriers = side_base + STAGES * STREAM_SIDE_BYTES;
+    const u32_t full = smem_addr(barriers), empty = full + 8 * STAGES, x_bar = empty + 8 * STAGES;
+    const u8_t* x_rows = barriers + 16 * STAGES + 64;
     const int n_tiles = (p.n + 7) >> 3, n_pad = n_tiles * 8, slices = p.k_pad / 128;
     const int chunks = (slices + S - 1) / S, batches = (n_tiles + 2 * T - 1) / (2 * T);
     // Group tiles are a power of two here (the host checks): a shift, not a division. A stage
@@ -1156,10 +1162,11 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 
     launch_dependents();
     if (threadIdx.x == 0) {
-        for (int s = 0; s < STREAM_STAGES; ++s) {
+        for (int s = 0; s < STAGES; ++s) {
             mbar_init(full + 8 * s, 33); // the bulk copies' expect_tx, then each producer lane's cp.async's
             mbar_init(empty + 8 * s, CW); // one arrival per consumer warp
         }
+        for (int c = 0; RESIDENT && c < chunks; ++c) mbar_init(x_bar + 8 * c, 1);
         mbar_init_fence();
     }
     __syncthreads();
@@ -1169,9 +1176,9 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
         for (int b = blockIdx.x; b < batches; b += gridDim.x) {
             const int first = 2 * T * b, count = min(2 * T, n_tiles - first); // tiles
             for (int c = 0; c < chunks; ++c, ++it) {
-                const int s = it % STREAM_STAGES, n = min(S, slices - c * S);
+                const int s = it % STAGES, n = min(S, slices - c * S);
                 const int g0 = (c * S) >> group_shift, groups = ((c * S + n - 1) >> group_shift) - g0 + 1;
-                mbar_wait(empty + 8 * s, ((it / STREAM_STAGES) & 1) ^ 1);
+                mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
                 if (lane == 0) {
                     mbar_expect_bytes(full + 8 * s, count * n * 512);
                     for (int i = 0; i < count; ++i) {
@@ -1202,9 +1209,21 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     // w % 8 and w % 8 + 8 of the batch's pair (T = 1), or slice w % 8 of both pairs (T = 2, one
     // load of the activations for both).
     StreamLane<CW, T> me(p);
-    const int g = me.g, t = me.t, part = me.part;
+    const int g = me.g, t = me.t, part = me.part, x_row = min(8 * me.h + g, p.m - 1);
+    // Resident rows lie k_pad + 16 bytes apart: the 8 lanes of a 16-byte load phase (rows g, g + 1
+    // at k 32t) fall in 8 different bank groups.
+    const int x_stride = p.k_pad + 16;
+    constexpr int PIECE = S * 128; // k a stage
+    if (RESIDENT && warp == 0) {
+        const int rows = min(p.m, CW);
+        for (int c = 0; lane == 0 && c < chunks; ++c) mbar_expect_bytes(x_bar + 8 * c, rows * min(PIECE, p.k_pad - c * PIECE));
+        __syncwarp();
+        for (int c = 0; lane < rows && c < chunks; ++c)
+            bulk_load(smem_addr(x_rows + lane * x_stride + c * PIECE), p.xq + (u64_t)lane * p.k_pad + c * PIECE,
+                      min(PIECE, p.k_pad - c * PIECE), x_bar + 8 * c);
+    }
     // Token row 8h + g: activations of this lane's 32-k block.
-    const u8_t* x = (const u8_t*)p.xq + (u64_t)min(8 * me.h + g, p.m - 1) * p.k_pad + 32 * t;
+    const u8_t* x = RESIDENT ? x_rows + x_row * x_stride + 32 * t : (const u8_t*)p.xq + (u64_t)x_row * p.k_pad + 32 * t;
     constexpr int LOADS = 3 - T; // distinct slices a warp reads per stage
     // Slice of load i; past a short last stage, slice 0 again, scaled by zero: straight-line
     // code lets the units' mma chains interleave.
@@ -1214,25 +1233,26 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
     };
     uint4 xl[LOADS], xh[LOADS];
     auto load_x = [&](int c) {
+        if (RESIDENT) mbar_wait(x_bar + 8 * c, 0);
 #pragma unroll
         for (int i = 0; i < LOADS; ++i) {
             const int kb = (c * S + slice_of(c, i)) * 128;
-            xl[i] = __ldg((const uint4*)(x + kb));
-            xh[i] = __ldg((const uint4*)(x + kb + 16));
+            xl[i] = RESIDENT ? *(const uint4*)(x + kb) : __ldg((const uint4*)(x + kb));
+            xh[i] = RESIDENT ? *(const uint4*)(x + kb + 16) : __ldg((const uint4*)(x + kb + 16));
         }
     };
     int it = 0, round = 0;
     for (int b = blockIdx.x; b < batches; b += gridDim.x, ++round) {
-        me.prefetch_outliers(b);
+        me.prefetch_outliers(2 * T * b);
         float out[4 * T];
 #pragma unroll
         for (int r = 0; r < 4 * T; ++r) out[r] = 0.0f;
         load_x(0);
         for (int c = 0; c < chunks; ++c, ++it) {
-            const int s = it % STREAM_STAGES, n = min(S, slices - c * S), g0 = (c * S) >> group_shift;
+            const int s = it % STAGES, n = min(S, slices - c * S), g0 = (c * S) >> group_shift;
             const u8_t* stage = ring + s * STREAM_STAGE_BYTES + 16 * lane;
             const u8_t* side = side_base + s * STREAM_SIDE_BYTES;
-            mbar_wait(full + 8 * s, (it / STREAM_STAGES) & 1);
+            mbar_wait(full + 8 * s, (it / STAGES) & 1);
             // Unit u: tiles 2·pair and 2·pair + 1 at slice j.
             uint4 w0[2], w1[2];
             float scale[2][2];
@@ -1276,7 +1296,7 @@ __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
                 out[o + 3] += scale[u][1] * (float)(acc[3] - zero[u][1] * sum[3]);
             }
         }
-        me.finish(out, b, round, partial);
+        me.finish(out, 2 * T * b, round, partial);
     }
 #endif
 }
@@ -1338,7 +1358,7 @@ __device__ __forceinline__ void mixq_w8_stream(const TensorMap& map_w, const Gem
     const int row_a = g * 128, row_b = (g + 8) * 128, c0 = ((2 * t) ^ g) << 4, c1 = ((2 * t + 1) ^ g) << 4;
     int it = 0, round = 0;
     for (int pair = blockIdx.x; pair < pairs; pair += gridDim.x, ++round) {
-        me.prefetch_outliers(pair);
+        me.prefetch_outliers(2 * pair);
         int acc[4] = {0, 0, 0, 0};
         uint4 xl, xh;
         load_x(0, xl, xh);
@@ -1364,7 +1384,7 @@ __device__ __forceinline__ void mixq_w8_stream(const TensorMap& map_w, const Gem
         const int row = 16 * pair + g, n_pad = n_tiles * 8;
         const float w0 = row < n_pad ? p.sw[row] : 0.0f, w1 = row + 8 < n_pad ? p.sw[row + 8] : 0.0f;
         float out[4] = {w0 * (float)acc[0], w0 * (float)acc[1], w1 * (float)acc[2], w1 * (float)acc[3]};
-        me.finish(out, pair, round, partial);
+        me.finish(out, 2 * pair, round, partial);
     }
 #endif
 }
@@ -1377,5 +1397,7 @@ extern "C" __global__ void __launch_bounds__(544, 1) mixq_w8_stream16(const __gr
 }
 
 // Up to 8 tokens one pair a batch; up to 16, two (sharing the activations' loads).
-extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<8, 1>(p); }
-extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<16, 2>(p); }
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8(GemmArgs p) { mixq_w4_stream<8, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16(GemmArgs p) { mixq_w4_stream<16, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(288, 1) mixq_w4_stream8_resident(GemmArgs p) { mixq_w4_stream<8, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(544, 1) mixq_w4_stream16_resident(GemmArgs p) { mixq_w4_stream<16, 2, true>(p); }

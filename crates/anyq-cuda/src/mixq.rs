@@ -464,6 +464,9 @@ pub enum Kernel {
     /// GEMV whose weights the copy engine streams through shared memory (Hopper; W4 groups of
     /// 128 x a power of two k), a pass per [`GEMV_MAX_TOKENS`] tokens.
     Stream,
+    /// [`Kernel::Stream`] for W4 with the activations copied into shared memory once per block
+    /// where they fit beside the ring (elsewhere the same as [`Kernel::Stream`]).
+    StreamResident,
     /// Tiled mma.sync (any sm_80+ GPU).
     Mma,
     /// Persistent wgmma fed by the copy engine through a ring of stages (Hopper); W4 weights are
@@ -511,6 +514,9 @@ pub fn gemm_with(
     let hopper = device.compute_capability() == (9, 0);
     let stream = hopper && (!w4 || weight.group_tiles.is_power_of_two());
     let kernel = match kernel {
+        Kernel::Auto if m <= STREAM_MAX_TOKENS && w4 && stream && resident_pays(m, n, device.sm_count() as usize) => {
+            Kernel::StreamResident
+        }
         Kernel::Auto if m <= STREAM_MAX_TOKENS && w4 && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
@@ -521,7 +527,10 @@ pub fn gemm_with(
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
         }
-        Kernel::Stream if !stream => {
+        Kernel::StreamResident if !w4 => {
+            return Err(CudaError::Shape("the StreamResident kernel runs W4 weights only".into()))
+        }
+        Kernel::Stream | Kernel::StreamResident if !stream => {
             return Err(CudaError::Shape(
                 "the Stream kernel runs on Hopper (sm_90) only, W4 weights in groups of 128 x a power of two k".into(),
             ))
@@ -559,7 +568,7 @@ pub fn gemm_with(
     if kernel.is_tma() {
         return gemm_tma(device, &args, kernel, w4);
     }
-    if kernel == Kernel::Stream {
+    if matches!(kernel, Kernel::Stream | Kernel::StreamResident) {
         // A pass per 16 tokens: their rows of the activations, scales, outliers and output.
         let (k_pad, ko_pad) = (args.k_pad as u64, args.ko_pad as u64);
         for first in (0..m).step_by(GEMV_MAX_TOKENS) {
@@ -572,7 +581,7 @@ pub fn gemm_with(
                 m: (m - first).min(GEMV_MAX_TOKENS) as i32,
                 ..args
             };
-            gemv_stream(device, &pass, w4)?;
+            gemv_stream(device, &pass, w4, kernel == Kernel::StreamResident)?;
         }
         return Ok(());
     }
@@ -619,18 +628,31 @@ pub fn gemm_with(
     Ok(())
 }
 
-/// Shared memory of `mixq_w4_stream*`: 8 stages of 16 KiB weights, 1,440 bytes of scales and
-/// zero points and two mbarriers.
-const STREAM_SMEM: u32 = 8 * (16384 + 1440 + 16);
+/// A `mixq_w4_stream*` ring stage: 16 KiB of weights, 1,440 bytes of scales and zero points and
+/// two mbarriers.
+const STREAM_STAGE: u32 = 16384 + 1440 + 16;
+/// Shared memory of `mixq_w4_stream*`: 8 stages.
+const STREAM_SMEM: u32 = 8 * STREAM_STAGE;
+/// Shared memory a Hopper block may use, static and dynamic.
+const SMEM_PER_BLOCK: u32 = 227 * 1024;
 /// Shared memory of `mixq_w8_stream*`: 8 stages of 16 KiB, two mbarriers each, and the 1024-byte
 /// alignment of the swizzle.
 const STREAM_W8_SMEM: u32 = 8 * (16384 + 16) + 1024;
 
+/// Whether W4's streaming GEMV of `m` tokens copies the activations into shared memory: where each
+/// block's copy serves at least 4 batches. With fewer, the copy ahead of the first stage cost more
+/// than reading them through L1 at every stage (4096x6144: 10% slower at 8 tokens; 4096x28672:
+/// 5-9% faster).
+fn resident_pays(m: usize, n: usize, sm_count: usize) -> bool {
+    let pairs_per_batch = if m > 8 { 2 } else { 1 };
+    n.div_ceil(16) >= 4 * pairs_per_batch * sm_count
+}
+
 /// The GEMV streaming its weights through shared memory: a block per SM walking batches of pairs
 /// of weight tiles (16 rows each), launched to start while the kernel before it finishes. Above 8
 /// tokens a W4 batch holds two pairs, which share each load of the activations (M = 16: ~1.2x
-/// faster on 4096 x 28672).
-fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool) -> Result<()> {
+/// faster on 4096 x 28672); `resident` copies W4's activations into shared memory where they fit.
+fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool, resident: bool) -> Result<()> {
     let pairs = (args.n as usize).div_ceil(16);
     let many = args.m > 8;
     // 8 consumer warps per 8 tokens and the producer warp.
@@ -638,11 +660,25 @@ fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool) -> Result<()> {
     let options = LaunchOptions { cluster: 1, early_start: true };
     let mut args = *args;
     if w4 {
-        let (name, per_batch) = if many { ("mixq_w4_stream16", 2) } else { ("mixq_w4_stream8", 1) };
-        let function = device.function(&MIXQ, name, STREAM_SMEM)?;
+        // Activation rows, the static shared memory (the partial sums) and the k of a stage (a
+        // piece of the resident activations, at most 8 pieces).
+        let (rows, partial, piece) = if many { (16, 32768, 1024) } else { (8, 8192, 2048) };
+        // Resident, the activations lie beside a ring of one stage less (and their 8 barriers).
+        let resident_smem = 7 * STREAM_STAGE + 64 + rows * (args.k_pad as u32 + 16);
+        let limit = SMEM_PER_BLOCK - partial;
+        let fits = resident_smem <= limit && (args.k_pad as u32).div_ceil(piece) <= 8;
+        let (name, smem, attribute) = match (many, resident && fits) {
+            (true, true) => ("mixq_w4_stream16_resident", resident_smem, limit),
+            (false, true) => ("mixq_w4_stream8_resident", resident_smem, limit),
+            (true, false) => ("mixq_w4_stream16", STREAM_SMEM, STREAM_SMEM),
+            (false, false) => ("mixq_w4_stream8", STREAM_SMEM, STREAM_SMEM),
+        };
+        // The resident kernels' shared memory varies with k: allowed up to the limit at load.
+        let function = device.function(&MIXQ, name, attribute)?;
+        let per_batch = if many { 2 } else { 1 };
         let blocks = pairs.div_ceil(per_batch).min(device.sm_count() as usize) as u32;
         let mut params = [&mut args as *mut GemmArgs as *mut c_void];
-        return launch_ex(device, &function, (blocks, threads), STREAM_SMEM, options, &mut params);
+        return launch_ex(device, &function, (blocks, threads), smem, options, &mut params);
     }
     // W8: a stage is 16 rows x 8 blocks of 128 k, one copy.
     let (n_pad, k_pad) = (round_up(args.n as usize, 8), args.k_pad as usize);
