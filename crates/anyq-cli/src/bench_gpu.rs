@@ -26,7 +26,7 @@ pub struct GemmBenchArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
-    /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma, tma-pair-128, tma-pair-192 or tma-pair-256.
+    /// MixQ W8A8 kernel above 16 tokens: auto, mma, tma, tma-64, tma-pair-128, tma-pair-192 or tma-pair-256.
     #[arg(long, default_value = "auto")]
     kernel: String,
     /// MixQ W4A8 kernel up to 16 tokens: auto, gemv, stream or stream-resident.
@@ -92,9 +92,12 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
         "mma" => Kernel::Mma,
         "tma" => Kernel::Tma,
         "tma-pair-128" => Kernel::TmaPair128,
+        "tma-64" => Kernel::TmaNarrow,
         "tma-pair-192" => Kernel::TmaPair192,
         "tma-pair-256" => Kernel::TmaPair256,
-        other => anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma or tma-pair-{{128,192,256}}"),
+        other => {
+            anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma, tma-64 or tma-pair-{{128,192,256}}")
+        }
     };
     let w4_gemv_kernel = match args.gemv_kernel.as_str() {
         "auto" => Kernel::Auto,

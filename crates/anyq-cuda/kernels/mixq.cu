@@ -393,18 +393,20 @@ constexpr int STORE_BOX_BYTES = 64 * 128;
 constexpr int STAGING_BYTES = 2 * 2 * STORE_BOX_BYTES;
 #ifdef ANYQ_WGMMA
 
-// wgmma over a 64 x BN block (BN 128, 192 or 256).
+// wgmma over a 64 x BN block (BN 64, 128, 192 or 256).
 template <int BN>
 __device__ __forceinline__ void wgmma_s8(int* d, u64_t a, u64_t b, int accumulate) {
     if (BN == 256) wgmma_s8_n256(d, a, b, accumulate);
     else if (BN == 192) wgmma_s8_n192(d, a, b, accumulate);
-    else wgmma_s8_n128(d, a, b, accumulate);
+    else if (BN == 128) wgmma_s8_n128(d, a, b, accumulate);
+    else wgmma_s8_n64(d, a, b, accumulate);
 }
 template <int BN>
 __device__ __forceinline__ void wgmma_f16(float* d, u64_t a, u64_t b) {
     if (BN == 256) wgmma_f16_n256(d, a, b);
     else if (BN == 192) wgmma_f16_n192(d, a, b);
-    else wgmma_f16_n128(d, a, b);
+    else if (BN == 128) wgmma_f16_n128(d, a, b);
+    else wgmma_f16_n64(d, a, b);
 }
 
 __device__ __forceinline__ void warpgroup_barrier(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
@@ -603,8 +605,10 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         TMA_RUN(run)                                                                                          \
     }
 
-// The deepest rings that fit beside the staged output (6 x 32 KiB, 4 x 40 KiB, 4 x 48 KiB), to
-// cover the latency of L2 at full rate.
+// The deepest rings that fit beside the staged output (8 x 24 KiB, 6 x 32 KiB, 4 x 40 KiB, 4 x 48
+// KiB), to cover the latency of L2 at full rate. The 64-column tiles are for few tokens, where
+// 128-column ones leave SMs idle (14336x4096: 32 tiles).
+TMA_KERNEL(mixq_w8_tma_64, (mixq_w8_tma<1, 8, 64>))
 TMA_KERNEL(mixq_w8_tma, (mixq_w8_tma<1, 6, 128>))
 TMA_KERNEL(mixq_w8_tma_pair_128, (mixq_w8_tma<2, 6, 128>))
 TMA_KERNEL(mixq_w8_tma_pair_192, (mixq_w8_tma<2, 4, 192>))

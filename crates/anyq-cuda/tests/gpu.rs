@@ -128,7 +128,13 @@ fn check_gemm(bits: u32, group: usize) {
             }
         }
         if bits == 8 && device.compute_capability() == (9, 0) {
-            kernels.extend([Kernel::Tma, Kernel::TmaPair128, Kernel::TmaPair192, Kernel::TmaPair256]);
+            kernels.extend([
+                Kernel::Tma,
+                Kernel::TmaNarrow,
+                Kernel::TmaPair128,
+                Kernel::TmaPair192,
+                Kernel::TmaPair256,
+            ]);
         }
         for kernel in kernels {
             // Poison: every output element must be written.
