@@ -32,6 +32,9 @@ pub struct GemmBenchArgs {
     /// MixQ W4A8 kernel up to 16 tokens: auto, gemv, stream or stream-resident.
     #[arg(long, default_value = "auto")]
     gemv_kernel: String,
+    /// MixQ W4A8 kernel above 16 tokens: auto, stream (passes of 16 tokens), tma or mma.
+    #[arg(long, default_value = "auto")]
+    w4_kernel: String,
 }
 
 /// Enough copies of each operand that one pass over them exceeds the L2 cache several times:
@@ -106,6 +109,13 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
         "stream-resident" => Kernel::StreamResident,
         other => anyhow::bail!("unknown --gemv-kernel {other:?}: expected auto, gemv, stream or stream-resident"),
     };
+    let w4_large_kernel = match args.w4_kernel.as_str() {
+        "auto" => Kernel::Auto,
+        "stream" => Kernel::Stream,
+        "tma" => Kernel::Tma,
+        "mma" => Kernel::Mma,
+        other => anyhow::bail!("unknown --w4-kernel {other:?}: expected auto, stream, tma or mma"),
+    };
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;
     let (major, minor) = device.compute_capability();
@@ -113,8 +123,8 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     println!("TOP/s count 2·m·n·k for every product (the outlier channels' extra work is not credited).");
     println!("MixQ: INT8 MMA + FP16 outlier MMA, dequantized in the epilogue, f16 out; W4A8 in groups of 128.");
     println!(
-        "W8A8 kernel above {GEMV_MAX_TOKENS} tokens: {}; W4A8 kernel up to {GEMV_MAX_TOKENS}: {}.\n",
-        args.kernel, args.gemv_kernel
+        "W8A8 kernel above {GEMV_MAX_TOKENS} tokens: {}; W4A8 kernel up to {GEMV_MAX_TOKENS}: {}, above: {}.\n",
+        args.kernel, args.gemv_kernel, args.w4_kernel
     );
     println!("| K×N | M | outliers | cuBLAS BF16 TFLOP/s | cuBLASLt INT8 TOP/s | MixQ W8A8 TOP/s | W8A8 / BF16 | W8A8 / INT8 | MixQ W4A8 TOP/s | W4A8 / BF16 |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
@@ -129,7 +139,7 @@ pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
                 let channels: Vec<u32> = (0..count).map(|i| (i * k / count.max(1)) as u32).collect();
                 let set = OutlierSet::new(&device, k, &channels)?;
                 let w8_kernel = if m > GEMV_MAX_TOKENS { w8_kernel } else { Kernel::Auto };
-                let w4_kernel = if m > GEMV_MAX_TOKENS { Kernel::Auto } else { w4_gemv_kernel };
+                let w4_kernel = if m > GEMV_MAX_TOKENS { w4_large_kernel } else { w4_gemv_kernel };
                 products.push(mixq_product(&device, 8, w8_kernel, &set, (m, n, k))?);
                 products.push(mixq_product(&device, 4, w4_kernel, &set, (m, n, k))?);
             }

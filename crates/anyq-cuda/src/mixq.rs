@@ -22,9 +22,8 @@ pub const OUTLIER_TILE: usize = 64;
 /// Up to this many tokens the GEMV kernels run (one pass of the streaming one); above it the tiled
 /// GEMMs.
 pub const GEMV_MAX_TOKENS: usize = 16;
-/// Tokens up to which [`Kernel::Auto`] streams W4 weights (16 tokens a pass): below this the
-/// passes, the later ones reading the weights from L2 where they fit, beat the tiled mma kernel
-/// (4096 x 6144 at 64 tokens: ~2x).
+/// Tokens up to which [`Kernel::Auto`] may stream W4 weights (16 tokens a pass, the later passes
+/// reading the weights from L2 where they fit) where the tiled GEMM's tiles would leave SMs idle.
 pub const STREAM_MAX_TOKENS: usize = 64;
 /// Up to this many tokens W4A8's GEMV multiplies with dp4a rather than a 16-row mma.
 const DP4A_MAX_TOKENS: usize = 4;
@@ -456,7 +455,8 @@ const W4_MMA: Tiled = Tiled { name: "mixq_w4_mma", bm: 128, bn: 128, smem: 4 * 2
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// The fastest for the shape and GPU: a GEMV up to [`GEMV_MAX_TOKENS`] tokens (W4 on Hopper:
-    /// streaming passes up to [`STREAM_MAX_TOKENS`]), then the TMA kernels (Hopper) or mma.sync.
+    /// streaming passes up to [`STREAM_MAX_TOKENS`] where the tiled GEMM would leave SMs idle),
+    /// then the TMA kernels (Hopper) or mma.sync.
     Auto,
     /// GEMV with the weights loaded into registers (any sm_80+ GPU, up to [`GEMV_MAX_TOKENS`]
     /// tokens).
@@ -515,16 +515,16 @@ pub fn gemm_with(
     let w4 = weight.bits == 4;
     let hopper = device.compute_capability() == (9, 0);
     let stream = hopper && (!w4 || weight.group_tiles.is_power_of_two());
+    let sm_count = device.sm_count() as usize;
+    let w4_passes = w4 && stream && m <= STREAM_MAX_TOKENS && !w4_tiles_beat_passes((m, n), sm_count);
     let kernel = match kernel {
-        Kernel::Auto if m <= STREAM_MAX_TOKENS && w4 && stream && resident_pays(m, n, device.sm_count() as usize) => {
-            Kernel::StreamResident
-        }
-        Kernel::Auto if m <= STREAM_MAX_TOKENS && w4 && stream => Kernel::Stream,
+        Kernel::Auto if w4_passes && resident_pays(m, n, sm_count) => Kernel::StreamResident,
+        Kernel::Auto if w4_passes => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
-        Kernel::Auto if hopper && (w4 || m <= 128) => single_width((m, n), w4, device.sm_count() as usize),
-        Kernel::Auto if hopper && !w4 => widest_pair((m, n), device.sm_count() as usize),
+        Kernel::Auto if hopper && (w4 || m <= 128) => single_width((m, n), w4, sm_count),
+        Kernel::Auto if hopper && !w4 => widest_pair((m, n), sm_count),
         Kernel::Auto => Kernel::Mma,
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
@@ -640,6 +640,18 @@ const SMEM_PER_BLOCK: u32 = 227 * 1024;
 /// Shared memory of `mixq_w8_stream*`: 8 stages of 16 KiB, two mbarriers each, and the 1024-byte
 /// alignment of the swizzle.
 const STREAM_W8_SMEM: u32 = 8 * (16384 + 16) + 1024;
+
+/// Whether W4's tiled GEMM beats streaming passes of 16 tokens at `m` tokens: each pass reads all
+/// the weights, while the GEMM's time hardly depends on the tokens up to 128 (one row of tiles) but
+/// on the SMs its tiles keep busy. On the H100 it cost about 1.25 passes with every SM busy
+/// (4096x28672 at 17-64 tokens: 1.46-1.54x cuBLAS BF16 against the passes' 1.43-0.68x) and
+/// proportionally more with fewer tiles (4096x6144, 48 tiles: better from 4 passes; 14336x4096, 32
+/// tiles: never up to 64 tokens).
+fn w4_tiles_beat_passes((m, n): (usize, usize), sm_count: usize) -> bool {
+    let passes = m.div_ceil(GEMV_MAX_TOKENS) as f64;
+    let tiles = m.div_ceil(128) * n.div_ceil(128);
+    passes > 1.25 * sm_count as f64 / tiles.clamp(1, sm_count) as f64
+}
 
 /// Whether W4's streaming GEMV of `m` tokens copies the activations into shared memory: where each
 /// block's copy serves at least 4 batches. With fewer, the copy ahead of the first stage cost more
