@@ -86,36 +86,49 @@ fn median_ms(device: &CudaDevice, samples: usize, products: &mut [Timed]) -> any
         .collect())
 }
 
+/// The kernel named `value` for option `--{option}` among `choices`.
+fn kernel_choice(option: &str, value: &str, choices: &[(&str, Kernel)]) -> anyhow::Result<Kernel> {
+    match choices.iter().find(|(name, _)| *name == value) {
+        Some(&(_, kernel)) => Ok(kernel),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            anyhow::bail!("unknown --{option} {value:?}: expected one of {}", names.join(", "))
+        }
+    }
+}
+
 pub fn gemm(args: GemmBenchArgs) -> anyhow::Result<()> {
     let shapes = args.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(args.m.iter().all(|&m| m > 0), "--m values must be > 0");
     anyhow::ensure!(args.outliers.iter().all(|p| (0.0..=50.0).contains(p)), "--outliers are percentages in 0..50");
-    let w8_kernel = match args.kernel.as_str() {
-        "auto" => Kernel::Auto,
-        "mma" => Kernel::Mma,
-        "tma" => Kernel::Tma,
-        "tma-pair-128" => Kernel::TmaPair128,
-        "tma-64" => Kernel::TmaNarrow,
-        "tma-pair-192" => Kernel::TmaPair192,
-        "tma-pair-256" => Kernel::TmaPair256,
-        other => {
-            anyhow::bail!("unknown --kernel {other:?}: expected auto, mma, tma, tma-64 or tma-pair-{{128,192,256}}")
-        }
-    };
-    let w4_gemv_kernel = match args.gemv_kernel.as_str() {
-        "auto" => Kernel::Auto,
-        "gemv" => Kernel::Gemv,
-        "stream" => Kernel::Stream,
-        "stream-resident" => Kernel::StreamResident,
-        other => anyhow::bail!("unknown --gemv-kernel {other:?}: expected auto, gemv, stream or stream-resident"),
-    };
-    let w4_large_kernel = match args.w4_kernel.as_str() {
-        "auto" => Kernel::Auto,
-        "stream" => Kernel::Stream,
-        "tma" => Kernel::Tma,
-        "mma" => Kernel::Mma,
-        other => anyhow::bail!("unknown --w4-kernel {other:?}: expected auto, stream, tma or mma"),
-    };
+    let w8_kernel = kernel_choice(
+        "kernel",
+        &args.kernel,
+        &[
+            ("auto", Kernel::Auto),
+            ("mma", Kernel::Mma),
+            ("tma", Kernel::Tma),
+            ("tma-64", Kernel::TmaNarrow),
+            ("tma-pair-128", Kernel::TmaPair128),
+            ("tma-pair-192", Kernel::TmaPair192),
+            ("tma-pair-256", Kernel::TmaPair256),
+        ],
+    )?;
+    let w4_gemv_kernel = kernel_choice(
+        "gemv-kernel",
+        &args.gemv_kernel,
+        &[
+            ("auto", Kernel::Auto),
+            ("gemv", Kernel::Gemv),
+            ("stream", Kernel::Stream),
+            ("stream-resident", Kernel::StreamResident),
+        ],
+    )?;
+    let w4_large_kernel = kernel_choice(
+        "w4-kernel",
+        &args.w4_kernel,
+        &[("auto", Kernel::Auto), ("stream", Kernel::Stream), ("tma", Kernel::Tma), ("mma", Kernel::Mma)],
+    )?;
     let device = CudaDevice::open(args.gpu)?;
     let blas = BlasGemm::new(&device)?;
     let (major, minor) = device.compute_capability();

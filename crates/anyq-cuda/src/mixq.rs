@@ -674,9 +674,9 @@ fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool, resident: bool) -
     let options = LaunchOptions { cluster: 1, early_start: true };
     let mut args = *args;
     if w4 {
-        // Activation rows, the static shared memory (the partial sums) and the k of a stage (a
-        // piece of the resident activations, at most 8 pieces).
-        let (rows, partial, piece) = if many { (16, 32768, 1024) } else { (8, 8192, 2048) };
+        // Activation rows, tile pairs a batch, the static shared memory (the partial sums) and the
+        // k of a stage (a piece of the resident activations, at most 8 pieces).
+        let (rows, per_batch, partial, piece) = if many { (16, 2, 32768, 1024) } else { (8, 1, 8192, 2048) };
         // Resident, the activations lie beside a ring of one stage less (and their 8 barriers).
         let resident_smem = 7 * STREAM_STAGE + 64 + rows * (args.k_pad as u32 + 16);
         let limit = SMEM_PER_BLOCK - partial;
@@ -689,7 +689,6 @@ fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool, resident: bool) -
         };
         // The resident kernels' shared memory varies with k: allowed up to the limit at load.
         let function = device.function(&MIXQ, name, attribute)?;
-        let per_batch = if many { 2 } else { 1 };
         let blocks = pairs.div_ceil(per_batch).min(device.sm_count() as usize) as u32;
         let mut params = [&mut args as *mut GemmArgs as *mut c_void];
         return launch_ex(device, &function, (blocks, threads), smem, options, &mut params);
