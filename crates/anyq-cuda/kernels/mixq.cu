@@ -386,6 +386,12 @@ struct TmaArgs {
     f16_t* y;
     int m, n, k_tiles, ko_tiles, group_tiles;
     int staged; // 1: the output leaves through shared memory and map_y (n a multiple of 8)
+    // Split k (W8, few tiles): each tile's k tiles in `splits` parts, one work unit each, whose
+    // f32 sums meet in `partial` (per unit 128 x BN); `arrivals` counts a tile's finished parts
+    // per consumer warpgroup (zero between launches: the last part resets it).
+    int splits;
+    float* partial;
+    int* arrivals;
 };
 // Staged output: per consumer warpgroup two 64 x 64 f16 boxes (128-byte swizzle), so that one
 // is filled while the copy engine still reads the other.
@@ -426,21 +432,55 @@ __device__ __forceinline__ void wgmma_stage(u32_t ring, u32_t full, int it, int 
     wgmma_commit();
 }
 
-// The end of a TMA kernel's output tile, `out` holding the dequantized products of the thread's
-// rows r (+ 8) of its warpgroup's 64 (from m_wg) and columns n0 + 8j + 2t (+ 1): the outlier
-// tiles that follow the k tiles in the ring (FP16 wgmma's onto `out`), then f16 out, written
-// once. Staged, the tile goes out in 64-column boxes through the copy engine, which drains them
-// while the consumers go on with the next tile: stores straight from registers held the tensor
-// pipe idle for about a fifth of a tile at k = 4096.
+// `out` holds the dequantized products of the thread's rows r (+ 8) of its warpgroup's 64 (from
+// m_wg) and columns n0 + 8j + 2t (+ 1). The outlier tiles that follow a tile's k tiles in the
+// ring, FP16 wgmma's onto `out`:
 template <int STAGES, int BN, typename Release>
-__device__ __forceinline__ void finish_tile(float* out, int& it, const TmaArgs& p, const TensorMap& map_y, u32_t ring,
-                                            u32_t full, u32_t staging, int cw, int m_wg, int n0, Release release) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r = ((threadIdx.x >> 5) & 3) * 16 + g;
-    for (int ot = 0; ot < p.ko_tiles; ++ot, ++it) {
+__device__ __forceinline__ void outlier_tiles(float* out, int& it, int tiles, u32_t ring, u32_t full, int cw,
+                                              Release release) {
+    for (int ot = 0; ot < tiles; ++ot, ++it) {
         wgmma_stage<STAGES, BN>(ring, full, it, cw, [&](u64_t a, u64_t b, int) { wgmma_f16<BN>(out, a, b); });
         wgmma_wait<0>();
         release(it);
     }
+}
+
+// Split k: a part leaves its sums (the thread's `out`, in fragment order, for the thread at the
+// same place of another block to read back) in the workspace, and the last of a tile's parts to
+// arrive adds the others' to its own and stores the tile: whether this one does.
+template <int BN>
+__device__ __forceinline__ bool gather_splits(float* out, const TmaArgs& p, int tile, int split, int cw) {
+    constexpr int ACC = BN / 2;
+    __shared__ int last[2];
+    const int ct = threadIdx.x & 127, slot = 2 * tile + cw;
+    float* sums = p.partial + (u64_t)slot * p.splits * ACC * 128 + ct;
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) __stcg(sums + (split * ACC + i) * 128, out[i]);
+    __threadfence();
+    warpgroup_barrier(2 + cw);
+    if (ct == 0) {
+        const bool is_last = atomicAdd(p.arrivals + slot, 1) == p.splits - 1;
+        if (is_last) p.arrivals[slot] = 0;
+        last[cw] = is_last;
+    }
+    warpgroup_barrier(2 + cw);
+    if (!last[cw]) return false;
+    __threadfence();
+    for (int s = 0; s < p.splits; ++s) {
+        if (s == split) continue;
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) out[i] += __ldcg(sums + (s * ACC + i) * 128);
+    }
+    return true;
+}
+
+// f16 out, written once. Staged, the tile goes out in 64-column boxes through the copy engine,
+// which drains them while the consumers go on with the next tile: stores straight from registers
+// held the tensor pipe idle for about a fifth of a tile at k = 4096.
+template <int BN>
+__device__ __forceinline__ void store_tile(const float* out, const TmaArgs& p, const TensorMap& map_y, u32_t staging,
+                                           int cw, int m_wg, int n0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r = ((threadIdx.x >> 5) & 3) * 16 + g;
     if (p.staged) {
         const bool issuer = (threadIdx.x & 127) == 0;
 #pragma unroll
@@ -491,12 +531,20 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
     const int cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
     const int tiles_m = (p.m + CLUSTER * BM - 1) / (CLUSTER * BM), tiles_n = (p.n + BN - 1) / BN;
-    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles;
+    // Pairs never split k (the host's choice): compiled out of them, since it cost the 256-column
+    // tiles registers.
+    const int splits = CLUSTER == 1 ? p.splits : 1;
+    const int tiles = tiles_m * tiles_n, units = tiles * splits;
     // Tile index -> (first row of the cluster's rows, first column), in groups of 8 tile rows.
     auto coords = [&](int id, int& m0, int& n0) {
         const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
         m0 = (first + id % size) * CLUSTER * BM + rank * BM;
         n0 = (id % (8 * tiles_n)) / size * BN;
+    };
+    // Part `split` of a tile's k tiles: [kt0, kt1).
+    auto k_range = [&](int split, int& kt0, int& kt1) {
+        kt0 = split * p.k_tiles / splits;
+        kt1 = (split + 1) * p.k_tiles / splits;
     };
 
     if (threadIdx.x == 0) {
@@ -517,15 +565,18 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         set_max_registers_dec<40>();
         if (threadIdx.x == 0) {
             int it = 0;
-            for (int tile = cluster; tile < tiles; tile += clusters) {
-                int m0, n0;
-                coords(tile, m0, n0);
-                for (int kt = 0; kt < per_tile; ++kt, ++it) {
+            for (int unit = cluster; unit < units; unit += clusters) {
+                int m0, n0, kt0, kt1;
+                coords(unit % tiles, m0, n0);
+                k_range(unit / tiles, kt0, kt1);
+                // The unit's k tiles of int8, then (its tile's last part) the outlier tiles of 64
+                // f16 channels (also 128 bytes a row).
+                const int end = kt1 + (kt1 == p.k_tiles ? p.ko_tiles : 0);
+                for (int kt = kt0; kt < end; ++kt, ++it) {
                     const int s = it % STAGES;
                     mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
                     const u32_t bar = full + 8 * s, a = ring + s * STAGE_BYTES, b = a + A_BYTES + rank * B_ROWS * BK;
                     mbar_expect_bytes(bar, STAGE_BYTES);
-                    // k tiles of int8, then outlier tiles of 64 f16 channels (also 128 bytes a row).
                     const bool bulk = kt < p.k_tiles;
                     const int x = bulk ? kt * BK : (kt - p.k_tiles) * 64;
                     tma_load(a, bulk ? &map_x : &map_xo, x, m0, bar);
@@ -547,19 +598,21 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(bar, r);
         };
         int it = 0;
-        for (int tile = cluster; tile < tiles; tile += clusters) {
-            int m0, n0;
+        for (int unit = cluster; unit < units; unit += clusters) {
+            const int tile = unit % tiles, split = unit / tiles;
+            int m0, n0, kt0, kt1;
             coords(tile, m0, n0);
+            k_range(split, kt0, kt1);
             // Zeroed although the first wgmma overwrites it: otherwise the previous tile's
             // values count as read by it and stay live through the epilogue beside `out`.
             int acc[ACC];
 #pragma unroll
             for (int i = 0; i < ACC; ++i) acc[i] = 0;
-            for (int kt = 0; kt < p.k_tiles; ++kt, ++it) {
+            for (int kt = kt0; kt < kt1; ++kt, ++it) {
                 wgmma_stage<STAGES, BN>(ring, full, it, cw,
-                                        [&](u64_t a, u64_t b, int step) { wgmma_s8<BN>(acc, a, b, kt + step); });
+                                        [&](u64_t a, u64_t b, int step) { wgmma_s8<BN>(acc, a, b, kt - kt0 + step); });
                 wgmma_wait<1>();
-                if (kt > 0) release(it - 1);
+                if (kt > kt0) release(it - 1);
             }
             // The scales' loads go out while the last k tile's wgmma's finish.
             const int row0 = m0 + cw * 64 + (warp & 3) * 16 + g;
@@ -582,7 +635,11 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] = x1 * w.x * (float)acc[4 * j + 2];
                 out[4 * j + 3] = x1 * w.y * (float)acc[4 * j + 3];
             }
-            finish_tile<STAGES, BN>(out, it, p, map_y, ring, full, staging, cw, m0 + cw * 64, n0, release);
+            const int m_wg = m0 + cw * 64;
+            if (kt1 == p.k_tiles) outlier_tiles<STAGES, BN>(out, it, p.ko_tiles, ring, full, cw, release);
+            // A warpgroup whose rows all lie past the tokens (few tokens) has nothing to store.
+            if (m_wg >= p.m || (splits > 1 && !gather_splits<BN>(out, p, tile, split, cw))) continue;
+            store_tile<BN>(out, p, map_y, staging, cw, m_wg, n0);
         }
         if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();
     }
@@ -774,7 +831,8 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] *= x1;
                 out[4 * j + 3] *= x1;
             }
-            finish_tile<STAGES, BN>(out, it, p, map_y, ring, full, staging, cw, m0 + cw * 64, n0, release);
+            outlier_tiles<STAGES, BN>(out, it, p.ko_tiles, ring, full, cw, release);
+            store_tile<BN>(out, p, map_y, staging, cw, m0 + cw * 64, n0);
         }
         if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();
     }
@@ -1054,6 +1112,10 @@ extern "C" __global__ void __launch_bounds__(256) mixq_w4_gemv_dp4a(GemmArgs p, 
 // bytes 32t + 4s .. + 3 and 32t + 16 + 4s .. + 3 (b0, b1): the k of an mma slot only has to
 // agree between the operands. Zero points: Σ (q − z)·x = Σ q·x − z·Σx, Σx from an mma of ones.
 constexpr int STREAM_STAGES = 8;
+// W4 fed through L1: 6 stages, so that the shared-memory carve-out steps down to 164 KiB and 16
+// tokens' activations at k = 4096 (64 KiB) stay in L1 (+2% at 16 tokens on 4096x6144, the same
+// elsewhere); resident, 7 beside the activations.
+constexpr int W4_STREAM_STAGES = 6, W4_RESIDENT_STAGES = 7;
 constexpr int STREAM_SLICES = 16; // of each tile a stage: 16 KiB
 constexpr int STREAM_STAGE_BYTES = 2 * STREAM_SLICES * 512;
 // Per stage: up to 36 (tile, group) entries of 8 rows (2 tiles x 17 groups, or 4 x 9), f32
@@ -1149,14 +1211,14 @@ struct StreamLane {
 };
 
 // CW consumer warps (8 per 8 tokens), T tile pairs a batch; RESIDENT: the activations (CW rows of
-// k_pad + 16 bytes, after the barriers) are copied into shared memory once per block, with a
-// ring stage less to make room, in pieces of a stage's k, each completing on its own barrier (at
+// k_pad + 16 bytes, after the barriers) are copied into shared memory once per block, beside a
+// ring of 7 stages, in pieces of a stage's k, each completing on its own barrier (at
 // most 8), so that the first stage waits for its piece only.
 template <int CW, int T, bool RESIDENT>
 __device__ __forceinline__ void mixq_w4_stream(const GemmArgs& p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int S = STREAM_SLICES / T; // slices of each tile a stage
-    constexpr int STAGES = RESIDENT ? STREAM_STAGES - 1 : STREAM_STAGES;
+    constexpr int STAGES = RESIDENT ? W4_RESIDENT_STAGES : W4_STREAM_STAGES;
     extern __shared__ __align__(128) u8_t ring[];
     __shared__ float partial[2][CW][32][4 * T];
     u8_t* side_base = ring + STAGES * STREAM_STAGE_BYTES;

@@ -1,7 +1,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+};
 
 use crate::compile::{self, KernelSource};
 use crate::{CudaError, Result};
@@ -16,6 +18,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     resident: Mutex<HashMap<(String, u32), u32>>,
+    workspaces: Mutex<HashMap<&'static str, CudaSlice<u8>>>,
 }
 
 impl CudaDevice {
@@ -48,6 +51,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             resident: Mutex::new(HashMap::new()),
+            workspaces: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -114,6 +118,20 @@ impl CudaDevice {
         let blocks = kernel.occupancy_max_active_blocks_per_multiprocessor(256, dynamic_smem as usize, None)?.max(1);
         resident.insert(key, blocks);
         Ok(blocks)
+    }
+
+    /// Device address of workspace `name`, at least `bytes` long: zeroed when made, then kept for
+    /// the device's life, so kernels using it leave it as they need to find it. A larger request
+    /// replaces it (the stream frees the old one after the work queued before).
+    pub(crate) fn workspace(&self, name: &'static str, bytes: usize) -> Result<u64> {
+        let mut workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        let buffer = match workspaces.remove(name) {
+            Some(buffer) if buffer.len() >= bytes => buffer,
+            _ => self.stream.alloc_zeros::<u8>(bytes.max(1))?,
+        };
+        let address = buffer.device_ptr(&self.stream).0;
+        workspaces.insert(name, buffer);
+        Ok(address)
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {

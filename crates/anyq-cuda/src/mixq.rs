@@ -633,8 +633,8 @@ pub fn gemm_with(
 /// A `mixq_w4_stream*` ring stage: 16 KiB of weights, 1,440 bytes of scales and zero points and
 /// two mbarriers.
 const STREAM_STAGE: u32 = 16384 + 1440 + 16;
-/// Shared memory of `mixq_w4_stream*`: 8 stages.
-const STREAM_SMEM: u32 = 8 * STREAM_STAGE;
+/// Shared memory of `mixq_w4_stream{8,16}`: 6 stages (`W4_STREAM_STAGES`).
+const STREAM_SMEM: u32 = 6 * STREAM_STAGE;
 /// Shared memory a Hopper block may use, static and dynamic.
 const SMEM_PER_BLOCK: u32 = 227 * 1024;
 /// Shared memory of `mixq_w8_stream*`: 8 stages of 16 KiB, two mbarriers each, and the 1024-byte
@@ -677,7 +677,7 @@ fn gemv_stream(device: &CudaDevice, args: &GemmArgs, w4: bool, resident: bool) -
         // Activation rows, tile pairs a batch, the static shared memory (the partial sums) and the
         // k of a stage (a piece of the resident activations, at most 8 pieces).
         let (rows, per_batch, partial, piece) = if many { (16, 2, 32768, 1024) } else { (8, 1, 8192, 2048) };
-        // Resident, the activations lie beside a ring of one stage less (and their 8 barriers).
+        // Resident, the activations lie beside a ring of 7 stages (and their 8 barriers).
         let resident_smem = 7 * STREAM_STAGE + 64 + rows * (args.k_pad as u32 + 16);
         let limit = SMEM_PER_BLOCK - partial;
         let fits = resident_smem <= limit && (args.k_pad as u32).div_ceil(piece) <= 8;
@@ -716,20 +716,26 @@ struct TmaArgs {
     ko_tiles: i32,
     group_tiles: i32,
     staged: i32,
+    splits: i32,
+    partial: u64,
+    arrivals: u64,
 }
 
-/// A persistent TMA kernel: blocks per cluster, output tile width and shared memory (stages of a
+/// A persistent TMA kernel: blocks per cluster, output tile width, shared memory (stages of a
 /// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the staged output's four
-/// 64 x 64 f16 boxes, the 1024-byte alignment of the swizzle, and two mbarriers a stage).
+/// 64 x 64 f16 boxes, the 1024-byte alignment of the swizzle, and two mbarriers a stage) and
+/// whether it can split k (the one-block W8 kernels).
 struct TmaKernel {
     name: &'static str,
     cluster: usize,
     bn: usize,
     smem: u32,
+    splits_k: bool,
 }
 
 const fn tma_kernel(name: &'static str, cluster: usize, stages: u32, bn: usize) -> TmaKernel {
-    TmaKernel { name, cluster, bn, smem: stages * (128 + bn as u32) * 128 + 4 * 64 * 128 + 1024 + stages * 16 }
+    let smem = stages * (128 + bn as u32) * 128 + 4 * 64 * 128 + 1024 + stages * 16;
+    TmaKernel { name, cluster, bn, smem, splits_k: cluster == 1 }
 }
 
 const TMA_SINGLE: TmaKernel = tma_kernel("mixq_w8_tma", 1, 6, 128);
@@ -744,11 +750,27 @@ const TMA_W4: TmaKernel = TmaKernel {
     cluster: 1,
     bn: 128,
     smem: tma_kernel("", 1, 4, 128).smem + 3 * 128 * 128 + 4 * 640,
+    splits_k: false,
 };
+
+/// Output tiles of `kernel` for `m` x `n`.
+fn tile_count(kernel: &TmaKernel, (m, n): (usize, usize)) -> usize {
+    m.div_ceil(128 * kernel.cluster) * n.div_ceil(kernel.bn)
+}
+
+/// Parts each tile's `k_tiles` are split into, each a work unit: where the tiles leave at least
+/// half the SMs idle (few tokens, where the weights' bytes are the cost and an SM alone cannot
+/// pull its share at the GPU's rate), as many as one wave holds, each at least 8 k tiles long.
+fn k_splits(kernel: &TmaKernel, tiles: usize, k_tiles: usize, sm_count: usize) -> usize {
+    match kernel.splits_k {
+        true => (sm_count / tiles.max(1)).min(k_tiles / 8).max(1),
+        false => 1,
+    }
+}
 
 /// Of the tiles' waves over the GPU's clusters, the fraction that does work.
 fn wave_efficiency(kernel: &TmaKernel, (m, n): (usize, usize), sm_count: usize) -> f64 {
-    let tiles = m.div_ceil(128 * kernel.cluster) * n.div_ceil(kernel.bn);
+    let tiles = tile_count(kernel, (m, n));
     let slots = sm_count / kernel.cluster;
     tiles as f64 / (tiles.div_ceil(slots) * slots) as f64
 }
@@ -768,7 +790,8 @@ fn widest_pair((m, n): (usize, usize), sm_count: usize) -> Kernel {
 /// 128-column ones (14336x4096 has 32 tiles of 128 columns for 132 SMs: 1.13x faster at 96 tokens,
 /// 1.27x at 128). Not below 96 tokens: the 128-row activation tile, copied into every block, is
 /// then mostly zeros, and twice the blocks cost more than they gained (14336x4096: 0.87x at 65
-/// tokens, 0.86x at 64).
+/// tokens, 0.86x at 64). Compared by their tiles alone: where both then split k into a full wave,
+/// the narrow tiles still won (14336x4096 at 128 tokens: 501 against 444 TOP/s).
 fn single_width((m, n): (usize, usize), w4: bool, sm_count: usize) -> Kernel {
     let narrow = wave_efficiency(&TMA_NARROW, (m, n), sm_count);
     if !w4 && m >= 96 && narrow > wave_efficiency(&TMA_SINGLE, (m, n), sm_count) + 0.02 {
@@ -819,6 +842,19 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
         true => tile_map(args.y, Element::F16, (m, n), n * 2, (64, 64), Layout::Swizzled128)?,
         false => map_x,
     };
+    let k_tiles = k_pad / K_TILE;
+    let tiles = tile_count(kernel, (m, n));
+    let splits = k_splits(kernel, tiles, k_tiles, sm_count);
+    // Split: each tile's two warpgroups' arrival counters, then a 128 x bn f32 tile of sums per
+    // unit.
+    let (partial, arrivals) = match splits {
+        1 => (0, 0),
+        _ => {
+            let counters = round_up(2 * tiles * 4, 256);
+            let base = device.workspace("mixq split k", counters + tiles * splits * 128 * kernel.bn * 4)?;
+            (base + counters as u64, base)
+        }
+    };
     let mut tma_args = TmaArgs {
         sx: args.sx,
         sw: args.sw,
@@ -826,14 +862,16 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
         y: args.y,
         m: args.m,
         n: args.n,
-        k_tiles: (k_pad / K_TILE) as i32,
+        k_tiles: k_tiles as i32,
         ko_tiles: (ko_pad / OUTLIER_TILE) as i32,
         group_tiles: args.group_tiles,
         staged: staged as i32,
+        splits: splits as i32,
+        partial,
+        arrivals,
     };
-    // Persistent: at most one block per SM, each walking its share of the tiles.
-    let tiles = m.div_ceil(128 * cluster) * n.div_ceil(kernel.bn);
-    let clusters = tiles.min(sm_count / cluster);
+    // Persistent: at most one block per SM, each walking its share of the work units.
+    let clusters = (tiles * splits).min(sm_count / cluster);
     let function = device.function(&MIXQ, kernel.name, kernel.smem)?;
     let mut params = [
         &mut map_x as *mut TensorMap as *mut c_void,
@@ -954,5 +992,20 @@ mod tests {
         // 4096x28672 at 512 tokens: 128x128 tiles (448 of them, 97% of 7 waves) over 128x256 (85%).
         assert_eq!(pick(512, 28672), Kernel::TmaPair128);
         assert!(wave_efficiency(&TMA_PAIR_128, (512, 28672), 132) > 0.95);
+    }
+
+    #[test]
+    fn few_tiles_split_k_into_one_wave_of_parts() {
+        // 14336x4096 at 64 tokens: 32 tiles of 128 x 128 and 112 k tiles: 4 parts, 128 units.
+        assert_eq!(k_splits(&TMA_SINGLE, 32, 112, 132), 4);
+        // 4096x6144 at 64 tokens: 48 tiles, 2 parts.
+        assert_eq!(k_splits(&TMA_SINGLE, 48, 32, 132), 2);
+        // Short k: parts of at least 8 k tiles.
+        assert_eq!(k_splits(&TMA_SINGLE, 2, 20, 132), 2);
+        assert_eq!(k_splits(&TMA_SINGLE, 2, 15, 132), 1);
+        // Tiles filling more than half the SMs, pair clusters and W4 do not split.
+        assert_eq!(k_splits(&TMA_SINGLE, 67, 112, 132), 1);
+        assert_eq!(k_splits(&TMA_PAIR_128, 8, 112, 132), 1);
+        assert_eq!(k_splits(&TMA_W4, 8, 112, 132), 1);
     }
 }

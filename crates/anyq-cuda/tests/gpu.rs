@@ -61,6 +61,9 @@ const CASES: &[Case] = &[
     // their activations come through L1 instead.
     Case { m: 12, n: 300, k: 5000, outliers: 50 },
     Case { m: 5, n: 300, k: 13000, outliers: 130 },
+    // Few tiles over a long k: the one-block W8 kernels split k unevenly (25 k tiles in 3 parts)
+    // over two rows of tiles, the second's last 56 rows past the tokens.
+    Case { m: 200, n: 300, k: 3200, outliers: 30 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
