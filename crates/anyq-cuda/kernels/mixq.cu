@@ -531,9 +531,10 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     const u32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
     const int cluster = blockIdx.x / CLUSTER, clusters = gridDim.x / CLUSTER;
     const int tiles_m = (p.m + CLUSTER * BM - 1) / (CLUSTER * BM), tiles_n = (p.n + BN - 1) / BN;
-    // Pairs never split k (the host's choice): compiled out of them, since it cost the 256-column
-    // tiles registers.
-    const int splits = CLUSTER == 1 ? p.splits : 1;
+    // Pairs never split k (the host's choice): compiled out of them, whose code it cost registers
+    // and speed (10-15% at 256-1024 tokens).
+    constexpr bool SPLIT = CLUSTER == 1;
+    const int splits = SPLIT ? p.splits : 1;
     const int tiles = tiles_m * tiles_n, units = tiles * splits;
     // Tile index -> (first row of the cluster's rows, first column), in groups of 8 tile rows.
     auto coords = [&](int id, int& m0, int& n0) {
@@ -541,10 +542,12 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         m0 = (first + id % size) * CLUSTER * BM + rank * BM;
         n0 = (id % (8 * tiles_n)) / size * BN;
     };
-    // Part `split` of a tile's k tiles: [kt0, kt1).
-    auto k_range = [&](int split, int& kt0, int& kt1) {
-        kt0 = split * p.k_tiles / splits;
-        kt1 = (split + 1) * p.k_tiles / splits;
+    // Work unit -> its tile and the part of its k tiles, [kt0, kt1).
+    auto unit_of = [&](int unit, int& tile, int& split, int& kt0, int& kt1) {
+        tile = SPLIT ? unit % tiles : unit;
+        split = SPLIT ? unit / tiles : 0;
+        kt0 = SPLIT ? split * p.k_tiles / splits : 0;
+        kt1 = SPLIT ? (split + 1) * p.k_tiles / splits : p.k_tiles;
     };
 
     if (threadIdx.x == 0) {
@@ -566,9 +569,9 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         if (threadIdx.x == 0) {
             int it = 0;
             for (int unit = cluster; unit < units; unit += clusters) {
-                int m0, n0, kt0, kt1;
-                coords(unit % tiles, m0, n0);
-                k_range(unit / tiles, kt0, kt1);
+                int tile, split, kt0, kt1, m0, n0;
+                unit_of(unit, tile, split, kt0, kt1);
+                coords(tile, m0, n0);
                 // The unit's k tiles of int8, then (its tile's last part) the outlier tiles of 64
                 // f16 channels (also 128 bytes a row).
                 const int end = kt1 + (kt1 == p.k_tiles ? p.ko_tiles : 0);
@@ -599,10 +602,9 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         };
         int it = 0;
         for (int unit = cluster; unit < units; unit += clusters) {
-            const int tile = unit % tiles, split = unit / tiles;
-            int m0, n0, kt0, kt1;
+            int tile, split, kt0, kt1, m0, n0;
+            unit_of(unit, tile, split, kt0, kt1);
             coords(tile, m0, n0);
-            k_range(split, kt0, kt1);
             // Zeroed although the first wgmma overwrites it: otherwise the previous tile's
             // values count as read by it and stay live through the epilogue beside `out`.
             int acc[ACC];
