@@ -272,8 +272,16 @@ pub enum Producer<'a> {
     SiluMul { gate_up: &'a CudaSlice<u16> },
 }
 
+/// Rows the activation buffers hold beyond their tokens, up to a multiple of: the TMA kernels'
+/// tiles of tokens (two blocks' 128 rows) then read only rows that exist. Rows past the tensor
+/// map's end are filled with zeros by the copy engine at a much lower rate: 14336x4096 at 160
+/// tokens (96 such rows in the second tile) ran 318 TOP/s against 912 at 256.
+const ROW_PAD: usize = 256;
+
 /// Quantized activations for up to `capacity` tokens: INT8 rows with the outlier channels
-/// zeroed, per-token scales, and the outlier channels gathered in FP16.
+/// zeroed, per-token scales, and the outlier channels gathered in FP16; the INT8 and FP16 rows
+/// are allocated up to a multiple of [`ROW_PAD`] (their contents past the tokens are never
+/// used: an output row depends only on its own activation row).
 pub struct MixqActivations {
     outliers: Arc<OutlierSet>,
     capacity: usize,
@@ -287,15 +295,15 @@ pub struct MixqActivations {
 
 impl MixqActivations {
     pub fn new(device: &CudaDevice, capacity: usize, outliers: &Arc<OutlierSet>) -> Result<Self> {
-        let k_pad = round_up(outliers.k, K_TILE);
+        let (k_pad, rows) = (round_up(outliers.k, K_TILE), round_up(capacity, ROW_PAD));
         Ok(Self {
             outliers: outliers.clone(),
             capacity,
             tokens: 0,
             k_pad,
-            xq: device.zeros(capacity * k_pad)?,
+            xq: device.zeros(rows * k_pad)?,
             sx: device.zeros(capacity)?,
-            xo: device.zeros(capacity * outliers.padded_len())?,
+            xo: device.zeros(rows * outliers.padded_len())?,
             over_threshold: device.zeros(1)?,
         })
     }
@@ -312,8 +320,9 @@ impl MixqActivations {
         check_shape("xq", xq.len(), tokens * k)?;
         check_shape("xo", xo.len(), tokens * ko)?;
         let mut acts = Self::new(device, tokens, outliers)?;
-        let mut padded = vec![0i8; tokens * acts.k_pad];
-        let mut gathered = vec![0u16; tokens * ko_pad];
+        let rows = round_up(tokens, ROW_PAD);
+        let mut padded = vec![0i8; rows * acts.k_pad];
+        let mut gathered = vec![0u16; rows * ko_pad];
         for t in 0..tokens {
             padded[t * acts.k_pad..][..k].copy_from_slice(&xq[t * k..][..k]);
             for (dst, src) in gathered[t * ko_pad..][..ko].iter_mut().zip(&xo[t * ko..][..ko]) {
@@ -524,7 +533,7 @@ pub fn gemm_with(
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
         // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
         Kernel::Auto if hopper && (w4 || m <= 128) => single_width((m, n), w4, sm_count),
-        Kernel::Auto if hopper && !w4 => widest_pair((m, n), sm_count),
+        Kernel::Auto if hopper => w8_tiling((m, n), acts.k_pad / K_TILE, sm_count),
         Kernel::Auto => Kernel::Mma,
         Kernel::Gemv if m > GEMV_MAX_TOKENS => {
             return Err(CudaError::Shape(format!("the GEMV kernel takes up to {GEMV_MAX_TOKENS} tokens, not {m}")))
@@ -802,22 +811,61 @@ fn single_width((m, n): (usize, usize), w4: bool, sm_count: usize) -> Kernel {
     }
 }
 
-fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> Result<()> {
-    let (m, n, k_pad, ko_pad) = (args.m as usize, args.n as usize, args.k_pad as usize, args.ko_pad as usize);
-    let sm_count = device.sm_count() as usize;
-    let kernel = match choice {
+/// Modelled time of `kernel` for `m` x `n` over `k_tiles`: its work units' waves over the GPU's
+/// clusters, each as long as a unit's columns and k tiles at `speed` (an SM's rate with the
+/// kernel's tiles relative to the 128x256 pairs').
+fn modelled_time(kernel: &TmaKernel, speed: f64, (m, n): (usize, usize), k_tiles: usize, sm_count: usize) -> f64 {
+    let tiles = tile_count(kernel, (m, n));
+    let splits = k_splits(kernel, tiles, k_tiles, sm_count);
+    let waves = (tiles * splits).div_ceil(sm_count / kernel.cluster);
+    waves as f64 * kernel.bn as f64 / speed * (k_tiles / splits) as f64
+}
+
+/// The W8 kernel above 128 tokens: the pair kernel for the shape unless the one-block 128x128
+/// kernel, whose tiles of 128 tokens waste fewer rows and fill the waves differently (splitting k
+/// where its tiles are few), models 3% faster. 4096x28672 at 384 tokens: 1,005 against 935 TOP/s
+/// (2 x 224 tiles of 256 rows, 7 waves, against 3 x 224 of 128 rows, 6 waves); 4096x6144 at 640:
+/// 1,068 against 840; 14336x4096 at 256: 848 against 764. Not the 64-column tiles: they read the
+/// activations twice as often, which a full GPU pays for (4096x28672 at 384: 820).
+fn w8_tiling((m, n): (usize, usize), k_tiles: usize, sm_count: usize) -> Kernel {
+    // Rates measured over whole waves on the H100 (M = 4096 for the pairs, 384-640 for one block).
+    let speed = |choice| match choice {
+        Kernel::TmaPair256 => 1.0,
+        Kernel::TmaPair192 => 0.96,
+        Kernel::TmaPair128 => 0.85,
+        _ => 0.83,
+    };
+    let time = |choice| modelled_time(tma_kernel_of(choice, false), speed(choice), (m, n), k_tiles, sm_count);
+    let pair = widest_pair((m, n), sm_count);
+    if time(Kernel::Tma) < 0.97 * time(pair) {
+        Kernel::Tma
+    } else {
+        pair
+    }
+}
+
+fn tma_kernel_of(choice: Kernel, w4: bool) -> &'static TmaKernel {
+    match choice {
         _ if w4 => &TMA_W4,
         Kernel::TmaPair128 => &TMA_PAIR_128,
         Kernel::TmaPair192 => &TMA_PAIR_192,
         Kernel::TmaPair256 => &TMA_PAIR_256,
         Kernel::TmaNarrow => &TMA_NARROW,
         _ => &TMA_SINGLE,
-    };
+    }
+}
+
+fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> Result<()> {
+    let (m, n, k_pad, ko_pad) = (args.m as usize, args.n as usize, args.k_pad as usize, args.ko_pad as usize);
+    let sm_count = device.sm_count() as usize;
+    let kernel = tma_kernel_of(choice, w4);
     let cluster = kernel.cluster;
     let n_pad = round_up(n, 8);
     // Each block of a cluster fetches its share of the weight tile's rows.
     let weight_rows = (kernel.bn / cluster) as u32;
-    let mut map_x = tile_map(args.xq, Element::U8, (m, k_pad), k_pad, (128, 128), Layout::Swizzled128)?;
+    // The activations' rows up to the buffers' padding: no box reaches past them.
+    let rows = round_up(m, ROW_PAD);
+    let mut map_x = tile_map(args.xq, Element::U8, (rows, k_pad), k_pad, (128, 128), Layout::Swizzled128)?;
     let mut map_w = match w4 {
         // Packed W4: a row of words per 8-row tile, its 128-k slices (128 words each) in order; a
         // box is one slice of 16 tiles, 128 weight rows.
@@ -830,7 +878,7 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
     // Without outliers the kernel never reads these maps.
     let (mut map_xo, mut map_wo) = if ko_pad > 0 {
         (
-            tile_map(args.xo, Element::F16, (m, ko_pad), ko_pad * 2, (128, 64), Layout::Swizzled128)?,
+            tile_map(args.xo, Element::F16, (rows, ko_pad), ko_pad * 2, (128, 64), Layout::Swizzled128)?,
             tile_map(args.wo, Element::F16, (n_pad, ko_pad), ko_pad * 2, (weight_rows, 64), Layout::Swizzled128)?,
         )
     } else {
@@ -995,6 +1043,21 @@ mod tests {
         // 4096x28672 at 512 tokens: 128x128 tiles (448 of them, 97% of 7 waves) over 128x256 (85%).
         assert_eq!(pick(512, 28672), Kernel::TmaPair128);
         assert!(wave_efficiency(&TMA_PAIR_128, (512, 28672), 132) > 0.95);
+    }
+
+    #[test]
+    fn above_128_tokens_w8_takes_the_pairs_unless_one_block_tiles_model_faster() {
+        let pick = |m, n, k: usize| w8_tiling((m, n), k / 128, 132);
+        // Rows of 256 tokens half empty, or too few pair tiles: one-block tiles.
+        assert_eq!(pick(384, 28672, 4096), Kernel::Tma);
+        assert_eq!(pick(640, 6144, 4096), Kernel::Tma);
+        assert_eq!(pick(256, 4096, 14336), Kernel::Tma);
+        // Pairs wherever their waves are as full.
+        assert_eq!(pick(512, 28672, 4096), Kernel::TmaPair128);
+        assert_eq!(pick(640, 4096, 14336), Kernel::TmaPair192);
+        assert_eq!(pick(1024, 6144, 4096), Kernel::TmaPair192);
+        assert_eq!(pick(4096, 28672, 4096), Kernel::TmaPair256);
+        assert_eq!(pick(4096, 4096, 14336), Kernel::TmaPair256);
     }
 
     #[test]
