@@ -531,7 +531,8 @@ pub fn gemm_with(
         Kernel::Auto if w4_passes => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS && stream => Kernel::Stream,
         Kernel::Auto if m <= GEMV_MAX_TOKENS => Kernel::Gemv,
-        // One block per 128 rows needs no cluster; above that pairs share the weight tiles.
+        // One block per 128 rows needs no cluster; above that the pairs (sharing the weight
+        // tiles) or the one-block kernel, whichever models faster.
         Kernel::Auto if hopper && (w4 || m <= 128) => single_width((m, n), w4, sm_count),
         Kernel::Auto if hopper => w8_tiling((m, n), acts.k_pad / K_TILE, sm_count),
         Kernel::Auto => Kernel::Mma,
