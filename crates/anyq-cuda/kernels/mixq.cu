@@ -590,7 +590,9 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         }
     } else {
         set_max_registers_inc<232>();
-        const int cw = wg - 1, g = lane >> 2, t = lane & 3;
+        // Broadcast from lane 0, so that the compiler knows it warp-uniform: the A tile's wgmma
+        // descriptors, which depend on it, then stay on the uniform datapath.
+        const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), g = lane >> 2, t = lane & 3;
         const int n_pad = (p.n + 7) & ~7;
         const bool releaser = (threadIdx.x & 127) == 0;
         auto release = [&](int it) {
@@ -756,7 +758,8 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
         }
     } else {
         set_max_registers_inc<232>();
-        const int cw = wg - 1, ct = threadIdx.x - 128, g = lane >> 2, t = lane & 3;
+        // Warp-uniform for the compiler, as in the W8 kernel.
+        const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), ct = threadIdx.x - 128, g = lane >> 2, t = lane & 3;
         auto release = [&](int it) {
             if ((threadIdx.x & 127) == 0) mbar_arrive(empty + 8 * (it % STAGES));
         };
