@@ -230,6 +230,20 @@ __device__ __forceinline__ void mbar_arrive_cluster(u32_t bar, u32_t rank) {
                  "r"(rank)
                  : "memory");
 }
+// The address of `addr` (this block's shared memory) in cluster block `rank`.
+__device__ __forceinline__ u32_t cluster_map(u32_t addr, u32_t rank) {
+    u32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+    return remote;
+}
+__device__ __forceinline__ void st_cluster_f32x4(u32_t addr, float a, float b, float c, float d) {
+    asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ float4 ld_shared_f32x4(u32_t addr) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+    return v;
+}
 // 2-D tile (inner coordinate x in elements, row y) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load(u32_t dst, const TensorMap* map, int x, int y, u32_t bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),

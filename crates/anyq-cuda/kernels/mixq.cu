@@ -390,6 +390,9 @@ struct TmaArgs {
     // f32 sums meet in `partial` (per unit 128 x BN); `arrivals` counts a tile's finished parts
     // per consumer warpgroup (zero between launches: the last part resets it).
     int splits;
+    // Split k in two, the parts of a tile a cluster of two blocks (block 2t + part): the second
+    // part adds its sums into the first's shared memory instead of through the workspace.
+    int split_pairs;
     float* partial;
     int* arrivals;
 };
@@ -474,6 +477,31 @@ __device__ __forceinline__ bool gather_splits(float* out, const TmaArgs& p, int 
     return true;
 }
 
+// Split k in clusters of two: once both parts' k tiles are done (the first part's ring then
+// idle), the second writes its sums into the first's ring through distributed shared memory, and
+// the first adds them. Every thread of both blocks passes both cluster barriers: whether this
+// block stores the tile.
+template <int BN>
+__device__ __forceinline__ bool add_pair_sums(float* out, u32_t ring, int split, int cw) {
+    constexpr int VECS = BN / 8;
+    const u32_t at = ring + (cw * VECS * 128 + (threadIdx.x & 127)) * 16;
+    cluster_sync();
+    if (split == 1) {
+        const u32_t remote = cluster_map(at, 0);
+#pragma unroll
+        for (int v = 0; v < VECS; ++v)
+            st_cluster_f32x4(remote + v * 128 * 16, out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
+    }
+    cluster_sync();
+    if (split == 1) return false;
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+        const float4 x = ld_shared_f32x4(at + v * 128 * 16);
+        out[4 * v] += x.x, out[4 * v + 1] += x.y, out[4 * v + 2] += x.z, out[4 * v + 3] += x.w;
+    }
+    return true;
+}
+
 // f16 out, written once. Staged, the tile goes out in 64-column boxes through the copy engine,
 // which drains them while the consumers go on with the next tile: stores straight from registers
 // held the tensor pipe idle for about a fifth of a tile at k = 4096.
@@ -543,9 +571,10 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
         n0 = (id % (8 * tiles_n)) / size * BN;
     };
     // Work unit -> its tile and the part of its k tiles, [kt0, kt1).
+    const bool split_pairs = SPLIT && p.split_pairs;
     auto unit_of = [&](int unit, int& tile, int& split, int& kt0, int& kt1) {
-        tile = SPLIT ? unit % tiles : unit;
-        split = SPLIT ? unit / tiles : 0;
+        tile = SPLIT ? (split_pairs ? unit >> 1 : unit % tiles) : unit;
+        split = SPLIT ? (split_pairs ? unit & 1 : unit / tiles) : 0;
         kt0 = SPLIT ? split * p.k_tiles / splits : 0;
         kt1 = SPLIT ? (split + 1) * p.k_tiles / splits : p.k_tiles;
     };
@@ -587,6 +616,11 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
                     else tma_load(b, bulk ? &map_w : &map_wo, x, n0, bar);
                 }
             }
+        }
+        // The consumers' two cluster barriers (a block has one unit then).
+        if (split_pairs) {
+            cluster_sync();
+            cluster_sync();
         }
     } else {
         set_max_registers_inc<232>();
@@ -642,7 +676,9 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
             const int m_wg = m0 + cw * 64;
             if (kt1 == p.k_tiles) outlier_tiles<STAGES, BN>(out, it, p.ko_tiles, ring, full, cw, release);
             // A warpgroup whose rows all lie past the tokens (few tokens) has nothing to store.
-            if (m_wg >= p.m || (splits > 1 && !gather_splits<BN>(out, p, tile, split, cw))) continue;
+            if (split_pairs) {
+                if (!add_pair_sums<BN>(out, ring, split, cw) || m_wg >= p.m) continue;
+            } else if (m_wg >= p.m || (splits > 1 && !gather_splits<BN>(out, p, tile, split, cw))) continue;
             store_tile<BN>(out, p, map_y, staging, cw, m_wg, n0);
         }
         if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();

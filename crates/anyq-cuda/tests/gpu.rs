@@ -64,6 +64,10 @@ const CASES: &[Case] = &[
     // Few tiles over a long k: the one-block W8 kernels split k unevenly (25 k tiles in 3 parts)
     // over two rows of tiles, the second's last 56 rows past the tokens.
     Case { m: 200, n: 300, k: 3200, outliers: 30 },
+    // k split in two long parts for 64-column tiles (47 tiles): each tile's parts a cluster,
+    // adding through distributed shared memory, the second warpgroup's rows past the tokens; in
+    // five through the workspace for 128-column ones (24 tiles).
+    Case { m: 40, n: 3000, k: 8192, outliers: 20 },
 ];
 
 /// Random INT8 activations (zero at the outlier channels, as the producer leaves them), their
