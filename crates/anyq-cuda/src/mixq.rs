@@ -808,13 +808,14 @@ fn widest_pair((m, n): (usize, usize), sm_count: usize) -> Kernel {
 
 /// The one-block kernel for `m` x `n`: W8's 64-column tiles where they fill more of the GPU than
 /// 128-column ones (14336x4096 has 32 tiles of 128 columns for 132 SMs: 1.13x faster at 96 tokens,
-/// 1.27x at 128). Not below 96 tokens: the 128-row activation tile, copied into every block, is
-/// then mostly zeros, and twice the blocks cost more than they gained (14336x4096: 0.87x at 65
-/// tokens, 0.86x at 64). Compared by their tiles alone: where both then split k into a full wave,
-/// the narrow tiles still won (14336x4096 at 128 tokens: 501 against 444 TOP/s).
+/// 1.27x at 128). Below 96 tokens too, since two long parts of a tile add up in a cluster: at 17-80
+/// tokens 14336x4096 ran 1.12-1.23x faster (64 tiles in 2 parts instead of 32 in 4 through the
+/// workspace), 4096x6144 1.2-1.35x (96 tiles whole instead of 48 in 2). Compared by their tiles
+/// alone: where both then split k into a full wave, the narrow tiles still won (14336x4096 at 128
+/// tokens: 501 against 444 TOP/s).
 fn single_width((m, n): (usize, usize), w4: bool, sm_count: usize) -> Kernel {
     let narrow = wave_efficiency(&TMA_NARROW, (m, n), sm_count);
-    if !w4 && m >= 96 && narrow > wave_efficiency(&TMA_SINGLE, (m, n), sm_count) + 0.02 {
+    if !w4 && narrow > wave_efficiency(&TMA_SINGLE, (m, n), sm_count) + 0.02 {
         Kernel::TmaNarrow
     } else {
         Kernel::Tma
@@ -1074,6 +1075,20 @@ mod tests {
         assert_eq!(pick(1024, 6144, 4096), Kernel::TmaPair192);
         assert_eq!(pick(4096, 28672, 4096), Kernel::TmaPair256);
         assert_eq!(pick(4096, 4096, 14336), Kernel::TmaPair256);
+    }
+
+    #[test]
+    fn up_to_128_tokens_w8_takes_64_column_tiles_where_they_fill_more_sms() {
+        let pick = |m, n, w4| single_width((m, n), w4, 132);
+        // 14336x4096: 64 narrow tiles (in 2 parts) against 32; 4096x6144: 96 against 48.
+        for m in [17, 64, 128] {
+            assert_eq!(pick(m, 4096, false), Kernel::TmaNarrow);
+            assert_eq!(pick(m, 6144, false), Kernel::TmaNarrow);
+        }
+        // 4096x28672: 224 tiles of 128 columns fill the waves as well as 448 of 64. W4 has no
+        // narrow kernel.
+        assert_eq!(pick(64, 28672, false), Kernel::Tma);
+        assert_eq!(pick(64, 4096, true), Kernel::Tma);
     }
 
     #[test]
