@@ -781,8 +781,8 @@ fn k_splits(kernel: &TmaKernel, tiles: usize, k_tiles: usize, sm_count: usize) -
 
 /// Whether a tile's parts run as a cluster of two blocks that add their sums through distributed
 /// shared memory instead of a workspace in L2: two parts of at least 32 k tiles each (14336x4096
-/// at 96-128 tokens: 7% faster; with parts of 16 k tiles, 4096x6144 up to 64 tokens, the
-/// clusters' barriers cost 2-3% more than the workspace's round trips).
+/// at 96-128 tokens: 7% faster; with parts of 16 k tiles, 4096x6144's 128-column tiles up to 64
+/// tokens, the clusters' barriers cost 2-3% more than the workspace's round trips).
 fn split_pairs(splits: usize, k_tiles: usize) -> bool {
     splits == 2 && k_tiles >= 64
 }
@@ -1093,9 +1093,9 @@ mod tests {
 
     #[test]
     fn few_tiles_split_k_into_one_wave_of_parts() {
-        // 14336x4096 at 64 tokens: 32 tiles of 128 x 128 and 112 k tiles: 4 parts, 128 units.
+        // 14336x4096 at 64 tokens in 128 x 128 tiles: 32 of them and 112 k tiles: 4 parts, 128 units.
         assert_eq!(k_splits(&TMA_SINGLE, 32, 112, 132), 4);
-        // 4096x6144 at 64 tokens: 48 tiles, 2 parts.
+        // 4096x6144 at 64 tokens in 128 x 128 tiles: 48 of them, 2 parts.
         assert_eq!(k_splits(&TMA_SINGLE, 48, 32, 132), 2);
         // Short k: parts of at least 8 k tiles.
         assert_eq!(k_splits(&TMA_SINGLE, 2, 20, 132), 2);
@@ -1110,7 +1110,8 @@ mod tests {
     fn two_long_parts_add_through_a_cluster() {
         // 14336x4096 at 128 tokens: 64 tiles of 128 x 64, 2 parts of 56 k tiles.
         assert!(split_pairs(2, 112));
-        // 4096x6144 at 64 tokens: 2 parts of 16 k tiles go through the workspace, as do 4 parts.
+        // 4096x6144's 128 x 128 tiles at 64 tokens: 2 parts of 16 k tiles go through the workspace, as
+        // do 4 parts.
         assert!(!split_pairs(2, 32));
         assert!(!split_pairs(4, 112));
     }
