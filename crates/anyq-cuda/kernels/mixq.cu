@@ -718,7 +718,8 @@ TMA_KERNEL(mixq_w8_tma_pair_256, (mixq_w8_tma<2, 4, 256>))
 // scale differs per column and k tile, so each k tile's int32 products are added, scaled, into
 // the f32 output once complete. Three buffers: the one a consumer fills was last read two k
 // tiles ago, by wgmma's every consumer has seen complete before the barrier that ended the
-// previous k tile's unpacking.
+// previous k tile's unpacking. Few tiles split k as the one-block W8 kernels do (the parts meet
+// in the workspace).
 #ifdef ANYQ_WGMMA
 template <int STAGES>
 __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const TensorMap& map_w4, const TensorMap& map_xo,
@@ -737,12 +738,17 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
 
     const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31;
     const int tiles_m = (p.m + BM - 1) / BM, tiles_n = (p.n + BN - 1) / BN;
-    const int tiles = tiles_m * tiles_n, per_tile = p.k_tiles + p.ko_tiles, n_pad = (p.n + 7) & ~7;
+    const int tiles = tiles_m * tiles_n, units = tiles * p.splits, n_pad = (p.n + 7) & ~7;
     // Tile index -> (first row, first column), in groups of 8 tile rows.
     auto coords = [&](int id, int& m0, int& n0) {
         const int group = id / (8 * tiles_n), first = group * 8, size = min(tiles_m - first, 8);
         m0 = (first + id % size) * BM;
         n0 = (id % (8 * tiles_n)) / size * BN;
+    };
+    // Work unit -> its tile and the part of its k tiles, [kt0, kt1).
+    auto unit_of = [&](int unit, int& tile, int& split, int& kt0, int& kt1) {
+        tile = unit % tiles, split = unit / tiles;
+        kt0 = split * p.k_tiles / p.splits, kt1 = (split + 1) * p.k_tiles / p.splits;
     };
 
     if (threadIdx.x == 0) {
@@ -761,10 +767,13 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
         set_max_registers_dec<40>();
         if (warp != 0) return;
         int it = 0;
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            int m0, n0;
+        for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+            int tile, split, kt0, kt1, m0, n0;
+            unit_of(unit, tile, split, kt0, kt1);
             coords(tile, m0, n0);
-            for (int kt = 0; kt < per_tile; ++kt, ++it) {
+            // The part's k tiles, then (the tile's last part) the outlier tiles.
+            const int end = kt1 + (kt1 == p.k_tiles ? p.ko_tiles : 0);
+            for (int kt = kt0; kt < end; ++kt, ++it) {
                 const int s = it % STAGES;
                 const bool bulk = kt < p.k_tiles;
                 mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
@@ -829,8 +838,9 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
             }
         };
         int it = 0, unpacks = 0;
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            int m0, n0;
+        for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+            int tile, split, kt0, kt1, m0, n0;
+            unit_of(unit, tile, split, kt0, kt1);
             coords(tile, m0, n0);
             int acc[ACC];
 #pragma unroll
@@ -838,7 +848,7 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
             // k tile kt: unpacked while k tile kt - 1's wgmma's run, whose products are then
             // folded into out before kt's wgmma's overwrite them (reading them while wgmma's
             // are in flight would serialize those anyway).
-            for (int kt = 0; kt < p.k_tiles; ++kt, ++it, ++unpacks) {
+            for (int kt = kt0; kt < kt1; ++kt, ++it, ++unpacks) {
                 const int s = it % STAGES;
                 mbar_wait(full + 8 * s, (it / STAGES) & 1);
                 u8_t* b_tile = unpacked + (unpacks % 3) * BN * BK;
@@ -846,7 +856,7 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
                 fence_proxy_async();
                 asm volatile("bar.sync 1, 256;\n" ::: "memory");
                 wgmma_wait<0>();
-                if (kt > 0) {
+                if (kt > kt0) {
                     fold(acc, (it - 1) % STAGES);
                     release(it - 1);
                 }
@@ -872,7 +882,8 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
                 out[4 * j + 2] *= x1;
                 out[4 * j + 3] *= x1;
             }
-            outlier_tiles<STAGES, BN>(out, it, p.ko_tiles, ring, full, cw, release);
+            if (kt1 == p.k_tiles) outlier_tiles<STAGES, BN>(out, it, p.ko_tiles, ring, full, cw, release);
+            if (p.splits > 1 && !gather_splits<BN>(out, p, tile, split, cw)) continue;
             store_tile<BN>(out, p, map_y, staging, cw, m0 + cw * 64, n0);
         }
         if (p.staged && (threadIdx.x & 127) == 0) bulk_wait_all();

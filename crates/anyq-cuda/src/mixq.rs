@@ -525,7 +525,8 @@ pub fn gemm_with(
     let hopper = device.compute_capability() == (9, 0);
     let stream = hopper && (!w4 || weight.group_tiles.is_power_of_two());
     let sm_count = device.sm_count() as usize;
-    let w4_passes = w4 && stream && m <= STREAM_MAX_TOKENS && !w4_tiles_beat_passes((m, n), sm_count);
+    let w4_passes =
+        w4 && stream && m <= STREAM_MAX_TOKENS && !w4_tiles_beat_passes((m, n), acts.k_pad / K_TILE, sm_count);
     let kernel = match kernel {
         Kernel::Auto if w4_passes && resident_pays(m, n, sm_count) => Kernel::StreamResident,
         Kernel::Auto if w4_passes => Kernel::Stream,
@@ -653,14 +654,17 @@ const STREAM_W8_SMEM: u32 = 8 * (16384 + 16) + 1024;
 
 /// Whether W4's tiled GEMM beats streaming passes of 16 tokens at `m` tokens: each pass reads all
 /// the weights, while the GEMM's time hardly depends on the tokens up to 128 (one row of tiles) but
-/// on the SMs its tiles keep busy. On the H100 it cost about 1.25 passes with every SM busy
-/// (4096x28672 at 17-64 tokens: 1.46-1.54x cuBLAS BF16 against the passes' 1.43-0.68x) and
-/// proportionally more with fewer tiles (4096x6144, 48 tiles: better from 4 passes; 14336x4096, 32
-/// tiles: never up to 64 tokens).
-fn w4_tiles_beat_passes((m, n): (usize, usize), sm_count: usize) -> bool {
+/// on the SMs its work units (tiles, or parts of their k where they are few) keep busy. On the H100
+/// it cost about 1.95 passes with every SM busy and proportionally more with fewer units, 1%
+/// outliers: 4096x28672 (224 tiles) at 17 / 32 tokens 1.45-1.51x cuBLAS BF16 against the passes'
+/// 1.30-1.44x; 14336x4096 (32 tiles in 4 parts) 1.39-1.41x against 1.36-1.53x, at 48 1.41-1.43x
+/// against 0.94x; 4096x6144 (48 tiles in 2 parts) 1.06-1.09x against 1.29-1.42x, at 48 1.08-1.09x
+/// against 0.87x.
+fn w4_tiles_beat_passes((m, n): (usize, usize), k_tiles: usize, sm_count: usize) -> bool {
     let passes = m.div_ceil(GEMV_MAX_TOKENS) as f64;
-    let tiles = m.div_ceil(128) * n.div_ceil(128);
-    passes > 1.25 * sm_count as f64 / tiles.clamp(1, sm_count) as f64
+    let tiles = tile_count(&TMA_W4, (m, n));
+    let units = tiles * k_splits(&TMA_W4, tiles, k_tiles, sm_count);
+    passes > 1.95 * sm_count as f64 / units.clamp(1, sm_count) as f64
 }
 
 /// Whether W4's streaming GEMV of `m` tokens copies the activations into shared memory: where each
@@ -735,7 +739,7 @@ struct TmaArgs {
 /// A persistent TMA kernel: blocks per cluster, output tile width, shared memory (stages of a
 /// 128-row activation tile and a `bn`-row weight tile, 128 bytes a row, the staged output's four
 /// 64 x 64 f16 boxes, the 1024-byte alignment of the swizzle, and two mbarriers a stage) and
-/// whether it can split k (the one-block W8 kernels).
+/// whether it can split k (the one-block kernels).
 struct TmaKernel {
     name: &'static str,
     cluster: usize,
@@ -761,7 +765,7 @@ const TMA_W4: TmaKernel = TmaKernel {
     cluster: 1,
     bn: 128,
     smem: tma_kernel("", 1, 4, 128).smem + 3 * 128 * 128 + 4 * 640,
-    splits_k: false,
+    splits_k: true,
 };
 
 /// Output tiles of `kernel` for `m` x `n`.
@@ -907,7 +911,7 @@ fn gemm_tma(device: &CudaDevice, args: &GemmArgs, choice: Kernel, w4: bool) -> R
     let splits = k_splits(kernel, tiles, k_tiles, sm_count);
     // Split parts meet in a cluster (`split_pairs`) or in a workspace: each tile's two
     // warpgroups' arrival counters, then a 128 x bn f32 tile of sums per unit.
-    let split_pairs = split_pairs(splits, k_tiles);
+    let split_pairs = !w4 && split_pairs(splits, k_tiles);
     let (partial, arrivals) = match splits == 1 || split_pairs {
         true => (0, 0),
         false => {
@@ -1092,6 +1096,18 @@ mod tests {
     }
 
     #[test]
+    fn w4_takes_its_tiled_gemm_over_passes_of_16_tokens_where_it_models_faster() {
+        let tiled = |m, n, k: usize| w4_tiles_beat_passes((m, n), k / 128, 132);
+        // 4096x28672: 224 tiles fill the GPU; from 2 passes on.
+        assert!(tiled(17, 28672, 4096));
+        // 14336x4096: 32 tiles in 4 parts, 4096x6144: 48 in 2; from 3 passes on.
+        for (n, k) in [(4096, 14336), (6144, 4096)] {
+            assert!(!tiled(32, n, k));
+            assert!(tiled(33, n, k));
+        }
+    }
+
+    #[test]
     fn few_tiles_split_k_into_one_wave_of_parts() {
         // 14336x4096 at 64 tokens in 128 x 128 tiles: 32 of them and 112 k tiles: 4 parts, 128 units.
         assert_eq!(k_splits(&TMA_SINGLE, 32, 112, 132), 4);
@@ -1100,10 +1116,10 @@ mod tests {
         // Short k: parts of at least 8 k tiles.
         assert_eq!(k_splits(&TMA_SINGLE, 2, 20, 132), 2);
         assert_eq!(k_splits(&TMA_SINGLE, 2, 15, 132), 1);
-        // Tiles filling more than half the SMs, pair clusters and W4 do not split.
+        // W4's tiles split as W8's; tiles filling more than half the SMs and pair clusters do not.
+        assert_eq!(k_splits(&TMA_W4, 32, 112, 132), 4);
         assert_eq!(k_splits(&TMA_SINGLE, 67, 112, 132), 1);
         assert_eq!(k_splits(&TMA_PAIR_128, 8, 112, 132), 1);
-        assert_eq!(k_splits(&TMA_W4, 8, 112, 132), 1);
     }
 
     #[test]

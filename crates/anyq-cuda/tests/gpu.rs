@@ -61,7 +61,7 @@ const CASES: &[Case] = &[
     // their activations come through L1 instead.
     Case { m: 12, n: 300, k: 5000, outliers: 50 },
     Case { m: 5, n: 300, k: 13000, outliers: 130 },
-    // Few tiles over a long k: the one-block W8 kernels split k unevenly (25 k tiles in 3 parts)
+    // Few tiles over a long k: the one-block kernels split k unevenly (25 k tiles in 3 parts)
     // over two rows of tiles, the second's last 56 rows past the tokens.
     Case { m: 200, n: 300, k: 3200, outliers: 30 },
     // k split in two long parts for 64-column tiles (47 tiles): each tile's parts a cluster,
