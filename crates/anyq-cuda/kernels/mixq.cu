@@ -545,6 +545,11 @@ __device__ __forceinline__ void store_tile(const float* out, const TmaArgs& p, c
     }
 }
 
+// Split k: part `split` of a tile's k tiles cut into `splits` parts, [kt0, kt1).
+__device__ __forceinline__ void k_part(int split, int splits, int k_tiles, int& kt0, int& kt1) {
+    kt0 = split * k_tiles / splits, kt1 = (split + 1) * k_tiles / splits;
+}
+
 template <int CLUSTER, int STAGES, int BN>
 __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const TensorMap& map_w, const TensorMap& map_xo,
                                             const TensorMap& map_wo, const TensorMap& map_y, const TmaArgs& p) {
@@ -575,8 +580,7 @@ __device__ __forceinline__ void mixq_w8_tma(const TensorMap& map_x, const Tensor
     auto unit_of = [&](int unit, int& tile, int& split, int& kt0, int& kt1) {
         tile = SPLIT ? (split_pairs ? unit >> 1 : unit % tiles) : unit;
         split = SPLIT ? (split_pairs ? unit & 1 : unit / tiles) : 0;
-        kt0 = SPLIT ? split * p.k_tiles / splits : 0;
-        kt1 = SPLIT ? (split + 1) * p.k_tiles / splits : p.k_tiles;
+        k_part(split, splits, p.k_tiles, kt0, kt1);
     };
 
     if (threadIdx.x == 0) {
@@ -748,7 +752,7 @@ __device__ __forceinline__ void mixq_w4_tma(const TensorMap& map_x, const Tensor
     // Work unit -> its tile and the part of its k tiles, [kt0, kt1).
     auto unit_of = [&](int unit, int& tile, int& split, int& kt0, int& kt1) {
         tile = unit % tiles, split = unit / tiles;
-        kt0 = split * p.k_tiles / p.splits, kt1 = (split + 1) * p.k_tiles / p.splits;
+        k_part(split, p.splits, p.k_tiles, kt0, kt1);
     };
 
     if (threadIdx.x == 0) {
